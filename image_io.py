@@ -1,0 +1,152 @@
+"""Image reading and normalization: one home for both, used by every stage.
+
+Axis order: images are handled as HWC (``image_hwc``) everywhere; the one
+conversion from whatever the file holds happens in :func:`to_hwc`.
+Normalization is per-channel z-score with statistics over the WHOLE source
+image, so training (which stores the statistics in the LMDB metadata) and
+inference (which computes them on the image it segments) agree exactly.
+No TensorFlow here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SUPPORTED_IMAGE_DTYPES = ("uint8", "uint16", "int32", "float32")
+NORMALIZATION_METHOD = "zscore_per_channel_whole_image"
+NORMALIZATION_EPSILON = 1e-6
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+class ImageReadError(Exception):
+    """A file could not be read as an image (missing, corrupt, unknown format)."""
+
+
+def normalize_extension(image_format: str) -> str:
+    ext = image_format.strip().lower()
+    return ext if ext.startswith(".") else "." + ext
+
+
+def list_images(folder: str, image_format: str | None = None) -> list[str]:
+    """Sorted file names in ``folder`` with the given extension (tif also matches tiff)."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    if image_format is None:
+        return names
+    ext = normalize_extension(image_format)
+    accept = TIFF_EXTENSIONS if ext in TIFF_EXTENSIONS else (ext,)
+    return [n for n in names if os.path.splitext(n)[1].lower() in accept]
+
+
+def stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as stored (HW, HWC or CHW); raises ImageReadError."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in TIFF_EXTENSIONS:
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path))
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: file not found") from exc
+    except Exception as exc:  # every decoder raises its own types
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def to_hwc(image: np.ndarray) -> np.ndarray:
+    """Return the image as HWC. HW gets a channel axis; CHW (C<=4 first, large last) is transposed."""
+    if image.ndim == 2:
+        return image[:, :, None]
+    if image.ndim == 3:
+        if image.shape[0] <= 4 and image.shape[2] > 4:
+            return np.ascontiguousarray(np.moveaxis(image, 0, -1))
+        return image
+    squeezed = np.squeeze(image)
+    if squeezed.ndim in (2, 3) and squeezed.ndim < image.ndim:
+        return to_hwc(squeezed)
+    raise ValueError(f"expected a 2-D image (HW or HWC), got shape {image.shape}")
+
+
+def image_stats(image_hwc: np.ndarray, rows_per_chunk: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over the whole image.
+
+    Works on in-memory arrays and on memory-mapped / zarr-backed arrays alike:
+    it walks ``rows_per_chunk`` rows at a time in float64, so peak memory does
+    not depend on the image height.
+    """
+    height = image_hwc.shape[0]
+    channels = image_hwc.shape[2]
+    total = np.zeros(channels, np.float64)
+    total_sq = np.zeros(channels, np.float64)
+    count = 0
+    for y in range(0, height, rows_per_chunk):
+        block = np.asarray(image_hwc[y : y + rows_per_chunk], dtype=np.float64).reshape(-1, channels)
+        total += block.sum(axis=0)
+        total_sq += np.square(block).sum(axis=0)
+        count += block.shape[0]
+    mean = total / max(count, 1)
+    var = np.maximum(total_sq / max(count, 1) - np.square(mean), 0.0)
+    return [float(m) for m in mean], [float(s) for s in np.sqrt(var)]
+
+
+def normalize(image_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-channel z-score: (x - mean) / max(std, epsilon), as float32.
+
+    The original divided only when std > 1; that silently skipped scaling for
+    float images in [0, 1]. Here every channel is divided, with an epsilon
+    guard for constant channels.
+    """
+    mean_arr = np.asarray(mean, np.float32).reshape(1, 1, -1)
+    std_arr = np.maximum(np.asarray(std, np.float32), NORMALIZATION_EPSILON).reshape(1, 1, -1)
+    out = image_hwc.astype(np.float32, copy=True)
+    out -= mean_arr
+    out /= std_arr
+    return out
+
+
+def mirror_pad(array: np.ndarray, pad_y: tuple[int, int], pad_x: tuple[int, int]) -> np.ndarray:
+    """Mirror-pad the two spatial axes (reflect without repeating the edge).
+
+    Works for any pad size, also larger than the array, by reflecting repeatedly.
+    """
+    widths = [pad_y, pad_x] + [(0, 0)] * (array.ndim - 2)
+    if all(a == 0 and b == 0 for a, b in widths):
+        return array
+    out = array
+    # numpy 'reflect' needs pad < size; pad in steps for tiny arrays.
+    while any(a > 0 or b > 0 for a, b in widths[:2]):
+        step = []
+        for axis, (a, b) in enumerate(widths[:2]):
+            limit = max(out.shape[axis] - 1, 0)
+            if limit == 0:
+                step.append((a, b))  # size-1 axis: edge == reflect
+            else:
+                step.append((min(a, limit), min(b, limit)))
+        mode = "reflect" if all(out.shape[i] > 1 for i in range(2)) else "edge"
+        out = np.pad(out, step + [(0, 0)] * (array.ndim - 2), mode=mode)
+        widths = [(a - s[0], b - s[1]) for (a, b), s in zip(widths[:2], step)] + widths[2:]
+    return out
+
+
+def dtype_for_classes(number_classes: int) -> np.dtype:
+    """Smallest unsigned dtype that holds class ids 0..number_classes-1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if number_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def check_dtype(image: np.ndarray, path: str, allowed: Iterable[str] = SUPPORTED_IMAGE_DTYPES) -> None:
+    allowed = tuple(allowed)
+    if image.dtype.name not in allowed:
+        raise ValueError(
+            f"{path}: pixel type {image.dtype.name} is not supported (supported: {', '.join(allowed)}); "
+            "convert the file to one of these"
+        )

@@ -1,0 +1,75 @@
+"""Shared modules: record format, tiling geometry, normalization, metrics."""
+import numpy as np
+import pytest
+
+import image_io
+import lmdb_format
+import metrics
+import tiling
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32", "float32"])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_record_round_trip(dtype, channels):
+    rng = np.random.default_rng(0)
+    image = (rng.random((17, 23, channels)) * 200).astype(dtype)
+    mask = rng.integers(0, 3, (17, 23)).astype(np.uint16)
+    rec = lmdb_format.Record(image, mask, source_index=4, origin=(-3, 5))
+    out = lmdb_format.decode_record(lmdb_format.encode_record(rec))
+    assert out.image_hwc.dtype == image.dtype and out.image_hwc.shape == image.shape
+    assert out.image_hwc.tobytes() == image.tobytes()
+    assert out.mask_hw.dtype == mask.dtype and np.array_equal(out.mask_hw, mask)
+    assert out.source_index == 4 and tuple(out.origin) == (-3, 5)
+    assert out.classes == sorted(np.unique(mask).tolist())
+
+
+def test_record_rejects_foreign_bytes():
+    with pytest.raises(ValueError, match="bad magic"):
+        lmdb_format.decode_record(b"garbage-bytes")
+
+
+@pytest.mark.parametrize("length,tile,stride", [(256, 128, None), (300, 128, None), (300, 128, 100), (100, 128, None), (129, 128, 1)])
+def test_tile_starts_cover_every_pixel(length, tile, stride):
+    starts = tiling.tile_starts(length, tile, stride)
+    covered = np.zeros(max(length, tile), bool)
+    for s in starts:
+        covered[s : s + tile] = True
+        assert s >= 0 and (s + tile <= length or length <= tile)
+    assert covered[:length].all()
+
+
+def test_normalize_matches_whole_image_stats():
+    rng = np.random.default_rng(1)
+    image = rng.normal([10, 1000, 0.5], [2, 300, 0.1], size=(64, 48, 3)).astype(np.float32)
+    mean, std = image_io.image_stats(image, rows_per_chunk=7)
+    np.testing.assert_allclose(mean, image.reshape(-1, 3).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, image.reshape(-1, 3).std(0), rtol=1e-4)
+    out = image_io.normalize(image, mean, std)
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(out.reshape(-1, 3).std(0), 1, atol=1e-3)
+    const = image_io.normalize(np.full((4, 4, 1), 7, np.uint16), [7.0], [0.0])
+    assert np.all(const == 0)
+
+
+@pytest.mark.parametrize("shape,pad", [((5, 7), (3, 9)), ((1, 4), (2, 2)), ((3, 3, 2), (10, 1))])
+def test_mirror_pad(shape, pad):
+    a = np.arange(np.prod(shape)).reshape(shape)
+    out = image_io.mirror_pad(a, (pad[0], pad[0]), (pad[1], pad[1]))
+    assert out.shape[:2] == (shape[0] + 2 * pad[0], shape[1] + 2 * pad[1])
+    assert np.array_equal(out[pad[0] : pad[0] + shape[0], pad[1] : pad[1] + shape[1]], a)
+    assert set(np.unique(out)) <= set(np.unique(a))
+
+
+def test_metrics_known_values():
+    truth = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 1, 1, 1]])
+    result = metrics.scores(metrics.confusion_matrix(truth, pred, 2))
+    assert result["pixel_accuracy"] == pytest.approx(0.75)
+    assert result["iou"] == pytest.approx([0.5, 2 / 3])
+    assert result["dice"] == pytest.approx([2 / 3, 0.8])
+
+
+def test_dtype_for_classes():
+    assert image_io.dtype_for_classes(2) == np.uint8
+    assert image_io.dtype_for_classes(256) == np.uint8
+    assert image_io.dtype_for_classes(257) == np.uint16
