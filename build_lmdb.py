@@ -1,0 +1,725 @@
+"""Build the train and test LMDB databases from a folder of images and a folder of masks.
+
+    python build_lmdb.py --image_folder IMAGES --mask_folder MASKS --output_folder OUT \\
+        --dataset_name NAME [--train_fraction 0.8] [--image_format tif] [--use_tiling 1 --tile_size 256]
+
+writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb_format``).
+
+* Pairing: a mask pairs with the image of the same file stem; its extension may differ
+  (``a.png`` masks ``a.tif``). Every image needs a mask and every mask an image.
+* Split: ``numpy.random.default_rng(seed).permutation`` of the name-sorted pairs; the first
+  ``round(train_fraction * N)`` go to train (at least 1 to each split). ``--test_list`` names
+  the test images instead.
+* Records: one per image (stored whole; the reader crops to the model's size factor), or with
+  ``--use_tiling 1`` one per tile (``tiling.tile_grid``; images smaller than the tile are
+  mirror-padded, image and mask alike, and the record's origin is negative).
+* Masks are stored in the smallest unsigned type that holds their values (uint8 below 256).
+* Validation happens in the same single pass that encodes; nothing is renamed into place
+  unless every file is valid. Bad input: one line on stderr, exit code 2.
+* Crash safety: each database is written under a temporary name in the output folder
+  (``.train-NAME.lmdb.tmp-HOST-PID``), synced, then renamed into place. With ``--overwrite``
+  the complete new database is swapped with the old one atomically (Linux ``renameat2``
+  RENAME_EXCHANGE); where the file system cannot exchange, the old one is renamed aside
+  (``.train-NAME.lmdb.old-HOST-PID``) and the new one renamed in: a kill -9 between those two
+  renames leaves no database under the final name, and the next run restores the old one.
+  Temporaries of killed runs (dead PID on this host) are removed by the next run.
+  The two databases are installed one after the other: a kill between the two leaves a new
+  train and the old test database; both carry ``build.id`` in their metadata to detect that.
+
+For tests only: environment variable ``BUILD_LMDB_TEST_DELAY`` (seconds) sleeps after each
+record written, so a test can kill a build in progress.
+
+Never imports TensorFlow.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import ctypes
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+import cliutil
+import image_io
+import lmdb_format
+import tiling
+from cliutil import InputError
+
+log = logging.getLogger("build_lmdb")
+
+SPLITS = ("train", "test")
+TILE_MULTIPLE = 32
+MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
+INITIAL_MAP_SIZE = 64 << 20
+TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
+MAX_LISTED = 8
+_TEMP_RE = re.compile(r"^\.(?P<base>.+\.lmdb)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_mask_map(text: str | dict | None) -> dict[int, int]:
+    """``"255:1,128:2"`` -> ``{255: 1, 128: 2}`` (mask value -> class id)."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        pairs = list(text.items())
+    else:
+        try:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in str(text).split(",") if item.strip()]
+        except ValueError:
+            pairs = [()]
+    if not pairs or any(len(p) != 2 or p[0] < 0 or p[1] < 0 for p in pairs):
+        raise InputError(f"--mask_map {text!r} is not a list of VALUE:CLASS pairs of non-negative integers; "
+                         "write it like 255:1 or 255:1,128:2")
+    return {int(k): int(v) for k, v in pairs}
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
+    table: dict[str, list[str]] = {}
+    for name in names:
+        table.setdefault(image_io.stem(name), []).append(name)
+    clashes = [" / ".join(v) for v in table.values() if len(v) > 1]
+    if clashes:
+        raise InputError(f"{folder}: several files share a stem ({_listing(clashes)}), so pairing by name is "
+                         f"ambiguous; remove the extra files or pick one extension with {flag}")
+    return {k: v[0] for k, v in table.items()}
+
+
+def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
+               mask_format: str | None = None) -> list[tuple[str, str]]:
+    """(image name, mask name) pairs matched by file stem, sorted by image name."""
+    images = image_io.list_images(image_folder, image_format)
+    if not images:
+        others = sorted({os.path.splitext(n)[1] for n in image_io.list_images(image_folder)} - {""})
+        hint = f" (found {', '.join(others)} files: set --image_format)" if others else ""
+        raise InputError(f"{image_folder}: no *{image_io.normalize_extension(image_format)} images{hint}")
+    if mask_format:
+        masks = image_io.list_images(mask_folder, mask_format)
+    else:
+        accept = MASK_EXTENSIONS + (image_io.normalize_extension(image_format),)
+        masks = [n for n in image_io.list_images(mask_folder) if os.path.splitext(n)[1].lower() in accept]
+    if not masks:
+        raise InputError(f"{mask_folder}: no mask files found (looked for "
+                         f"{mask_format or ', '.join(MASK_EXTENSIONS)}); check --mask_folder")
+    image_by_stem = _by_stem(images, image_folder, "--image_format")
+    mask_by_stem = _by_stem(masks, mask_folder, "--mask_format")
+    lonely_images = sorted(image_by_stem[s] for s in image_by_stem.keys() - mask_by_stem.keys())
+    lonely_masks = sorted(mask_by_stem[s] for s in mask_by_stem.keys() - image_by_stem.keys())
+    if lonely_images or lonely_masks:
+        parts = []
+        if lonely_images:
+            parts.append(f"{len(lonely_images)} image(s) in {image_folder} have no mask: {_listing(lonely_images)}")
+        if lonely_masks:
+            parts.append(f"{len(lonely_masks)} mask(s) in {mask_folder} have no image: {_listing(lonely_masks)}")
+        raise InputError("; ".join(parts) + "; masks pair with images by file stem (a.png masks a.tif): "
+                         "add or remove files so that every image has exactly one mask")
+    return sorted((image_by_stem[s], mask_by_stem[s]) for s in image_by_stem)
+
+
+def read_test_list(path: str, image_names: Sequence[str]) -> set[str]:
+    """Image names listed in ``path`` (one per line, by file name or stem; # comments)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln.split("#", 1)[0].strip() for ln in fh]
+    except OSError as exc:
+        raise InputError(f"--test_list {path}: cannot read it ({exc.strerror}); give a text file of image names") from exc
+    lookup = {n: n for n in image_names} | {image_io.stem(n): n for n in image_names}
+    wanted = [os.path.basename(ln) for ln in lines if ln]
+    unknown = [w for w in wanted if w not in lookup]
+    if unknown:
+        raise InputError(f"--test_list {path}: {len(unknown)} name(s) match no image in the image folder: "
+                         f"{_listing(unknown)}; list image file names (or stems), one per line")
+    return {lookup[w] for w in wanted}
+
+
+def split_names(names: Sequence[str], train_fraction: float, seed: int,
+                test_names: set[str] | None = None) -> dict[str, list[str]]:
+    """{'train': [...], 'test': [...]}, each sorted; reproducible for a given seed."""
+    if test_names is not None:
+        split = {"train": [n for n in names if n not in test_names], "test": [n for n in names if n in test_names]}
+        empty = [s for s in SPLITS if not split[s]]
+        if empty:
+            raise InputError(f"--test_list leaves the {empty[0]} split empty ({len(split['train'])} train / "
+                             f"{len(split['test'])} test images); list some but not all images")
+        return split
+    if len(names) < 2:
+        raise InputError(f"only {len(names)} image pair found: a train/test split needs at least 2 images; "
+                         "add images")
+    n_train = int(round(train_fraction * len(names)))
+    clamped = min(max(n_train, 1), len(names) - 1)
+    if clamped != n_train:
+        log.warning("--train_fraction %s of %d images would leave the %s split empty; using %d train / %d test",
+                    train_fraction, len(names), "test" if n_train >= len(names) else "train",
+                    clamped, len(names) - clamped)
+    order = np.random.default_rng(seed).permutation(len(names))
+    train = {names[i] for i in order[:clamped]}
+    return {"train": [n for n in names if n in train], "test": [n for n in names if n not in train]}
+
+
+# ----------------------------------------------------------------------------- per image (worker)
+
+
+@dataclass(frozen=True)
+class Task:
+    image_path: str
+    mask_path: str
+    split: str
+    tile_size: int | None
+    tile_stride: int | None
+    mask_map: dict[int, int]
+    number_classes: int | None
+    source_index: int  # position of the image in its split's metadata "sources"
+
+
+@dataclass
+class Encoded:
+    """One source image, encoded: what the parent writes and summarizes."""
+
+    task: Task
+    source: dict[str, Any]
+    image_dtype: str
+    channels: int
+    records: list[bytes]
+    record_classes: list[list[int]]
+    class_counts: np.ndarray  # pixels per class id, over the records (tiles may overlap)
+
+
+def _read(path: str) -> np.ndarray:
+    fix = "the file is unreadable or corrupt: re-export it or remove it (and its pair)"
+    try:
+        array = image_io.read_image(path)
+    except image_io.ImageReadError as exc:
+        raise InputError(f"{exc}; {fix}") from exc
+    if array.size == 0 or array.ndim < 2:
+        raise InputError(f"{path}: cannot read image (decoded {array.shape}, no pixels); {fix}")
+    return array
+
+
+def load_image(path: str) -> np.ndarray:
+    """Read and check an image; returns image_hwc."""
+    try:
+        image = image_io.to_hwc(_read(path))
+        image_io.check_dtype(image, path)
+    except ValueError as exc:
+        raise InputError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from exc
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InputError(f"{path}: image contains NaN or infinite pixels; replace them before building")
+    return image
+
+
+def _values_hint(values: np.ndarray, number_classes: int) -> str:
+    if set(values.tolist()) == {0, 255}:
+        return "; the values are exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"
+    return f"; values found: {_listing([str(v) for v in values.tolist()])}; fix the mask or raise --number_classes"
+
+
+def _apply_mask_map(mask_hw: np.ndarray, mask_map: dict[int, int]) -> np.ndarray:
+    top = int(mask_hw.max()) if mask_hw.size else 0
+    if top < (1 << 16):
+        lut = np.arange(max(top, max(mask_map)) + 1, dtype=np.int64)
+        for k, v in mask_map.items():
+            lut[k] = v
+        return lut.astype(image_io.dtype_for_classes(int(lut.max()) + 1))[mask_hw]
+    values, inverse = np.unique(mask_hw, return_inverse=True)
+    mapped = np.array([mask_map.get(int(v), int(v)) for v in values], np.int64)
+    return mapped[inverse].reshape(mask_hw.shape)
+
+
+def load_mask(path: str, image_hw: tuple[int, int], mask_map: dict[int, int],
+              number_classes: int | None) -> np.ndarray:
+    """Read and check a mask against its image; returns mask_hw in the smallest unsigned type."""
+    mask = _read(path)
+    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[2]):
+        mask = mask.reshape(mask.shape[:2] if mask.shape[2] == 1 else mask.shape[1:])
+    if mask.ndim != 2:
+        raise InputError(f"{path}: mask has shape {mask.shape}; masks must be single-channel (one class id per "
+                         "pixel): save it as a grayscale image")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if mask.dtype.kind not in "ui":
+        raise InputError(f"{path}: mask pixel type is {mask.dtype.name}, not an integer type; masks hold integer "
+                         "class ids: save it as uint8, uint16 or int32")
+    if mask.shape != tuple(image_hw):
+        raise InputError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                         f"{image_hw[0]}x{image_hw[1]} (height x width); they must match pixel for pixel")
+    if mask.size and mask.dtype.kind == "i" and int(mask.min()) < 0:
+        raise InputError(f"{path}: mask has negative values (minimum {int(mask.min())}); class ids must be "
+                         ">= 0 with 0 = background")
+    if mask_map:
+        mask = _apply_mask_map(mask, mask_map)
+    top = int(mask.max()) if mask.size else 0
+    if number_classes is not None and top >= number_classes:
+        values = np.unique(mask)
+        raise InputError(f"{path}: mask value {top} is >= --number_classes {number_classes}"
+                         + _values_hint(values, number_classes))
+    if top >= 2**31:
+        raise InputError(f"{path}: mask value {top} is too large for a class id; renumber the classes from 0")
+    return mask.astype(image_io.dtype_for_classes(top + 1), copy=False)
+
+
+def _centered_pad(short_by: int) -> tuple[int, int]:
+    before = max(short_by, 0) // 2
+    return before, max(short_by, 0) - before
+
+
+def iter_records(image_hwc: np.ndarray, mask_hw: np.ndarray, tile_size: int | None,
+                 tile_stride: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
+    """(image_hwc, mask_hw, origin_yx) per record: the whole image, or tiles of the padded image."""
+    if tile_size is None:
+        yield image_hwc, mask_hw, (0, 0)
+        return
+    height, width = mask_hw.shape
+    pad_y, pad_x = _centered_pad(tile_size - height), _centered_pad(tile_size - width)
+    image = image_io.mirror_pad(image_hwc, pad_y, pad_x)
+    mask = image_io.mirror_pad(mask_hw, pad_y, pad_x)
+    for y, x in tiling.tile_grid(image.shape[0], image.shape[1], tile_size, tile_stride):
+        yield (image[y : y + tile_size, x : x + tile_size], mask[y : y + tile_size, x : x + tile_size],
+               (y - pad_y[0], x - pad_x[0]))
+
+
+def encode_pair(task: Task) -> Encoded:
+    """Read, validate and encode one image/mask pair (runs in a worker process)."""
+    image = load_image(task.image_path)
+    mask = load_mask(task.mask_path, image.shape[:2], task.mask_map, task.number_classes)
+    mean, std = image_io.image_stats(image)
+    records, record_classes = [], []
+    counts = np.zeros(int(mask.max()) + 1 if mask.size else 1, np.int64)
+    for tile_image, tile_mask, origin in iter_records(image, mask, task.tile_size, task.tile_stride):
+        tile_counts = np.bincount(tile_mask.ravel(), minlength=counts.size)
+        counts += tile_counts
+        classes = [int(c) for c in np.flatnonzero(tile_counts)]
+        record = lmdb_format.Record(tile_image, tile_mask, task.source_index, origin, classes)
+        records.append(lmdb_format.encode_record(record))
+        record_classes.append(classes)
+    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
+              "height": int(image.shape[0]), "width": int(image.shape[1]), "mean": mean, "std": std}
+    return Encoded(task, source, image.dtype.name, int(image.shape[2]), records, record_classes, counts)
+
+
+# ----------------------------------------------------------------------------- databases on disk
+
+
+def database_paths(output_folder: str, dataset_name: str) -> dict[str, str]:
+    return {s: os.path.join(output_folder, f"{s}-{dataset_name}.lmdb") for s in SPLITS}
+
+
+def _temp_name(final_path: str, kind: str) -> str:
+    folder, base = os.path.split(final_path)
+    return os.path.join(folder, f".{base}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> None:
+    """Remove temporaries of killed builds of these databases; restore an old one lost mid-swap."""
+    if not os.path.isdir(output_folder):
+        return
+    finals = {os.path.basename(p): p for p in final_paths}
+    host = socket.gethostname()
+    for entry in sorted(os.listdir(output_folder)):
+        match = _TEMP_RE.match(entry)
+        if not match or match["base"] not in finals:
+            continue
+        path, final = os.path.join(output_folder, entry), finals[match["base"]]
+        if match["host"] != host:
+            log.warning("%s was left by a build on host %s; delete it if no build is running there", path, match["host"])
+        elif int(match["pid"]) != os.getpid() and _pid_alive(int(match["pid"])):
+            log.warning("%s belongs to a running build (pid %s); leaving it alone", path, match["pid"])
+        elif match["kind"] == "old" and not os.path.exists(final):
+            os.rename(path, final)
+            log.warning("restored %s from %s (a previous build was killed while swapping databases)", final, path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s (temporary of an interrupted build)", path)
+
+
+class TempDatabase:
+    """An LMDB environment under a temporary name, grown on demand, renamed into place by install()."""
+
+    def __init__(self, final_path: str):
+        import lmdb
+
+        self.final_path = final_path
+        self.path = _temp_name(final_path, "tmp")
+        os.mkdir(self.path)
+        self.map_size = INITIAL_MAP_SIZE
+        # No fsync per commit: the temporary is worthless until finish() syncs it once.
+        self.env = lmdb.open(self.path, map_size=self.map_size, subdir=True, sync=False, metasync=False,
+                             readahead=False, meminit=False)
+        self.num_records = 0
+        self.nbytes = 0
+
+    def append(self, values: Sequence[bytes]) -> int:
+        """Write records with the next indices; returns the first index."""
+        import lmdb
+
+        first = self.num_records
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for offset, value in enumerate(values):
+                        txn.put(lmdb_format.record_key(first + offset), value, append=True)
+                break
+            except lmdb.MapFullError:  # the aborted transaction left nothing; grow and retry
+                need = sum(len(v) for v in values)
+                self.map_size = max(2 * self.map_size, self.map_size + 2 * need)
+                self.env.set_mapsize(self.map_size)
+        self.num_records += len(values)
+        self.nbytes += sum(len(v) for v in values)
+        return first
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        import lmdb
+
+        value = lmdb_format.encode_metadata(metadata)
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.put(lmdb_format.META_KEY, value)
+                break
+            except lmdb.MapFullError:
+                self.map_size += 2 * len(value) + (1 << 20)
+                self.env.set_mapsize(self.map_size)
+        self.env.sync(True)
+        self.env.close()
+        self.env = None
+
+    def discard(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _exchange(path_a: str, path_b: str) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(path_a), at_fdcwd, os.fsencode(path_b), rename_exchange)
+    return result == 0
+
+
+def install(temp_path: str, final_path: str, overwrite: bool) -> None:
+    """Move a complete database into place; the old one (if any) is removed only afterwards."""
+    if not os.path.exists(final_path):
+        os.rename(temp_path, final_path)  # fails (directory not empty) if one appeared meanwhile
+    elif not overwrite:
+        raise InputError(f"{final_path} appeared while building; rerun with --overwrite to replace it")
+    else:
+        if not _exchange(temp_path, final_path):
+            aside = _temp_name(final_path, "old")
+            os.rename(final_path, aside)  # a kill -9 right here: the next run restores `aside`
+            os.rename(temp_path, final_path)
+            temp_path = aside
+        shutil.rmtree(temp_path)  # now the old database
+    _fsync_dir(os.path.dirname(os.path.abspath(final_path)))
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+@dataclass
+class SplitResult:
+    path: str
+    images: int = 0
+    records: int = 0
+    nbytes: int = 0
+    class_pixel_counts: dict[int, int] = field(default_factory=dict)
+    class_records: dict[int, list[int]] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, encoded: Encoded, first_index: int) -> None:
+        self.images += 1
+        self.records += len(encoded.records)
+        self.nbytes += sum(len(r) for r in encoded.records)
+        for c, n in enumerate(encoded.class_counts.tolist()):
+            if n:
+                self.class_pixel_counts[c] = self.class_pixel_counts.get(c, 0) + int(n)
+        for offset, classes in enumerate(encoded.record_classes):
+            for c in classes:
+                self.class_records.setdefault(c, []).append(first_index + offset)
+        self.sources.append(encoded.source)
+
+    def fractions(self) -> dict[int, float]:
+        total = sum(self.class_pixel_counts.values()) or 1
+        return {c: n / total for c, n in sorted(self.class_pixel_counts.items())}
+
+
+@dataclass
+class BuildSummary:
+    splits: dict[str, SplitResult]
+    channels: int
+    image_dtype: str
+    number_classes: int
+    seconds: float
+
+    def format(self) -> str:
+        total = sum(s.images for s in self.splits.values())
+        lines = [f"built {len(self.splits)} databases from {total} image pairs in {self.seconds:.1f} s "
+                 f"({self.channels} channel(s), {self.image_dtype}, {self.number_classes} classes)"]
+        for name, s in self.splits.items():
+            fractions = "  ".join(f"{c}: {100 * f:.1f}%" for c, f in s.fractions().items())
+            lines.append(f"  {name:5s} {s.images:5d} images -> {s.records:6d} records, {s.nbytes / 1e6:8.1f} MB  "
+                         f"{os.path.abspath(s.path)}")
+            lines.append(f"        class pixel fractions: {fractions}")
+        return "\n".join(lines)
+
+
+def default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))  # respects Slurm / taskset CPU limits
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction, use_tiling, tile_size,
+                     tile_stride, number_classes, workers, test_list) -> None:
+    for flag, folder in (("--image_folder", image_folder), ("--mask_folder", mask_folder)):
+        if not os.path.isdir(folder):
+            raise InputError(f"{flag} {folder}: no such folder")
+    if os.path.samefile(image_folder, mask_folder):
+        raise InputError(f"--image_folder and --mask_folder are the same folder ({image_folder}); "
+                         "keep masks in their own folder, named like their images")
+    if not dataset_name or os.sep in dataset_name or "/" in dataset_name or dataset_name.startswith("."):
+        raise InputError(f"--dataset_name {dataset_name!r}: give a plain name (no '/', not starting with '.')")
+    if not 0.0 < train_fraction < 1.0 and test_list is None:
+        raise InputError(f"--train_fraction must be > 0 and < 1, got {train_fraction}; e.g. 0.8 keeps 20% for test")
+    if use_tiling and (tile_size <= 0 or tile_size % TILE_MULTIPLE):
+        raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
+                         f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
+    if tile_stride is not None and not use_tiling:
+        raise InputError("--tile_stride only applies with --use_tiling 1")
+    if use_tiling and tile_stride is not None and not 1 <= tile_stride <= tile_size:
+        raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
+    if number_classes is not None and number_classes < 1:
+        raise InputError(f"--number_classes must be >= 1 (background counts as a class), got {number_classes}")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+
+
+def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
+    """Refuse a tile larger than every image in both directions: every record would be mostly padding."""
+    if any(max(hw) >= tile_size for hw in sizes):
+        return
+    best = max(max(hw) for hw in sizes) // TILE_MULTIPLE * TILE_MULTIPLE
+    fix = f"use --tile_size {best} or smaller" if best else "use --use_tiling 0"
+    largest = max(sizes, key=lambda hw: hw[0] * hw[1])
+    raise InputError(f"--tile_size {tile_size} is larger than every image (largest is {largest[0]}x{largest[1]}); {fix}")
+
+
+def _check_consistent(encoded: Encoded, first: Encoded | None) -> None:
+    if first is None:
+        return
+    for what, a, b in (("channels", encoded.channels, first.channels),
+                       ("pixel type", encoded.image_dtype, first.image_dtype)):
+        if a != b:
+            raise InputError(f"{encoded.task.image_path}: {what} {a} differs from {first.task.image_path} ({b}); "
+                             f"all images of a data set need the same {what}: convert them or build separate databases")
+
+
+class Encoder:
+    """Encodes tasks in order, in up to ``workers`` processes with a bounded look-ahead.
+
+    Create it before opening LMDB environments or tqdm: with the fork start method all
+    workers are forked on the first submit, which happens here in the constructor.
+    """
+
+    def __init__(self, tasks: list[Task], workers: int):
+        self.tasks = iter(tasks)
+        self.pending: collections.deque[cf.Future] = collections.deque()
+        self.pool = None
+        if workers > 1 and len(tasks) > 1:
+            threaded = "tensorflow" in sys.modules or "torch" in sys.modules  # forking those is unsafe
+            context = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
+            self.pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
+            self.window = 2 * workers
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.window:
+            task = next(self.tasks, None)
+            if task is None:
+                return
+            self.pending.append(self.pool.submit(encode_pair, task))
+
+    def __iter__(self) -> Iterator[Encoded]:
+        if self.pool is None:
+            yield from map(encode_pair, self.tasks)
+            return
+        while self.pending:
+            future = self.pending.popleft()
+            self._fill()
+            yield future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, dataset_name: str,
+                    train_fraction: float = 0.8, image_format: str = "tif", use_tiling: bool = False,
+                    tile_size: int = 512, tile_stride: int | None = None, seed: int = 0,
+                    test_list: str | None = None, number_classes: int | None = None,
+                    mask_map: str | dict | None = None, workers: int | None = None, overwrite: bool = False,
+                    mask_format: str | None = None, progress: bool = True) -> BuildSummary:
+    """Build ``train-NAME.lmdb`` and ``test-NAME.lmdb`` in ``output_folder``; raises InputError on bad input."""
+    start = time.perf_counter()
+    workers = default_workers() if workers is None else workers
+    check_parameters(image_folder=image_folder, mask_folder=mask_folder, dataset_name=dataset_name,
+                     train_fraction=train_fraction, use_tiling=use_tiling, tile_size=tile_size,
+                     tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list)
+    mapping = parse_mask_map(mask_map)
+    finals = database_paths(output_folder, dataset_name)
+    clean_stale_temporaries(output_folder, list(finals.values()))
+    existing = [p for p in finals.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise InputError(f"{_listing(existing)} already exist(s); use --overwrite to replace, or another "
+                         "--dataset_name / --output_folder")
+    pairs = pair_files(image_folder, mask_folder, image_format, mask_format)
+    names = [img for img, _ in pairs]
+    test_names = read_test_list(test_list, names) if test_list else None
+    split = split_names(names, train_fraction, seed, test_names)
+    mask_of = dict(pairs)
+    tasks = [Task(os.path.join(image_folder, n), os.path.join(mask_folder, mask_of[n]), s,
+                  tile_size if use_tiling else None, tile_stride if use_tiling else None, mapping, number_classes,
+                  index)
+             for s in SPLITS for index, n in enumerate(split[s])]
+    created_folder = not os.path.isdir(output_folder)
+    os.makedirs(output_folder, exist_ok=True)
+    databases: dict[str, TempDatabase] = {}
+    try:
+        results, first = _write_all(tasks, finals, databases, workers, progress)
+        if use_tiling:
+            _check_tile_fits(tile_size, [(s["height"], s["width"]) for r in results.values() for s in r.sources])
+        classes = number_classes or max(max(r.class_pixel_counts, default=0) for r in results.values()) + 1
+        build = {"id": uuid.uuid4().hex, "dataset_name": dataset_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "train_fraction": None if test_list else train_fraction, "test_list": test_list,
+                 "mask_map": {str(k): v for k, v in mapping.items()}, "image_folder": os.path.abspath(image_folder),
+                 "mask_folder": os.path.abspath(mask_folder)}
+        for name in SPLITS:
+            r = results[name]
+            meta = lmdb_format.make_metadata(
+                channels=first.channels, image_dtype=first.image_dtype, tile_size=tile_size if use_tiling else None,
+                tile_stride=(tile_stride or tile_size) if use_tiling else None, num_records=r.records,
+                class_pixel_counts=r.class_pixel_counts, class_records=r.class_records, sources=r.sources,
+                split=name, seed=None if test_list else seed, number_classes=classes)
+            meta["build"] = build
+            databases[name].finish(meta)
+        for name in SPLITS:
+            install(databases[name].path, finals[name], overwrite)
+    except BaseException:
+        for db in databases.values():
+            db.discard()
+        if created_folder and not os.listdir(output_folder):
+            os.rmdir(output_folder)
+        raise
+    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start)
+
+
+def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, TempDatabase], workers: int,
+               progress: bool) -> tuple[dict[str, SplitResult], Encoded]:
+    """The single pass: encode every pair (validating it) and append its records to its database."""
+    from tqdm import tqdm
+
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    results = {s: SplitResult(finals[s]) for s in SPLITS}
+    first = None
+    encoder = Encoder(tasks, workers)  # forks before LMDB and tqdm's thread exist
+    try:
+        for split in SPLITS:
+            databases[split] = TempDatabase(finals[split])
+        with tqdm(total=len(tasks), unit="img", desc="build_lmdb", disable=not progress, dynamic_ncols=True, leave=False,
+                  mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
+            for encoded in encoder:
+                _check_consistent(encoded, first)
+                first = first or encoded
+                result = results[encoded.task.split]
+                first_index = databases[encoded.task.split].append(encoded.records)
+                result.add(encoded, first_index)
+                bar.update(1)
+                if delay:
+                    time.sleep(delay * len(encoded.records))
+    finally:
+        encoder.close()
+    return results, first
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> cliutil.ArgumentParser:
+    p = cliutil.ArgumentParser(description="Build train/test LMDB databases from image and mask folders.")
+    p.add_argument("--image_folder", required=True, help="folder of images (HW or HWC; uint8/uint16/int32/float32)")
+    p.add_argument("--mask_folder", required=True, help="folder of masks, paired with images by file stem")
+    p.add_argument("--output_folder", required=True, help="where train-NAME.lmdb and test-NAME.lmdb go")
+    p.add_argument("--dataset_name", required=True, help="NAME in train-NAME.lmdb / test-NAME.lmdb")
+    p.add_argument("--train_fraction", type=float, default=0.8, help="fraction of images for training (0 < f < 1)")
+    p.add_argument("--image_format", default="tif", help="file extension of the images (tif also matches tiff)")
+    p.add_argument("--mask_format", default=None, help="file extension of the masks (default: any image extension)")
+    p.add_argument("--use_tiling", type=cliutil.str2bool, default=False, metavar="0/1", help="1 = cut images into tiles")
+    p.add_argument("--tile_size", type=int, default=512, help="tile edge in pixels (multiple of 32)")
+    p.add_argument("--tile_stride", type=int, default=None,
+                   help="tile step in pixels (default: tile_size; the last tile slides inward to the border)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--test_list", default=None, help="text file naming the test images (overrides --train_fraction)")
+    p.add_argument("--number_classes", type=int, default=None,
+                   help="check every mask value is below this (default: no check; classes = max value + 1)")
+    p.add_argument("--mask_map", default=None, help="remap mask values first, e.g. 255:1 or 255:1,128:2")
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes decoding images")
+    p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
+                   help="replace existing databases (only once the new ones are complete)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cliutil.setup_logging()
+    summary = build_databases(**vars(args))
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cliutil.run_cli(main))
