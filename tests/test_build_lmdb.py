@@ -151,6 +151,10 @@ def _mixed_channels(root):
     write(os.path.join(root, "images", "img_3.tif"), np.zeros((48, 64, 3), np.uint16))
 
 
+def _mixed_dtypes(root):
+    write(os.path.join(root, "images", "img_3.tif"), np.zeros((48, 64), np.uint8))
+
+
 def _empty_image_folder(root):
     for n in os.listdir(os.path.join(root, "images")):
         os.remove(os.path.join(root, "images", n))
@@ -183,6 +187,7 @@ BAD_INPUTS = [
     ("unsupported dtype", _float64_image, [], "pixel type float64 is not supported"),
     ("non-finite image", _nan_image, [], "NaN or infinite"),
     ("mixed channels", _mixed_channels, [], "channels 3 differs"),
+    ("mixed pixel types", _mixed_dtypes, [], "all images of a data set need the same pixel type"),
     ("rgb mask", _rgb_mask, [], "masks must be single-channel"),
     ("ambiguous stems", _ambiguous_mask, [], "several files share a stem"),
     ("empty folder", _empty_image_folder, [], "no *.tif images"),
