@@ -1,0 +1,701 @@
+"""Parallel reading of LMDB training databases with on-the-fly augmentation: :class:`ImageReader`.
+
+The trainer only picks up ready batches; N worker processes make them.
+
+* Databases: one or several (concatenated lazily: global index -> (database, local index)); they must
+  agree on the channel count. Records and metadata follow ``lmdb_format``.
+* Workers: ``spawn``-started processes (fork after TensorFlow is loaded is unsafe), each opening its own
+  LMDB environments after start and running ``cv2.setNumThreads(1)``. Worker ``w`` makes the global batches
+  ``g = w, w + N, w + 2N, ...``; the consumer reads them in order ``g = 0, 1, 2, ...`` (round-robin over
+  the workers), so the stream is reproducible.
+* Seeds: one ``seed``; worker ``w`` of shard ``s`` draws from
+  ``SeedSequence(seed).spawn(shard_count)[s].spawn(workers)[w]`` (two children: record sampling and
+  augmentation, so switching augmentation off does not change which records are drawn). The shuffled
+  epoch order is a function of ``(seed, epoch)`` only, shared by every worker and shard. Same seed and
+  same worker count -> identical stream.
+* Sampling (train mode): ``shuffle`` = epochs without replacement (default; the epoch is split over the
+  shards by position and over the workers by batch), ``replacement`` = uniform with replacement,
+  ``balanced`` = a class uniformly among the classes present, then a record uniformly among the records
+  containing it (the metadata's ``class_records``). ``database_weights`` sets the share of samples each
+  database contributes (default: proportional to its size; with ``balanced``, the database is drawn first).
+* Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
+  ``size_factor``, no augmentation; batches group consecutive records of equal shape. With several shards,
+  shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
+* Samples: see ``augment.make_sample`` (context crop, one fused warp, intensity transforms on raw values),
+  then ``image_io.normalize`` with the record's source-image statistics from the metadata.
+* Transfer: each worker owns a ring of batch slots in anonymous shared memory
+  (``multiprocessing.RawArray``: its backing file is unlinked at creation, so nothing can leak, not even
+  after ``kill -9``). A slot holds float32 images and labels in the smallest integer type; only
+  ``(batch id, slot, shape)`` goes through the worker's pipe. The consumer copies the slot out (labels
+  widened to int32) and frees it.
+* Faults: a worker exception reaches the consumer as :class:`ReaderWorkerError` carrying the worker's
+  traceback; a worker that dies (killed, out of memory) is detected within ``POLL_SECONDS``; ``close()``
+  never hangs (join with a timeout, then terminate, then kill) and ends every worker. Workers ignore
+  SIGINT: Ctrl-C reaches the training process, whose ``with`` block / ``finally`` closes the reader.
+* Queue: when the buffered batches fall below 10% of capacity the log says ``Input Queue Starvation !!!!``,
+  when back above 50% ``Input Queue Starvation Over`` (once per transition; train mode only).
+
+One consumer at a time: iterate the reader (or its dataset) from one thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+import augment as augmentation
+import image_io
+import lmdb_format
+
+log = logging.getLogger(__name__)
+
+STARVATION_MESSAGE = "Input Queue Starvation !!!!"
+STARVATION_OVER_MESSAGE = "Input Queue Starvation Over"
+STARVATION_LOW, STARVATION_HIGH = 0.1, 0.5   # fractions of the queue capacity
+DEFAULT_QUEUE_SAMPLES = 100                   # samples buffered per worker, as in the original design
+MAX_RING_BYTES = 512 << 20                    # cap on one worker's shared-memory ring (unless 2 slots need more)
+POLL_SECONDS = 0.25                           # how often a waiting consumer checks that the workers live
+JOIN_SECONDS = 3.0                            # how long close() waits before terminating workers
+MODES = ("train", "eval")
+SAMPLINGS = ("shuffle", "replacement", "balanced")
+_ORDER_KEY = 0x5EED0DE5                       # SeedSequence spawn-key tag of the shuffled epoch orders
+
+
+class ReaderWorkerError(RuntimeError):
+    """A reader worker failed or died; the message carries the worker's traceback when there is one."""
+
+
+class _Closed(Exception):
+    """The reader was closed while a consumer was waiting."""
+
+
+# ---- Sampling (pure; runs in the workers) --------------------------------------------------------
+
+def _quotas(sizes: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Samples each database contributes to one shuffled epoch of ``sizes.sum()`` samples."""
+    total = int(sizes.sum())
+    if weights is None:
+        return sizes.astype(np.int64)
+    exact = weights / weights.sum() * total
+    quotas = np.floor(exact).astype(np.int64)
+    remainder = total - int(quotas.sum())
+    quotas[np.argsort(quotas - exact, kind="stable")[:remainder]] += 1  # largest remainders
+    return quotas
+
+
+class ShuffleOrder:
+    """Shuffled epochs without replacement over concatenated databases, a pure function of the seed.
+
+    Epoch ``e`` takes, from each database ``d``, the next ``quota[d]`` entries of that database's endless
+    sequence of permutations (so each database is covered without replacement, at its weight), then
+    shuffles the union. ``take(positions)`` maps stream positions to global record indices.
+    """
+
+    def __init__(self, sizes: Sequence[int], seed: int, weights: Sequence[float] | None = None):
+        self.sizes = np.asarray(sizes, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.seed = seed
+        self.quotas = _quotas(self.sizes, None if weights is None else np.asarray(weights, np.float64))
+        self.epoch_length = int(self.quotas.sum())
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_ORDER_KEY,) + key))
+
+    def _database_sequence(self, db: int, start: int, stop: int) -> np.ndarray:
+        n = int(self.sizes[db])
+        cycles = range(start // n, (stop - 1) // n + 1)
+        seq = np.concatenate([self._rng(1, db, c).permutation(n) for c in cycles])
+        first = cycles[0] * n
+        return seq[start - first : stop - first]
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._cache:
+            parts = [self.offsets[d] + self._database_sequence(d, e * q, (e + 1) * q)
+                     for d, q in enumerate(self.quotas) if q > 0]
+            order = np.concatenate(parts)
+            self._rng(2, e).shuffle(order)
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            self._cache[e] = order
+        return self._cache[e]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        epochs, offsets = np.divmod(np.asarray(positions, np.int64), self.epoch_length)
+        return np.array([self.epoch(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+
+
+class RandomSampler:
+    """With replacement (``balanced=False``) or class-balanced draws of global record indices."""
+
+    def __init__(self, sizes: Sequence[int], class_records: Sequence[dict[int, Sequence[int]]] | None = None,
+                 weights: Sequence[float] | None = None):
+        self.sizes = np.asarray(sizes, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+        self.pools = None  # balanced: per database (or one merged) list of per-class index arrays
+        if class_records is not None:
+            per_db = [{c: self.offsets[d] + np.asarray(idx, np.int64) for c, idx in cr.items() if len(idx)}
+                      for d, cr in enumerate(class_records)]
+            if self.weights is None:
+                merged: dict[int, list[np.ndarray]] = {}
+                for pools in per_db:
+                    for c, idx in pools.items():
+                        merged.setdefault(c, []).append(idx)
+                per_db = [{c: np.concatenate(v) for c, v in merged.items()}]
+            self.pools = [[pools[c] for c in sorted(pools)] for pools in per_db]
+
+    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        out = np.empty(count, np.int64)
+        for i in range(count):
+            db = 0 if self.weights is None else int(rng.choice(len(self.weights), p=self.weights))
+            if self.pools is None:
+                lo, hi = (0, self.offsets[-1]) if self.weights is None else (self.offsets[db], self.offsets[db + 1])
+                out[i] = rng.integers(lo, hi)
+            else:
+                pools = self.pools[db]
+                pool = pools[int(rng.integers(len(pools)))]
+                out[i] = pool[int(rng.integers(len(pool)))]
+        return out
+
+
+# ---- Worker side ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs; pickled once at spawn."""
+
+    paths: tuple[str, ...]
+    sizes: tuple[int, ...]
+    mode: str
+    sampling: str
+    batch_size: int
+    workers: int
+    seed: int
+    shard_index: int
+    shard_count: int
+    crop_hw: tuple[int, int] | None
+    params: augmentation.AugmentParams | None   # None: no augmentation
+    weights: tuple[float, ...] | None
+    class_records: tuple[dict, ...] | None
+    eval_batches: np.ndarray | None        # (batches, 2) global [start, stop) per eval batch of this shard
+    eval_hw: np.ndarray | None             # (records, 2) eval shape of every record
+    stats: tuple[tuple[np.ndarray, np.ndarray], ...]  # per database: (mean, std) arrays (sources, C)
+    channels: int
+    mask_dtype: str
+    slots: int
+    slot_bytes: int
+
+
+def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image (n, h, w, C) float32 and label (n, h, w) arrays stored in one slot of a ring."""
+    base = slot * plan.slot_bytes
+    image_count = n * h * w * plan.channels
+    images = np.frombuffer(ring, np.float32, image_count, base).reshape(n, h, w, plan.channels)
+    masks = np.frombuffer(ring, plan.mask_dtype, n * h * w, base + image_count * 4).reshape(n, h, w)
+    return images, masks
+
+
+class _Producer:
+    """Makes batch ``g`` into a ring slot, inside a worker process."""
+
+    def __init__(self, plan: _Plan, worker: int, ring):
+        import cv2
+
+        cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
+        self.plan = plan
+        self.ring = ring
+        self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
+        self.envs = [lmdb_format.open_readonly(p) for p in plan.paths]
+        self.txns = [env.begin(buffers=True) for env in self.envs]
+        stream = np.random.SeedSequence(plan.seed).spawn(plan.shard_count)[plan.shard_index].spawn(plan.workers)[worker]
+        sample_seq, augment_seq = stream.spawn(2)
+        self.sample_rng = np.random.default_rng(sample_seq)
+        self.augment_rng = np.random.default_rng(augment_seq)
+        self.order = self.sampler = None
+        if plan.mode == "train" and plan.sampling == "shuffle":
+            self.order = ShuffleOrder(plan.sizes, plan.seed, plan.weights)
+        elif plan.mode == "train":
+            balanced = plan.class_records if plan.sampling == "balanced" else None
+            self.sampler = RandomSampler(plan.sizes, balanced, plan.weights)
+
+    def close(self) -> None:
+        for txn in self.txns:
+            txn.abort()
+        for env in self.envs:
+            env.close()
+
+    def record(self, index: int) -> tuple[lmdb_format.Record, np.ndarray, np.ndarray]:
+        db = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        local = int(index - self.offsets[db])
+        value = self.txns[db].get(lmdb_format.record_key(local))
+        if value is None:
+            raise ValueError(f"{self.plan.paths[db]}: record {local} is missing; rebuild the database with build_lmdb.py")
+        record = lmdb_format.decode_record(value)
+        means, stds = self.plan.stats[db]
+        return record, means[record.source_index], stds[record.source_index]
+
+    def train_indices(self, g: int) -> np.ndarray:
+        b = self.plan.batch_size
+        if self.order is not None:
+            stream = np.arange(g * b, (g + 1) * b, dtype=np.int64)
+            return self.order.take(stream * self.plan.shard_count + self.plan.shard_index)
+        return self.sampler.draw(self.sample_rng, b)
+
+    def fill(self, slot: int, g: int) -> tuple[int, int, int]:
+        """Write batch ``g`` into ``slot``; returns its (n, h, w)."""
+        plan = self.plan
+        if plan.mode == "train":
+            indices = self.train_indices(g)
+            h, w = plan.crop_hw
+        else:
+            start, stop = plan.eval_batches[g % len(plan.eval_batches)]
+            indices = np.arange(start, stop)
+            h, w = plan.eval_hw[start]
+        images, masks = _slot_views(self.ring, slot, plan, len(indices), int(h), int(w))
+        for i, index in enumerate(indices):
+            record, mean, std = self.record(int(index))
+            if plan.mode == "train":
+                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, (h, w),
+                                                  plan.params or augmentation.AugmentParams.none())
+            else:
+                image, mask = _eval_crop(record.image_hwc, h, w), _eval_crop(record.mask_hw, h, w)
+            images[i] = image_io.normalize(image, mean, std)
+            masks[i] = mask
+        return len(indices), int(h), int(w)
+
+
+def _eval_hw(h: int, w: int, size_factor: int) -> tuple[int, int]:
+    """Eval shape of an h x w record: cropped down to a multiple of size_factor (padded up to one factor)."""
+    return max(h // size_factor, 1) * size_factor, max(w // size_factor, 1) * size_factor
+
+
+def _eval_crop(array: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Top-left h x w of a record; mirror-padded where the record is smaller (only below one size factor)."""
+    part = array[:h, :w]
+    return image_io.mirror_pad(part, (0, h - part.shape[0]), (0, w - part.shape[1]))
+
+
+def _wait_for_slot(free, stop) -> bool:
+    parent = mp.parent_process()
+    while not free.acquire(timeout=0.1):
+        if stop.is_set() or (parent is not None and not parent.is_alive()):
+            return False
+    return not stop.is_set()
+
+
+def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buffer) -> None:
+    """Worker process entry: make batches g = worker, worker + N, ... until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    g = None
+    producer = None
+    try:
+        ring = np.frombuffer(ring_buffer, np.uint8)
+        producer = _Producer(plan, worker, ring)
+        for n, g in enumerate(itertools.count(worker, plan.workers)):
+            if not _wait_for_slot(free, stop):
+                return
+            slot = n % plan.slots
+            shape = producer.fill(slot, g)
+            produced[worker] += 1
+            conn.send(("batch", g, slot) + shape)
+    except Exception:
+        if not stop.is_set():
+            try:
+                conn.send(("error", g, traceback.format_exc()))
+            except OSError:
+                pass
+            raise SystemExit(1)
+    finally:
+        if producer is not None:
+            producer.close()
+
+
+# ---- Consumer side -------------------------------------------------------------------------------
+
+class QueueWatch:
+    """Logs queue starvation once per transition: below 10% full, then back above 50%.
+
+    Silent until the queue has first been above 50% full or ``grace`` batches were consumed, so the
+    start-up fill does not count as starvation.
+    """
+
+    def __init__(self, grace: int):
+        self.grace = grace
+        self.seen = 0
+        self.armed = False
+        self.starving = False
+
+    def update(self, fill: float) -> None:
+        self.seen += 1
+        if not self.armed:
+            self.armed = fill > STARVATION_HIGH or self.seen >= self.grace
+            if not self.armed:
+                return
+        if not self.starving and fill < STARVATION_LOW:
+            self.starving = True
+            log.warning(STARVATION_MESSAGE)
+        elif self.starving and fill > STARVATION_HIGH:
+            self.starving = False
+            log.info(STARVATION_OVER_MESSAGE)
+
+
+def _shutdown(procs, stop, conns, timeout: float = JOIN_SECONDS) -> None:
+    """End every worker: ask, wait up to ``timeout``, terminate, kill. Never hangs."""
+    stop.set()
+    procs = [p for p in procs if p.pid is not None]  # started ones
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for action in ("terminate", "kill"):
+        alive = [p for p in procs if p.is_alive()]
+        for proc in alive:
+            getattr(proc, action)()
+        for proc in alive:
+            proc.join(1.0)
+    for conn in conns:
+        conn.close()
+
+
+def _record_shapes(path: str, count: int) -> np.ndarray:
+    """(count, 2) heights and widths of a database's records (headers only; no pixel data is read)."""
+    env = lmdb_format.open_readonly(path)
+    try:
+        with env.begin(buffers=True) as txn:
+            shapes = np.empty((count, 2), np.int64)
+            for i in range(count):
+                value = txn.get(lmdb_format.record_key(i))
+                if value is None:
+                    raise ValueError(f"{path}: record {i} of {count} is missing; rebuild the database with build_lmdb.py")
+                shapes[i] = lmdb_format.decode_record(value).mask_hw.shape
+            return shapes
+    finally:
+        env.close()
+
+
+class ImageReader:
+    """Batches (images_nhwc float32 normalized, masks_nhw int32 class ids) from LMDB databases.
+
+    Args:
+        databases: one path or several (concatenated; they must have the same channel count).
+        batch_size: samples per batch (train: every batch is full; eval: the last of a shape group may be shorter).
+        mode: ``"train"`` (endless augmented stream of crops) or ``"eval"`` (one in-order pass per iteration).
+        workers: worker processes.
+        sampling: ``"shuffle"`` | ``"replacement"`` | ``"balanced"`` (train mode).
+        database_weights: share of the samples each database contributes (train mode; default by size).
+        augment: apply ``augment.py``'s augmentation (train mode; off = plain random crops).
+        crop_size: train crop (int or (h, w)), a multiple of ``size_factor``. Default: the databases' tile
+            size, else the smallest record, rounded down to the size factor.
+        size_factor: the model's size factor; eval records are cropped to a multiple of it.
+        seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
+        queue_size: samples buffered per worker (default 100, at most 512 MB of shared memory per worker,
+            at least 2 batches).
+
+    Raises ValueError with a user-facing message for a bad or missing database or bad arguments.
+    """
+
+    def __init__(self, databases: str | Sequence[str], *, batch_size: int, mode: str = "train", workers: int = 1,
+                 sampling: str = "shuffle", database_weights: Sequence[float] | None = None, augment: bool = True,
+                 crop_size: int | tuple[int, int] | None = None, size_factor: int = 1, seed: int = 0,
+                 shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None):
+        self._closed = True  # until fully constructed: close() is a no-op
+        self._procs: list = []
+        paths = (databases,) if isinstance(databases, (str, os.PathLike)) else tuple(databases)
+        _check_arguments(paths, batch_size, mode, workers, sampling, database_weights, size_factor,
+                         shard_index, shard_count, queue_size)
+        self._paths = tuple(os.fspath(p) for p in paths)
+        self._metadata = [lmdb_format.read_metadata(p) for p in self._paths]
+        self._check_databases(sampling if mode == "train" else None)
+        self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
+        sizes = tuple(int(m["num_records"]) for m in self._metadata)
+        eval_hw = eval_batches = None
+        if mode == "eval":
+            eval_hw = np.concatenate([[_eval_hw(h, w, size_factor) for h, w in _record_shapes(p, n)]
+                                      for p, n in zip(self._paths, sizes)]).astype(np.int64)
+            eval_batches = _eval_batches(eval_hw, batch_size)[shard_index::shard_count]
+            if len(eval_batches) == 0:
+                raise ValueError(f"shard {shard_index} of {shard_count} gets no evaluation batch: "
+                                 f"there are fewer batches than shards; use fewer shards or a smaller batch size")
+            shapes = {tuple(hw) for hw in eval_hw}
+            self._crop_hw = shapes.pop() if len(shapes) == 1 else None
+        else:
+            self._crop_hw = self._resolve_crop(crop_size, size_factor)
+        mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
+            (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
+        max_pixels = int(max(h * w for h, w in eval_hw)) if mode == "eval" else self._crop_hw[0] * self._crop_hw[1]
+        slot_bytes = -(-batch_size * max_pixels * (4 * self.channels + mask_dtype.itemsize) // 64) * 64
+        wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size
+        slots = max(2, min(math.ceil(wanted / batch_size), MAX_RING_BYTES // slot_bytes))
+        self._plan = _Plan(
+            paths=self._paths, sizes=sizes, mode=mode, sampling=sampling, batch_size=self.batch_size,
+            workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
+            crop_hw=self._crop_hw if mode == "train" else None,
+            params=augmentation.AugmentParams() if (augment and mode == "train") else None,
+            weights=None if database_weights is None else tuple(float(w) for w in database_weights),
+            class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
+            eval_batches=eval_batches, eval_hw=eval_hw,
+            stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
+            channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes))
+        self._next_g = 0
+        self._closed = False
+        self._watch = QueueWatch(grace=2 * slots * self.workers)
+        self._finalizer = None
+
+    # ---- validation and properties -----------------------------------------------------------------
+
+    def _check_databases(self, sampling: str | None) -> None:
+        channels = {m["channels"] for m in self._metadata}
+        if len(channels) > 1:
+            listing = ", ".join(f"{p}: {m['channels']}" for p, m in zip(self._paths, self._metadata))
+            raise ValueError(f"the databases have different channel counts ({listing}); use databases built from images with the same channels")
+        for path, meta in zip(self._paths, self._metadata):
+            if meta["num_records"] < 1:
+                raise ValueError(f"{path}: the database has no records; rebuild it with build_lmdb.py from a non-empty image folder")
+            if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
+                raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
+
+    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, int]:
+        if crop_size is None:
+            tiles = {m.get("tile_size") for m in self._metadata}
+            if len(tiles) == 1 and None not in tiles:
+                hw = (int(tiles.pop()),) * 2
+            else:
+                shapes = np.concatenate([_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)])
+                hw = tuple(int(v) for v in shapes.min(axis=0))
+            crop = tuple(max(v // size_factor, 1) * size_factor for v in hw)
+        else:
+            crop = (crop_size, crop_size) if np.isscalar(crop_size) else tuple(crop_size)
+            if len(crop) != 2 or any(int(v) != v or v < 1 or v % size_factor for v in crop):
+                raise ValueError(f"crop size must be one or two positive multiples of the size factor {size_factor}, got {crop_size}")
+        return int(crop[0]), int(crop[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self._metadata[0]["channels"])
+
+    @property
+    def number_classes(self) -> int:
+        return max(int(m["number_classes"]) for m in self._metadata)
+
+    @property
+    def num_records(self) -> int:
+        return sum(int(m["num_records"]) for m in self._metadata)
+
+    @property
+    def crop_hw(self) -> tuple[int, int] | None:
+        return self._crop_hw
+
+    @property
+    def image_dtype(self) -> str:
+        """The databases' stored pixel type (numpy's promotion when they differ)."""
+        return np.result_type(*[np.dtype(m["image_dtype"]) for m in self._metadata]).name
+
+    @property
+    def class_pixel_counts(self) -> dict[int, int]:
+        total: dict[int, int] = {}
+        for meta in self._metadata:
+            for c, n in meta["class_pixel_counts"].items():
+                total[int(c)] = total.get(int(c), 0) + int(n)
+        return dict(sorted(total.items()))
+
+    @property
+    def metadata(self) -> list[dict]:
+        return list(self._metadata)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def batches_per_pass(self) -> int | None:
+        """Eval mode: batches in one pass of this shard."""
+        return None if self._plan.eval_batches is None else len(self._plan.eval_batches)
+
+    # ---- workers -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workers (iteration does this on first use; call it to warm up early)."""
+        if self._closed:
+            raise RuntimeError("the reader is closed")
+        if self._procs:
+            return
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self._produced = ctx.RawArray("q", self.workers)
+        self._consumed = [0] * self.workers
+        self._conns, self._free, self._rings = [], [], []
+        # Registered first, over the lists filled below: even an interrupted start is cleaned up.
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._stop, self._conns)
+        for w in range(self.workers):
+            ring = ctx.RawArray("B", self._plan.slots * self._plan.slot_bytes)
+            free = ctx.Semaphore(self._plan.slots)
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_main, name=f"imagereader-{w}", daemon=True,
+                               args=(self._plan, w, sender, free, self._stop, self._produced, ring))
+            self._procs.append(proc)  # before start: close() must see it even if start is interrupted
+            self._conns.append(receiver)
+            self._free.append(free)
+            self._rings.append(np.frombuffer(ring, np.uint8))
+            proc.start()
+            sender.close()
+
+    def close(self) -> None:
+        """End every worker (waits at most a few seconds) and release the shared memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()  # runs _shutdown once
+        self._rings = []
+
+    def __enter__(self) -> "ImageReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- consuming -----------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Train: endless full batches. Eval: one pass (a new pass on every iteration)."""
+        self.start()
+        if self.mode == "eval":
+            per_pass = len(self._plan.eval_batches)
+            first = -(-self._next_g // per_pass) * per_pass  # an abandoned pass is skipped, not resumed
+            batch_ids: Iterator[int] = iter(range(first, first + per_pass))
+        else:
+            batch_ids = itertools.count(self._next_g)
+        try:
+            for g in batch_ids:
+                batch = self._receive(g)
+                self._next_g = g + 1
+                if self.mode == "train":
+                    self._watch.update(self._fill())
+                yield batch
+        except _Closed:
+            return
+        except KeyboardInterrupt:
+            self.close()
+            raise
+
+    def _fill(self) -> float:
+        ready = sum(self._produced[w] - self._consumed[w] for w in range(self.workers))
+        return ready / (self._plan.slots * self.workers)
+
+    def _receive(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        w = g % self.workers
+        while True:
+            message = self._recv(w)
+            if message[0] == "error":
+                self._fail(f"reader worker {w} (pid {self._procs[w].pid}) failed:\n{message[2]}")
+            _, mg, slot, n, h, width = message
+            if mg == g:
+                images, masks = _slot_views(self._rings[w], slot, self._plan, n, h, width)
+                batch = np.array(images), masks.astype(np.int32)
+            self._consumed[w] += 1
+            self._free[w].release()
+            if mg == g:
+                return batch
+            # mg < g: a batch of an abandoned eval pass; skip it
+
+    def _recv(self, w: int):
+        conn = self._conns[w] if not self._closed else None
+        try:
+            while conn is not None and not conn.poll(POLL_SECONDS):
+                if self._closed:
+                    break
+                self._check_workers()
+            if self._closed:
+                raise _Closed
+            return conn.recv()
+        except (EOFError, OSError):
+            if self._closed:
+                raise _Closed from None
+            self._procs[w].join(POLL_SECONDS)  # it is exiting: report how
+            self._check_workers()
+            self._fail(f"reader worker {w} (pid {self._procs[w].pid}) closed its pipe unexpectedly")
+
+    def _check_workers(self) -> None:
+        for w, proc in enumerate(self._procs):
+            if proc.exitcode is None:
+                continue
+            try:
+                while self._conns[w].poll(0):
+                    message = self._conns[w].recv()
+                    if message[0] == "error":
+                        self._fail(f"reader worker {w} (pid {proc.pid}) failed:\n{message[2]}")
+            except (EOFError, OSError):
+                pass
+            how = (f"was killed by signal {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
+                   else f"exited with code {proc.exitcode}")
+            self._fail(f"reader worker {w} (pid {proc.pid}) {how} (out of memory?); the input stream cannot continue")
+
+    def _fail(self, message: str):
+        self.close()
+        raise ReaderWorkerError(message)
+
+    def dataset(self):
+        """A ``tf.data.Dataset`` of the same batches as iteration (eval: one pass per dataset iteration)."""
+        import tensorflow as tf
+
+        n = self.batch_size if self.mode == "train" else None
+        h, w = self._crop_hw if self._crop_hw is not None else (None, None)
+        signature = (tf.TensorSpec([n, h, w, self.channels], tf.float32), tf.TensorSpec([n, h, w], tf.int32))
+        return tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
+
+
+
+def _eval_batches(eval_hw: np.ndarray, batch_size: int) -> np.ndarray:
+    """[start, stop) of each eval batch: consecutive records of equal shape, at most batch_size each."""
+    batches = []
+    start = 0
+    for i in range(1, len(eval_hw) + 1):
+        if i == len(eval_hw) or i - start == batch_size or tuple(eval_hw[i]) != tuple(eval_hw[start]):
+            batches.append((start, i))
+            start = i
+    return np.array(batches, np.int64).reshape(-1, 2)
+
+
+def _source_stats(meta: dict, path: str) -> tuple[np.ndarray, np.ndarray]:
+    sources = meta.get("sources") or []
+    try:
+        means = np.array([s["mean"] for s in sources], np.float32).reshape(len(sources), meta["channels"])
+        stds = np.array([s["std"] for s in sources], np.float32).reshape(len(sources), meta["channels"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the metadata lacks per-channel mean/std for its source images ({exc}); "
+                         "rebuild the database with build_lmdb.py") from None
+    return means, stds
+
+
+def _check_arguments(paths, batch_size, mode, workers, sampling, weights, size_factor, shard_index, shard_count,
+                     queue_size) -> None:
+    if not paths:
+        raise ValueError("no database given")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("size_factor", size_factor),
+                        ("shard_count", shard_count)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    if queue_size is not None and queue_size < 1:
+        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(paths) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"database_weights must be {len(paths)} non-negative numbers (one per database) "
+                             f"with a positive sum, got {weights}")
