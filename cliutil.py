@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 EXIT_BAD_INPUT = 2
+_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 class InputError(Exception):
@@ -77,6 +79,7 @@ def atomic_path(final_path: str, suffix: str = "") -> Iterator[str]:
     base = os.path.basename(final_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp
         os.replace(tmp, final_path)
