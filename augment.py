@@ -58,7 +58,7 @@ ELASTIC_SPACING = 64       # elastic deformation: control-point spacing in pixel
 # -------------------------------------------------------------------------------------------------
 
 MIN_BLUR_SIGMA = 0.3        # below this a Gaussian kernel is practically the identity: skip the blur
-CV_MAX_CHANNELS = 4         # OpenCV warps/filters are applied to groups of at most this many channels
+CV_MAX_CHANNELS = 4         # OpenCV warps/filters take groups of at most this many channels
 _SAFETY = 0.05              # pixels kept between the sampled region and the record border (fixed-point slack)
 _NEAREST_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)}
 
@@ -204,12 +204,28 @@ def choose_origin(rng: np.random.Generator, record_hw: tuple[int, int], geometry
 
 # ---- Resampling ----------------------------------------------------------------------------------
 
+def channel_groups(channels: int) -> list[tuple[int, int]]:
+    """[start, stop) channel groups of at most 4 for OpenCV, never of size 2.
+
+    OpenCV 5 interpolates 1-, 3- and 4-channel images in exact floating point but 2-channel images with
+    1/32-pixel fixed-point weights; without 2-channel groups every channel takes the same path.
+    """
+    sizes = [CV_MAX_CHANNELS] * (channels // CV_MAX_CHANNELS)
+    rest = channels % CV_MAX_CHANNELS
+    if rest == 2:
+        sizes = sizes[:-1] + [3, 3] if sizes else [1, 1]
+    elif rest:
+        sizes.append(rest)
+    bounds = np.cumsum([0] + sizes)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _grouped(fn, image_hwc: np.ndarray) -> np.ndarray:
-    """Apply an OpenCV function to groups of <= 4 channels; returns HWC."""
-    channels = image_hwc.shape[2]
+    """Apply an OpenCV function to channel groups (see :func:`channel_groups`); returns HWC."""
+    groups = channel_groups(image_hwc.shape[2])
     parts = []
-    for start in range(0, channels, CV_MAX_CHANNELS):
-        part = fn(np.ascontiguousarray(image_hwc[:, :, start : start + CV_MAX_CHANNELS]))
+    for start, stop in groups:
+        part = fn(image_hwc if len(groups) == 1 else np.ascontiguousarray(image_hwc[:, :, start:stop]))
         parts.append(part.reshape(part.shape[0], part.shape[1], -1))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
 
