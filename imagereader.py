@@ -242,7 +242,10 @@ class _Producer:
         value = self.txns[db].get(lmdb_format.record_key(local))
         if value is None:
             raise ValueError(f"{self.plan.paths[db]}: record {local} is missing; rebuild the database with build_lmdb.py")
-        record = lmdb_format.decode_record(value)
+        try:
+            record = lmdb_format.decode_record(value)
+        except ValueError as exc:
+            raise ValueError(f"{self.plan.paths[db]}: record {local}: {exc}") from exc
         means, stds = self.plan.stats[db]
         return record, means[record.source_index], stds[record.source_index]
 
@@ -378,7 +381,10 @@ def _record_shapes(path: str, count: int) -> np.ndarray:
                 value = txn.get(lmdb_format.record_key(i))
                 if value is None:
                     raise ValueError(f"{path}: record {i} of {count} is missing; rebuild the database with build_lmdb.py")
-                shapes[i] = lmdb_format.decode_record(value).mask_hw.shape
+                try:
+                    shapes[i] = lmdb_format.decode_record(value).mask_hw.shape
+                except ValueError as exc:
+                    raise ValueError(f"{path}: record {i}: {exc}") from None
             return shapes
     finally:
         env.close()
