@@ -107,11 +107,16 @@ def normalize(image_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float]
     float images in [0, 1]. Here every channel is divided, with an epsilon
     guard for constant channels.
     """
-    mean_arr = np.asarray(mean, np.float32).reshape(1, 1, -1)
-    std_arr = np.maximum(np.asarray(std, np.float32), NORMALIZATION_EPSILON).reshape(1, 1, -1)
+    mean_arr = np.asarray(mean, np.float32).reshape(-1)
+    std_arr = np.maximum(np.asarray(std, np.float32), NORMALIZATION_EPSILON).reshape(-1)
     out = image_hwc.astype(np.float32, copy=True)
-    out -= mean_arr
-    out /= std_arr
+    if out.size == 0:
+        return out
+    # Broadcast over (H, W*C) rows: numpy is ~5x slower when the innermost broadcast axis is C (e.g. 3).
+    rows = out.reshape(out.shape[0], -1)
+    width = rows.shape[1] // max(mean_arr.size, 1)
+    rows -= np.tile(mean_arr, width)
+    rows /= np.tile(std_arr, width)
     return out
 
 
