@@ -294,21 +294,35 @@ def _clip_span(start: int, stop: int, size: int) -> tuple[int, int]:
 
 # ---- Intensity (in place on a float working copy) ------------------------------------------------
 
+# numpy is slow when the innermost broadcast or reduced axis is the channel axis (length 1-4): these
+# helpers work on the (H, W*C) row view instead, with per-channel values tiled along the row.
+
+def _rows(image_hwc: np.ndarray) -> np.ndarray:
+    return image_hwc.reshape(image_hwc.shape[0], -1)
+
+
+def _tiled(per_channel: np.ndarray, image_hwc: np.ndarray) -> np.ndarray:
+    return np.tile(np.asarray(per_channel, image_hwc.dtype), image_hwc.shape[1])
+
+
 def _dynamic_range(image_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (min, max - min) of the crop; the range is guarded against 0."""
-    lo = image_hwc.min(axis=(0, 1))
-    span = image_hwc.max(axis=(0, 1)) - lo
+    channels = image_hwc.shape[2]
+    rows = _rows(image_hwc)
+    lo = rows.min(axis=0).reshape(-1, channels).min(axis=0)
+    span = rows.max(axis=0).reshape(-1, channels).max(axis=0) - lo
     return lo, np.where(span > 0, span, 1.0).astype(image_hwc.dtype)
 
 
 def _gamma_inplace(image, rng, fraction, lo, span):
     gamma = math.exp(rng.uniform(-math.log1p(fraction), math.log1p(fraction)))
-    image -= lo
-    image /= span
-    np.clip(image, 0, 1, out=image)
-    np.power(image, gamma, out=image)
-    image *= span
-    image += lo
+    rows = _rows(image)
+    rows -= _tiled(lo, image)
+    rows /= _tiled(span, image)
+    np.clip(rows, 0, 1, out=rows)
+    np.power(rows, gamma, out=rows)
+    rows *= _tiled(span, image)
+    rows += _tiled(lo, image)
 
 
 def _blur(image, rng, max_sigma):
@@ -322,11 +336,11 @@ def _blur(image, rng, max_sigma):
 
 def _noise_inplace(image, rng, fraction, span):
     sigma = rng.uniform(0.0, fraction) * span  # per channel
-    noise = np.empty(image.shape, image.dtype)
+    noise = np.empty(_rows(image).shape, image.dtype)
     cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
-    cv2.randn(noise.reshape(image.shape[0], -1), 0.0, 1.0)
-    noise *= sigma.astype(image.dtype)
-    image += noise
+    cv2.randn(noise, 0.0, 1.0)
+    noise *= _tiled(sigma, image)
+    _rows(image)[...] += noise
 
 
 def apply_intensity(image_hwc: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
@@ -334,11 +348,12 @@ def apply_intensity(image_hwc: np.ndarray, rng: np.random.Generator, params: Aug
     where possible; use the returned array)."""
     if not (params.gamma_fraction or params.intensity_fraction or params.blur_max_sigma or params.noise_fraction):
         return image_hwc
+    image_hwc = np.ascontiguousarray(image_hwc)  # the row views below must be views
     lo, span = _dynamic_range(image_hwc)
     if params.gamma_fraction > 0:
         _gamma_inplace(image_hwc, rng, params.gamma_fraction, lo, span)
     if params.intensity_fraction > 0:
-        image_hwc += (rng.uniform(-params.intensity_fraction, params.intensity_fraction) * span).astype(image_hwc.dtype)
+        _rows(image_hwc)[...] += _tiled(rng.uniform(-params.intensity_fraction, params.intensity_fraction) * span, image_hwc)
     if params.blur_max_sigma > 0:
         image_hwc = _blur(image_hwc, rng, params.blur_max_sigma)
     if params.noise_fraction > 0:

@@ -606,8 +606,11 @@ class ImageReader:
             if message[0] == "error":
                 self._fail(f"reader worker {w} (pid {self._procs[w].pid}) failed:\n{message[2]}")
             _, mg, slot, n, h, width = message
+            rings = self._rings  # close() from another thread empties the list; this reference stays valid
+            if self._closed or not rings:
+                raise _Closed
             if mg == g:
-                images, masks = _slot_views(self._rings[w], slot, self._plan, n, h, width)
+                images, masks = _slot_views(rings[w], slot, self._plan, n, h, width)
                 batch = np.array(images), masks.astype(np.int32)
             self._consumed[w] += 1
             self._free[w].release()

@@ -1,0 +1,226 @@
+"""Benchmark the ImageReader: samples/s with default augmentation and with augmentation off.
+
+    .venv/bin/python benchmarks/bench_reader.py                       # NIST 256x256 uint16 + 512x512x3
+    .venv/bin/python benchmarks/bench_reader.py --database DB --workers 1 2
+
+Without --database it benchmarks (1) the shared NIST data (100 images 256x256 uint16, single channel),
+built into a temporary train database with build_lmdb.py (tests/lmdb_helpers.py if build_lmdb.py is
+absent), and (2) a synthetic 512x512x3 uint8 database.
+
+For every database it prints:
+* samples/s through the real reader (spawned workers, shared-memory ring, the consumer copying each batch
+  out), per worker count, with default augmentation and with augmentation off. Measured over --seconds
+  after a warm-up that empties the start-up buffer, so the figure is the steady-state production rate;
+* the cost of making one sample on one core (the worker's code, in-process) and a cProfile of it;
+* the transfer cost per sample: the consumer's copy out of shared memory versus pickling the same batch
+  through a multiprocessing pipe (what a plain queue would cost).
+The machine is shared with other work: the load average is printed with every figure; compare ratios
+within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import multiprocessing as mp
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import imagereader  # noqa: E402
+from imagereader import ImageReader  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def build_nist(work: str) -> str | None:
+    images, masks = os.path.join(SHARED, "images"), os.path.join(SHARED, "masks")
+    if not os.path.isdir(images):
+        print(f"shared data absent ({SHARED}); skipped")
+        return None
+    if os.path.exists(os.path.join(ROOT, "build_lmdb.py")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", images, "--mask_folder", masks,
+                        "--output_folder", work, "--dataset_name", "nist", "--train_fraction", "0.8"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return os.path.join(work, "train-nist.lmdb")
+    import image_io
+    from lmdb_helpers import write_database
+
+    names = image_io.list_images(images, "tif")
+    samples = [(image_io.read_image(os.path.join(images, n)), image_io.read_image(os.path.join(masks, n))) for n in names]
+    return write_database(os.path.join(work, "train-nist.lmdb"), samples, tile_size=None)
+
+
+def build_rgb(work: str, count: int = 24) -> str:
+    from lmdb_helpers import write_database
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(count):
+        base = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+        image = np.kron(base, np.ones((8, 8, 1), np.uint8))  # blocky 512x512x3
+        mask = (image[:, :, 0] > 128).astype(np.uint8) + (image[:, :, 1] > 200)
+        samples.append((image, mask.astype(np.uint8)))
+    return write_database(os.path.join(work, "rgb512.lmdb"), samples, tile_size=512)
+
+
+def throughput(database: str, workers: int, augment: bool, batch_size: int, seconds: float, verbose: bool = False) -> float:
+    start = time.perf_counter()
+    with ImageReader(database, batch_size=batch_size, workers=workers, augment=augment, seed=0) as reader:
+        it = iter(reader)
+        next(it)
+        if verbose:
+            print(f"    start-up (spawn {workers} worker(s), imports, LMDB open) to the first batch: "
+                  f"{time.perf_counter() - start:.2f} s")
+        capacity = reader._plan.slots * workers  # batches buffered at start-up
+        for _ in range(3 * capacity):
+            next(it)
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            images, _ = next(it)
+            count += len(images)
+        return count / (time.perf_counter() - start)
+
+
+def make_cost(database: str, augment: bool, batch_size: int, batches: int, profile: bool = False) -> float:
+    """Microseconds per sample of the worker's own code (read, augment, normalize, write the slot), one core."""
+    import cv2
+
+    plan = ImageReader(database, batch_size=batch_size, workers=1, augment=augment)._plan
+    producer = imagereader._Producer(plan, 0, np.zeros(plan.slot_bytes, np.uint8))
+    cv2.setNumThreads(1)
+    producer.fill(0, 0)
+    start = time.perf_counter()
+    for g in range(batches):
+        producer.fill(0, g)
+    cost = (time.perf_counter() - start) / (batches * batch_size) * 1e6
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [producer.fill(0, g) for g in range(batches)])
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(8)
+        lines = [l for l in out.getvalue().splitlines() if l.strip()]
+        first = next(i for i, l in enumerate(lines) if "ncalls" in l)
+        print(f"    profile of making {batches * batch_size} samples (augmentation {'on' if augment else 'off'}, one core):")
+        for line in lines[first : first + 9]:
+            print("      " + line)
+    producer.close()
+    return cost
+
+
+def _cost_in_child(args, results):
+    results.put(make_cost(*args))
+
+
+def parallel_capacity(database: str, batch_size: int, batches: int) -> float:
+    """How much faster two independent processes make samples than one, right now (the machine is shared)."""
+    ctx = mp.get_context("spawn")
+    rates = []
+    for n in (1, 2):
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_cost_in_child, args=((database, True, batch_size, batches), results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        rates.append(sum(1e6 / results.get() for _ in procs))
+        for p in procs:
+            p.join()
+    return rates[1] / rates[0]
+
+
+def _drain(conn, count):
+    for _ in range(count):
+        conn.recv()
+    conn.send("done")
+
+
+def transfer_costs(shape_nhwc: tuple[int, ...], repeats: int = 20) -> tuple[float, float]:
+    """(shared-memory copy-out, pickle through a pipe to another process) microseconds per sample."""
+    n = shape_nhwc[0]
+    images = np.random.default_rng(0).random(shape_nhwc, dtype=np.float32)
+    masks = np.zeros(shape_nhwc[:3], np.uint8)
+    shared = np.frombuffer(mp.RawArray("B", images.nbytes + masks.nbytes), np.uint8)
+    view_i = shared[: images.nbytes].view(np.float32).reshape(shape_nhwc)
+    view_m = shared[images.nbytes :].reshape(shape_nhwc[:3])
+    view_i[...] = images
+    start = time.perf_counter()
+    for _ in range(repeats):
+        np.array(view_i), view_m.astype(np.int32)
+    copy_out = (time.perf_counter() - start) / (repeats * n) * 1e6
+    ctx = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe()
+    child = ctx.Process(target=_drain, args=(receiver, repeats))
+    child.start()
+    sender.send((images[:1], masks[:1]))  # warm the child up (first receive)
+    child_ready = time.perf_counter()
+    start = time.perf_counter()
+    for _ in range(repeats - 1):
+        sender.send((images, masks.astype(np.int32)))
+    sender.recv()
+    piped = (time.perf_counter() - start) / ((repeats - 1) * n) * 1e6
+    child.join()
+    del child_ready
+    return copy_out, piped
+
+
+def bench(label: str, database: str, workers: list[int], batch_size: int, seconds: float) -> None:
+    probe = ImageReader(database, batch_size=batch_size)
+    h, w = probe.crop_hw
+    print(f"\n== {label}: {probe.num_records} records, crop {h}x{w}x{probe.channels} {probe.image_dtype}, "
+          f"batch {batch_size}  ({database})")
+    batches = max(4, int(400 / batch_size * (256 * 256) / (h * w)))
+    for augment in (True, False):
+        cost = make_cost(database, augment, batch_size, batches)
+        print(f"  augmentation {'on ' if augment else 'off'}: making one sample costs {cost:6.0f} us on one core "
+              f"(= {1e6 / cost:5.0f} samples/s/core)  [load {load()}]")
+        first = None
+        for n in workers:
+            rate = throughput(database, n, augment, batch_size, seconds, verbose=augment and n == workers[-1])
+            first = first or rate
+            print(f"    reader, workers {n}: {rate:6.0f} samples/s  (x{rate / first:.2f} of {workers[0]} worker)  [load {load()}]")
+    print(f"  two independent processes make samples x{parallel_capacity(database, batch_size, batches):.2f} as fast as one "
+          f"right now (the parallelism the shared machine offers)  [load {load()}]")
+    make_cost(database, True, batch_size, batches, profile=True)
+    copy_out, piped = transfer_costs((batch_size, h, w, probe.channels))
+    print(f"  transfer per sample: shared-memory copy-out {copy_out:5.0f} us; pickled through a pipe {piped:5.0f} us")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--database", help="benchmark this database only (default: NIST + synthetic 512x512x3)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measurement time per figure")
+    args = parser.parse_args(argv)
+    logging.getLogger("imagereader").setLevel(logging.ERROR)  # starvation is expected: nothing consumes slower
+    print(f"{os.cpu_count()} CPUs; load average (1, 5, 15 min) at start: {load()}")
+    work = tempfile.mkdtemp(prefix="bench_reader_")
+    try:
+        if args.database:
+            bench(os.path.basename(args.database), args.database, args.workers, args.batch_size, args.seconds)
+        else:
+            nist = build_nist(work)
+            if nist:
+                bench("NIST phase contrast 256x256 uint16", nist, args.workers, args.batch_size, args.seconds)
+            bench("synthetic 512x512x3 uint8", build_rgb(work), args.workers, max(1, args.batch_size // 4), args.seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"load average at end: {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
