@@ -3,7 +3,8 @@
 * :func:`tile_starts` / :func:`tile_grid`: the build-time grid (the original's
   behaviour: tiles stride across the image and the last tile in each row and
   column slides inward to end at the border, so every pixel is covered).
-* Inference's zone-of-responsibility tiling (``predict_tiled``) lives here too.
+* :func:`plan_tiles` / :func:`predict_tiled`: inference's zone-of-responsibility
+  tiling (see the section below), equal to whole-image prediction.
 No TensorFlow here.
 """
 from __future__ import annotations
@@ -240,9 +241,10 @@ def predict_tiled(
             Images (after rounding up to the size factor) smaller than a tile
             get one smaller tile.
         halo: context added on every side of a zone, a multiple of ``size_factor``.
-            The result equals whole-image prediction only when ``halo`` is at
-            least the model's receptive-field radius (the farthest input pixel
-            that can change an output pixel); a smaller halo gives seams.
+            The result is guaranteed to equal whole-image prediction when
+            ``halo`` is at least the model's receptive-field radius (the
+            farthest input pixel that can change an output pixel); with less,
+            pixels near zone borders can differ (seams).
         size_factor: model inputs must have H and W multiples of this; tile
             origins are aligned to it so pooling grids agree with the whole image.
         batch_size: tiles per ``predict_fn`` call.

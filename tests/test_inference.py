@@ -1,0 +1,401 @@
+"""inference_unet.py: SavedModels through the CLI -- tiled == untiled, out-of-core, restart, faults, shards.
+
+Models are the tiny SavedModels of tests/savedmodel_helpers.py, exported once per session.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tifffile
+
+import image_io
+import inference_unet as inf
+import metrics
+import tiling
+from conftest import ROOT
+from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
+                                export_keras, export_pointwise, tiny_unet_radius)
+
+CHAIN = [("conv", 3), ("pool", 2), ("conv", 3), ("pool", 2), ("conv", 3), ("up", 2), ("conv", 3), ("up", 2),
+         ("conv", 3)]
+SIZES = [(37, 50), (64, 64), (130, 75), (20, 300)]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("savedmodels")
+    return {
+        "pointwise": export_pointwise(str(root / "pointwise"), channels=1, number_classes=2, size_factor=8),
+        "chain": export_chain(str(root / "chain"), CHAIN),
+        "unet": export_keras(str(root / "unet"), build_tiny_unet(1, 3, seed=1), size_factor=TINY_UNET_SIZE_FACTOR,
+                             radius=tiny_unet_radius()),
+    }
+
+
+def _write_images(folder, sizes=SIZES, channels=1, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[:h, :w]
+        image = 2000 + 800 * np.sin(yy / 5.0) * np.cos(xx / 7.0) + rng.normal(0, 100, (h, w))
+        image = np.repeat(image[..., None], channels, axis=2) if channels > 1 else image
+        name = f"img{i}.tif"
+        tifffile.imwrite(os.path.join(folder, name), image.astype(np.uint16))
+        names.append(name)
+    return names
+
+
+def _run(model, images, out, *extra):
+    return inf.main(["--saved_model_filepath", model, "--image_folder", str(images), "--output_folder", str(out),
+                     *map(str, extra)])
+
+
+def _near_tie(probs, tie=1e-4):
+    top2 = np.sort(probs, axis=-1)[..., -2:]
+    return (top2[..., 1] - top2[..., 0]) < tie
+
+
+# --- tiled == untiled through the CLI ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["pointwise", "chain", "unet"])
+def test_cli_tiled_equals_untiled(models, tmp_path, model):
+    names = _write_images(tmp_path / "images")
+    common = ["--save_probabilities", "1"]
+    assert _run(models[model], tmp_path / "images", tmp_path / "tiled", "--tile_size", 16, "--batch_size", 3, *common) == 0
+    assert _run(models[model], tmp_path / "images", tmp_path / "whole", "--tile_size", 4096, *common) == 0
+    for name in names:
+        tiled = tifffile.imread(tmp_path / "tiled" / name)
+        whole = tifffile.imread(tmp_path / "whole" / name)
+        p_tiled = tifffile.imread(tmp_path / "tiled" / "probabilities" / name)
+        p_whole = tifffile.imread(tmp_path / "whole" / "probabilities" / name)
+        assert tiled.dtype == np.uint8 and tiled.shape == p_tiled.shape[:2] == tifffile.imread(tmp_path / "images" / name).shape
+        if model == "pointwise":  # radius 0: bit for bit
+            assert np.array_equal(p_tiled, p_whole) and np.array_equal(tiled, whole)
+        else:
+            np.testing.assert_allclose(p_tiled, p_whole, atol=2e-5)
+            ties = _near_tie(p_whole)
+            assert np.array_equal(tiled[~ties], whole[~ties])
+
+
+def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path):
+    """The CLI's untiled result is the model applied to the mirror-extended, whole-image-normalized image."""
+    names = _write_images(tmp_path / "images", sizes=[(45, 61)])
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--save_probabilities", 1) == 0
+    image = tifffile.imread(tmp_path / "images" / names[0])[..., None]
+    mean, std = image_io.image_stats(image)
+    halo = 16  # chain radius 13, rounded up to the size factor 4
+    assert chain_radius(CHAIN) == 13
+    padded = image_io.mirror_pad(image_io.normalize(image, mean, std), (halo, halo + 3), (halo, halo + 3))
+    expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "out" / "probabilities" / names[0]), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("size", [(9, 13), (100, 37), (64, 64)])
+def test_unet_predict_fn_tiled_equals_untiled(models, size):
+    """Many tile sizes and halos >= the radius, the SavedModel's forward pass called directly."""
+    predict = inf.SavedModelPredictor(models["unet"])
+    image = np.random.default_rng(3).normal(size=size + (1,)).astype(np.float32)
+    halo = -(-tiny_unet_radius() // 4) * 4
+    untiled = tiling.predict_tiled(image, predict, 256, halo, 4)
+    ties = _near_tie(untiled)
+    for tile, extra in [(4, 0), (8, 4), (16, 0), (32, 8)]:
+        tiled = tiling.predict_tiled(image, predict, tile, halo + extra, 4, batch_size=4)
+        np.testing.assert_allclose(tiled, untiled, atol=2e-5)
+        assert np.array_equal(tiled.argmax(-1)[~ties], untiled.argmax(-1)[~ties])
+
+
+def test_tta_is_exact_for_an_equivariant_model_and_tiles_exactly(models):
+    image = np.random.default_rng(4).normal(size=(40, 52, 1)).astype(np.float32)
+    pointwise = inf.SavedModelPredictor(models["pointwise"])
+    plain = tiling.predict_tiled(image, pointwise, 64, 0, 8)
+    np.testing.assert_allclose(tiling.predict_tiled(image, inf.with_tta(pointwise), 16, 0, 8), plain, atol=1e-6)
+    chain = inf.with_tta(inf.SavedModelPredictor(models["chain"]))
+    untiled = tiling.predict_tiled(image, chain, 64, 16, 4)
+    np.testing.assert_allclose(tiling.predict_tiled(image, chain, 8, 16, 4, batch_size=2), untiled, atol=2e-5)
+    without = tiling.predict_tiled(image, inf.SavedModelPredictor(models["chain"]), 64, 16, 4)
+    assert np.abs(untiled - without).max() > 1e-3  # the chain is not flip-invariant: TTA did something
+
+
+def test_tiny_trained_unet_same_masks_tiled_and_untiled(tmp_path):
+    """Train a tiny UNet a few steps on generated blobs, export it, segment tiled and untiled."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    images, masks = [], []
+    for _ in range(32):
+        cy, cx, r = rng.uniform(8, 24, 2).tolist() + [rng.uniform(4, 9)]
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(np.int32)
+        image = (mask * 1.5 + rng.normal(0, 0.5, (32, 32)))[..., None]
+        images.append(image_io.normalize(image, *image_io.image_stats(image)))  # as inference will
+        masks.append(mask)
+    model = build_tiny_unet(1, 2, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    history = model.fit(np.array(images), np.array(masks), batch_size=8, epochs=6, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    saved = export_keras(str(tmp_path / "trained"), model, size_factor=TINY_UNET_SIZE_FACTOR, radius=tiny_unet_radius())
+    # a larger test image with many blobs
+    big = np.zeros((150, 170))
+    for _ in range(25):
+        cy, cx, r = rng.uniform(0, 150), rng.uniform(0, 170), rng.uniform(4, 9)
+        big[(np.mgrid[:150, :170][0] - cy) ** 2 + (np.mgrid[:150, :170][1] - cx) ** 2 < r**2] = 1
+    os.makedirs(tmp_path / "images")
+    tifffile.imwrite(tmp_path / "images" / "blobs.tif", (1000 + 300 * big + rng.normal(0, 100, big.shape)).astype(np.uint16))
+    assert _run(saved, tmp_path / "images", tmp_path / "tiled", "--tile_size", 32, "--save_probabilities", 1) == 0
+    assert _run(saved, tmp_path / "images", tmp_path / "whole", "--tile_size", 1024) == 0
+    tiled = tifffile.imread(tmp_path / "tiled" / "blobs.tif")
+    whole = tifffile.imread(tmp_path / "whole" / "blobs.tif")
+    ties = _near_tie(tifffile.imread(tmp_path / "tiled" / "probabilities" / "blobs.tif"))
+    assert np.array_equal(tiled[~ties], whole[~ties])
+    assert ties.mean() < 0.01
+    assert metrics.scores(metrics.confusion_matrix(big, whole, 2))["iou"][1] > 0.5  # it did learn the blobs
+
+
+# --- out of core ------------------------------------------------------------------------------
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import inference_unet
+    model, small, big, out = sys.argv[2:6]
+
+    def status_kb(key):
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(key))
+
+    def run(folder, limit_mb):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        before = status_kb("VmRSS:")
+        code = inference_unet.main(["--saved_model_filepath", model, "--image_folder", big, "--output_folder", folder,
+                                    "--memory_limit_mb", limit_mb, "--tile_size", "512"])
+        return {"code": code, "grew_kb": status_kb("VmHWM:") - before}
+
+    # warm up: TensorFlow, the model and both paths' libraries loaded (a small image in memory and out of core)
+    for limit in ("100000", "0.001"):
+        assert inference_unet.main(["--saved_model_filepath", model, "--image_folder", small, "--output_folder",
+                                    out + "-warm" + limit, "--memory_limit_mb", limit]) == 0
+    print(json.dumps({"out_of_core": run(out, "64"), "in_memory": run(out + "-mem", "100000")}))
+""")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_out_of_core_6000x6000_bounded_memory(models, tmp_path):
+    height = width = 6000
+    os.makedirs(tmp_path / "big")
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    xx = np.arange(width, dtype=np.float32)[None, :]
+    image = (30000 + 20000 * np.sin(yy / 97.0) * np.cos(xx / 131.0)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big" / "big.tif", image, tile=(512, 512), compression="zlib")
+    _write_images(tmp_path / "small", sizes=[(64, 64)])
+    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ROOT, models["pointwise"], str(tmp_path / "small"),
+                             str(tmp_path / "big"), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["out_of_core"]["code"] == 0 and figures["in_memory"]["code"] == 0
+    assert "out of core" in result.stderr and "in memory" in result.stderr
+    working_set = inf.working_set_bytes(height, width, 1, 2)  # 432 MB of float32 image + probabilities
+    ooc, mem = (figures[k]["grew_kb"] * 1024 for k in ("out_of_core", "in_memory"))
+    message = f"peak RSS grew {ooc / 2**20:.0f} MB out of core, {mem / 2**20:.0f} MB in memory"
+    assert ooc < working_set / 3 and ooc < mem / 2, message
+    with tifffile.TiffFile(tmp_path / "out" / "big.tif") as tif:
+        assert tif.is_bigtiff and tif.pages[0].is_tiled and tif.pages[0].compression == 8  # zlib
+        mask = tif.asarray()
+    assert np.array_equal(mask, tifffile.imread(tmp_path / "out-mem" / "big.tif"))
+    mean, std = image_io.image_stats(image[..., None])
+    # the pointwise model's class 1 is "brighter than the whole image's mean"
+    expected = image_io.normalize(image[..., None], mean, std)[..., 0] > 0
+    assert mask.shape == (height, width) and np.array_equal(mask.astype(bool), expected)
+
+
+def test_lazy_view_layout_matches_to_hwc():
+    for shape in [(5, 7), (5, 7, 3), (3, 5, 7), (1, 5, 7), (5, 7, 1), (1, 1, 5, 7), (2, 5, 7), (6, 5, 7)]:
+        array = np.arange(np.prod(shape)).reshape(shape)
+        view = inf.LazyHWC(array, "x.tif")
+        expected = image_io.to_hwc(array)
+        assert view.shape == expected.shape, shape
+        assert np.array_equal(view[1:4, 2:6], expected[1:4, 2:6]) and np.array_equal(view[::2, ::3], expected[::2, ::3])
+
+
+@pytest.mark.parametrize("output_format", ["tif", "zarr"])
+def test_out_of_core_writers_equal_in_memory(models, tmp_path, output_format):
+    names = _write_images(tmp_path / "images", sizes=[(70, 90)], channels=1)
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "mem", "--tile_size", 16, "--save_probabilities", 1,
+                "--probability_dtype", "uint8") == 0
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "ooc", "--tile_size", 16, "--save_probabilities", 1,
+                "--probability_dtype", "uint8", "--memory_limit_mb", 0.001, "--output_format", output_format) == 0
+    mem = tifffile.imread(tmp_path / "mem" / names[0])
+    probs = tifffile.imread(tmp_path / "mem" / "probabilities" / names[0])
+    assert probs.dtype == np.uint8 and probs.shape == (70, 90, 2)
+    view, close = inf.open_any(str(tmp_path / "ooc" / (names[0] if output_format == "tif" else "img0.zarr")))
+    ooc_probs, close_p = inf.open_any(str(tmp_path / "ooc" / "probabilities" / ("img0." + output_format)))
+    try:
+        assert np.array_equal(view[:, :][..., 0], mem)
+        assert np.array_equal(ooc_probs[:, :], probs)
+    finally:
+        close()
+        close_p()
+
+
+# --- restart, faults, shards --------------------------------------------------------------------
+
+
+def test_restart_skips_finished_outputs(models, tmp_path):
+    names = _write_images(tmp_path / "images")
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "out", "--overlay", 1) == 0
+    paths = [tmp_path / "out" / n for n in names] + [tmp_path / "out" / "overlays" / (n[:-4] + ".png") for n in names]
+    stamps = {p: os.stat(p).st_mtime_ns for p in paths}
+    os.remove(paths[1])  # as if the job died before this image
+    summary = inf.segment_folder(saved_model_filepath=models["pointwise"], image_folder=str(tmp_path / "images"),
+                                 output_folder=str(tmp_path / "out"), overlay=True)
+    assert summary.segmented == [names[1]] and sorted(summary.skipped) == sorted(set(names) - {names[1]})
+    assert all(os.stat(p).st_mtime_ns == stamps[p] for p in paths if p != paths[1])
+    summary = inf.segment_folder(saved_model_filepath=models["pointwise"], image_folder=str(tmp_path / "images"),
+                                 output_folder=str(tmp_path / "out"), overwrite=True)
+    assert sorted(summary.segmented) == sorted(names)
+    assert all(os.stat(tmp_path / "out" / n).st_mtime_ns != stamps[tmp_path / "out" / n] for n in names if n != names[1])
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no temporaries left
+
+
+def test_corrupt_and_wrong_channel_images_are_reported_and_skipped(models, tmp_path, caplog):
+    names = _write_images(tmp_path / "images", sizes=[(40, 40), (50, 30)])
+    (tmp_path / "images" / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+    tifffile.imwrite(tmp_path / "images" / "rgb.tif", np.zeros((20, 20, 3), np.uint16))
+    code = _run(models["pointwise"], tmp_path / "images", tmp_path / "out")
+    assert code == inf.EXIT_IMAGES_FAILED
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(names)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len([m for m in errors if m.startswith("broken.tif")]) == 1
+    assert any(m.startswith("rgb.tif") and "3 channel(s)" in m for m in errors)
+    assert all("\n" not in m for m in errors)
+    assert "2 segmented" in errors[-1] and "2 failed" in errors[-1]
+
+
+def test_shards_split_a_folder_without_overlap_or_gaps(models, tmp_path, monkeypatch):
+    names = _write_images(tmp_path / "images", sizes=[(16 + i, 20) for i in range(7)])
+    done = []
+    for index in range(3):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(10 + index))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+        summary = inf.segment_folder(saved_model_filepath=models["pointwise"], image_folder=str(tmp_path / "images"),
+                                     output_folder=str(tmp_path / "out"))
+        assert summary.skipped == [] and summary.failed == []
+        done.append(summary.segmented)
+    assert sorted(sum(done, [])) == sorted(names)  # each image exactly once
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(names)
+
+
+@pytest.mark.parametrize("index,count", [(0, 1), (0, 4), (3, 4), (2, 5)])
+def test_shard_names_partition(index, count):
+    names = [f"{i:03d}.tif" for i in range(23)]
+    parts = [inf.shard_names(names, i, count) for i in range(count)]
+    assert sorted(sum(parts, [])) == names
+    assert inf.shard_names(names, index, count) == parts[index]
+
+
+def test_resolve_shard_from_slurm_environment():
+    env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2",
+           "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert inf.resolve_shard(None, None, env) == (3, 4)
+    assert inf.resolve_shard(1, 2, env) == (1, 2)
+    assert inf.resolve_shard(None, None, {}) == (0, 1)
+    with pytest.raises(inf.InputError, match="shard index 4"):
+        inf.resolve_shard(4, 4, {})
+
+
+# --- outputs: metrics, overlay, names -------------------------------------------------------------
+
+
+def test_metrics_csv_matches_metrics_module(models, tmp_path):
+    names = _write_images(tmp_path / "images", sizes=[(30, 40), (25, 25), (12, 60)])
+    os.makedirs(tmp_path / "truth")
+    rng = np.random.default_rng(5)
+    truths = {}
+    for name in names[:2]:  # the third image has no ground truth: warned, not scored
+        image = tifffile.imread(tmp_path / "images" / name)
+        truths[name] = (rng.random(image.shape) < 0.5).astype(np.uint8)
+        # a PNG mask pairs with a TIFF image by stem
+        import imageio.v3 as iio
+
+        iio.imwrite(tmp_path / "truth" / (name[:-4] + ".png"), truths[name])
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "out", "--mask_folder", tmp_path / "truth") == 0
+    lines = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:4] == ["image", "pixel_accuracy", "mean_iou", "mean_dice"] and "dice_1" in header
+    rows = {line.split(",")[0]: dict(zip(header, line.split(","))) for line in lines[1:]}
+    assert sorted(rows) == sorted(names[:2] + ["ALL"])
+    total = np.zeros((2, 2), np.int64)
+    for name, truth in truths.items():
+        cm = metrics.confusion_matrix(truth, tifffile.imread(tmp_path / "out" / name), 2)
+        total += cm
+        assert float(rows[name]["mean_iou"]) == pytest.approx(metrics.scores(cm)["mean_iou"])
+    assert float(rows["ALL"]["pixel_accuracy"]) == pytest.approx(metrics.scores(total)["pixel_accuracy"])
+
+
+def test_overlay_png_and_lossy_input_gets_png_mask(models, tmp_path):
+    import imageio.v3 as iio
+
+    os.makedirs(tmp_path / "images")
+    image = (np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "images" / "photo.jpg", image)
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "out", "--image_format", "jpg", "--overlay", 1) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["overlays", "photo.png"]
+    overlay = iio.imread(tmp_path / "out" / "overlays" / "photo.png")
+    assert overlay.shape == (40, 30, 3) and overlay.dtype == np.uint8
+    mask = iio.imread(tmp_path / "out" / "photo.png")
+    assert set(np.unique(mask)) <= {0, 1}
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--halo", "wide"], "--halo must be"),
+    (["--tile_size", "0"], "--tile_size must be"),
+    (["--batch_size", "0"], "--batch_size must be"),
+    (["--shard_index", "3", "--shard_count", "2"], "shard index 3"),
+    (["--image_format", "png"], "no \\*.png images"),
+])
+def test_bad_input_exits_2_and_writes_nothing(models, tmp_path, capsys, extra, match):
+    _write_images(tmp_path / "images", sizes=[(20, 20)])
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_and_same_folder_exit_2(models, tmp_path, capsys):
+    _write_images(tmp_path / "images", sizes=[(20, 20)])
+    assert _run(str(tmp_path), tmp_path / "images", tmp_path / "out") == 2
+    assert "not a SavedModel folder" in capsys.readouterr().err
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "images") == 2
+    assert "masks would replace the images" in capsys.readouterr().err
+
+
+def test_halo_and_tile_size_resolution():
+    meta = {"size_factor": 16, "receptive_field_radius": 92, "effective_receptive_field_radius": 40}
+    assert inf.resolve_halo("exact", meta) == 96
+    assert inf.resolve_halo("erf", meta) == 48
+    assert inf.resolve_halo("5", meta) == 16
+    assert inf.resolve_halo(None, dict(meta, size_factor=1)) == 92
+    assert inf.resolve_tile_size(1000, 32) == 1024 and inf.resolve_tile_size(100, 8) == 112
+
+
+def test_cli_does_not_import_tensorflow_for_bad_input_or_finished_work(models, tmp_path):
+    _write_images(tmp_path / "images", sizes=[(20, 20)])
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "out") == 0
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {ROOT!r})
+        import inference_unet
+        assert inference_unet.main(["--saved_model_filepath", {models['pointwise']!r}, "--image_folder",
+                                    {str(tmp_path / 'images')!r}, "--output_folder", {str(tmp_path / 'out')!r}]) == 0
+        assert inference_unet.main(["--saved_model_filepath", "nowhere", "--image_folder", "x", "--output_folder", "y"]) == 2
+        print("tensorflow" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
