@@ -39,6 +39,7 @@ One consumer at a time: iterate the reader (or its dataset) from one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -371,6 +372,28 @@ def _shutdown(procs, stop, conns, timeout: float = JOIN_SECONDS) -> None:
         conn.close()
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Hide ``__main__``'s file and spec while spawning workers.
+
+    A spawned child normally re-runs the parent's main script (as ``__mp_main__``) before it starts.
+    The workers need nothing from it, and re-running it costs start-up time, could import TensorFlow
+    in every worker, and fails for scripts without an ``if __name__ == "__main__":`` guard.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def _record_shapes(path: str, count: int) -> np.ndarray:
     """(count, 2) heights and widths of a database's records (headers only; no pixel data is read)."""
     env = lmdb_format.open_readonly(path)
@@ -553,7 +576,8 @@ class ImageReader:
             self._conns.append(receiver)
             self._free.append(free)
             self._rings.append(np.frombuffer(ring, np.uint8))
-            proc.start()
+            with _main_module_hidden():
+                proc.start()
             sender.close()
 
     def close(self) -> None:

@@ -306,6 +306,26 @@ def test_ctrl_c_during_iteration_exits_cleanly(dbs, tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
+def test_workers_do_not_rerun_the_main_script(dbs, tmp_path):
+    """Spawned workers would normally re-run the parent's script: slow, maybe importing TensorFlow, and an
+    error for scripts without an ``if __name__ == "__main__":`` guard. This script has no guard."""
+    log = tmp_path / "top_level.log"
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        with open({str(log)!r}, "a") as fh:
+            fh.write("ran\\n")
+        import imagereader
+        with imagereader.ImageReader({dbs["ids"]!r}, batch_size=2, workers=2) as reader:
+            print(next(iter(reader))[0].shape)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(2, 16, 16, 1)"
+    assert log.read_text() == "ran\n"
+
+
 # ---- tf.data -------------------------------------------------------------------------------------------
 
 def test_dataset_has_an_explicit_signature_and_the_same_batches(dbs):
