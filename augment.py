@@ -122,8 +122,9 @@ class Geometry:
     def is_identity(self) -> bool:
         return self.displacement is None and np.array_equal(self.linear, np.eye(2)) and not np.any(self.shift)
 
+    @functools.cached_property  # a frozen dataclass still has an instance __dict__ for the cache
     def extent(self) -> tuple[float, float, float, float]:
-        """(y_min, y_max, x_min, x_max) of the sampled input positions, relative to ``c_in``."""
+        """(y_min, y_max, x_min, x_max) of the sampled input positions, relative to ``c_in`` (cached)."""
         h, w = self.out_hw
         half_x, half_y = (w - 1) / 2, (h - 1) / 2
         corners = np.array([[-half_x, -half_x, half_x, half_x], [-half_y, half_y, -half_y, half_y]])
@@ -196,7 +197,7 @@ def choose_origin(rng: np.random.Generator, record_hw: tuple[int, int], geometry
     """Top-left (y, x) of the crop in the record, uniform among placements where the warp samples only
     real data; when the record is too small for that (per axis), uniform among placements where the
     untransformed crop lies inside the record (or the record inside the crop)."""
-    y_min, y_max, x_min, x_max = geometry.extent()
+    y_min, y_max, x_min, x_max = geometry.extent
     oy = _pick_axis(rng, record_hw[0], geometry.out_hw[0], y_min, y_max)
     ox = _pick_axis(rng, record_hw[1], geometry.out_hw[1], x_min, x_max)
     return oy, ox
@@ -259,7 +260,7 @@ def warp(image_hwc: np.ndarray, mask_hw: np.ndarray, geometry: Geometry, origin_
         return image, np.array(_crop_region(mask_hw, oy, oy + h, ox, ox + w))
     rec_h, rec_w = image_hwc.shape[:2]
     cy, cx = oy + (h - 1) / 2, ox + (w - 1) / 2
-    y_min, y_max, x_min, x_max = geometry.extent()
+    y_min, y_max, x_min, x_max = geometry.extent
     # The sampled bounding box plus one pixel for interpolation, clipped to the record: a clipped side is
     # a record border, so OpenCV's reflection there IS mirror padding of the record.
     y0, y1 = _clip_span(math.floor(cy + y_min) - 1, math.ceil(cy + y_max) + 2, rec_h)
@@ -338,8 +339,11 @@ def _noise_inplace(image, rng, fraction, span):
     sigma = rng.uniform(0.0, fraction) * span  # per channel
     noise = np.empty(_rows(image).shape, image.dtype)
     cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
-    cv2.randn(noise, 0.0, 1.0)
-    noise *= _tiled(sigma, image)
+    if sigma.size == 1:
+        cv2.randn(noise, 0.0, float(sigma[0]))
+    else:
+        cv2.randn(noise, 0.0, 1.0)
+        noise *= _tiled(sigma, image)
     _rows(image)[...] += noise
 
 
