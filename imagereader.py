@@ -271,8 +271,8 @@ class _Producer:
         for i, index in enumerate(indices):
             record, mean, std = self.record(int(index))
             if plan.mode == "train":
-                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, (h, w),
-                                                  plan.params or augmentation.AugmentParams.none())
+                params = plan.params or augmentation.AugmentParams.none()
+                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, (h, w), params)
             else:
                 image, mask = _eval_crop(record.image_hwc, h, w), _eval_crop(record.mask_hw, h, w)
             images[i] = image_io.normalize(image, mean, std)

@@ -61,27 +61,22 @@ def take(reader, count):
     return [next(it) for _ in range(count)]
 
 
-def worker_children():
-    """Live (non-zombie) child processes except multiprocessing's resource tracker (one per interpreter)."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+def live(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def assert_all_ended(pids):
-    assert multiprocessing.active_children() == []
+    """The reader's workers are gone: not in multiprocessing's children, not in the OS process list."""
+    assert len(pids) > 0
+    assert not {p.pid for p in multiprocessing.active_children()} & set(pids)
     deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                              for p in pids):
+    while time.monotonic() < deadline and any(live(p) for p in pids):
         time.sleep(0.05)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == []
-    assert worker_children() == []
+    assert not any(live(p) for p in pids)
+    assert not {c.pid for c in psutil.Process().children(recursive=True) if live(c.pid)} & set(pids)
 
 
 # ---- construction: no processes ---------------------------------------------------------------------
@@ -301,9 +296,9 @@ def test_ctrl_c_during_iteration_exits_cleanly(dbs, tmp_path):
     assert proc.returncode == 130 and "interrupted" in out
     assert "Traceback" not in err, err
     deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+    while time.monotonic() < deadline and any(live(p) for p in pids):
         time.sleep(0.05)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert not any(live(p) for p in pids)
 
 
 def test_workers_do_not_rerun_the_main_script(dbs, tmp_path):
