@@ -14,8 +14,11 @@ For every database it prints:
 * the cost of making one sample on one core (the worker's code, in-process) and a cProfile of it;
 * the transfer cost per sample: the consumer's copy out of shared memory versus pickling the same batch
   through a multiprocessing pipe (what a plain queue would cost).
-The machine is shared with other work: the load average is printed with every figure; compare ratios
-within one run.
+The machine is shared with other work: the load average is printed with every figure, and so are the
+CPU cores the workers actually got. Linux schedules per session (autogroup) when
+/proc/sys/kernel/sched_autogroup_enabled is 1: while other sessions are busy, ALL of this benchmark's
+processes share one session's slice, so 2 workers cannot get more CPU than 1 -- the "two independent
+processes" line shows what parallelism the machine offers at that moment. Compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -78,7 +81,11 @@ def build_rgb(work: str, count: int = 24) -> str:
     return write_database(os.path.join(work, "rgb512.lmdb"), samples, tile_size=512)
 
 
-def throughput(database: str, workers: int, augment: bool, batch_size: int, seconds: float, verbose: bool = False) -> float:
+def throughput(database: str, workers: int, augment: bool, batch_size: int, seconds: float,
+               verbose: bool = False) -> tuple[float, float, float]:
+    """(samples/s, CPU cores the workers got, CPU cores the consumer used) in the steady state."""
+    import psutil
+
     start = time.perf_counter()
     with ImageReader(database, batch_size=batch_size, workers=workers, augment=augment, seed=0) as reader:
         it = iter(reader)
@@ -86,14 +93,17 @@ def throughput(database: str, workers: int, augment: bool, batch_size: int, seco
         if verbose:
             print(f"    start-up (spawn {workers} worker(s), imports, LMDB open) to the first batch: "
                   f"{time.perf_counter() - start:.2f} s")
-        capacity = reader._plan.slots * workers  # batches buffered at start-up
-        for _ in range(3 * capacity):
+        for _ in range(3 * reader._plan.slots * workers):  # drain the start-up buffer
             next(it)
+        procs, me = [psutil.Process(p) for p in reader.worker_pids], psutil.Process()
+        cpu = lambda ps: sum(sum(p.cpu_times()[:2]) for p in ps)  # noqa: E731
+        worker_cpu, consumer_cpu = cpu(procs), cpu([me])
         start, count = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             images, _ = next(it)
             count += len(images)
-        return count / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return count / elapsed, (cpu(procs) - worker_cpu) / elapsed, (cpu([me]) - consumer_cpu) / elapsed
 
 
 def make_cost(database: str, augment: bool, batch_size: int, batches: int, profile: bool = False) -> float:
@@ -188,9 +198,11 @@ def bench(label: str, database: str, workers: list[int], batch_size: int, second
               f"(= {1e6 / cost:5.0f} samples/s/core)  [load {load()}]")
         first = None
         for n in workers:
-            rate = throughput(database, n, augment, batch_size, seconds, verbose=augment and n == workers[-1])
+            rate, cores, consumer = throughput(database, n, augment, batch_size, seconds, verbose=augment and n == workers[-1])
             first = first or rate
-            print(f"    reader, workers {n}: {rate:6.0f} samples/s  (x{rate / first:.2f} of {workers[0]} worker)  [load {load()}]")
+            print(f"    reader, workers {n}: {rate:6.0f} samples/s  (x{rate / first:.2f} of {workers[0]} worker); "
+                  f"workers got {cores:.2f} cores ({cores / rate * 1e6:4.0f} us CPU/sample), consumer {consumer:.2f} cores"
+                  f"  [load {load()}]")
     print(f"  two independent processes make samples x{parallel_capacity(database, batch_size, batches):.2f} as fast as one "
           f"right now (the parallelism the shared machine offers)  [load {load()}]")
     make_cost(database, True, batch_size, batches, profile=True)
