@@ -82,6 +82,7 @@ LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 PROBABILITY_DTYPES = ("float32", "uint8")
 OUTPUT_FORMATS = ("tif", "zarr")
 TILE_PROGRESS_MIN_TILES = 16
+MAX_BLOCK_BYTES = 256 * 2**20  # out-of-core reads need a TIFF stored in tiles or strips smaller than this
 
 
 # --- settings: resolved and validated before TensorFlow loads ---------------------------
@@ -397,7 +398,11 @@ def open_source(path: str, settings: Settings) -> Source:
             close()
             raise
         if working_set_bytes(view.shape[0], view.shape[1], channels, classes) > settings.working_set_limit:
-            return Source(view, True, close)
+            block = _block_bytes(view)
+            if block <= MAX_BLOCK_BYTES:
+                return Source(view, True, close)
+            log.warning("%s: stored in compressed blocks of %d MB, so every region read would decode a whole block; "
+                        "reading it whole instead (save it as a tiled TIFF for out-of-core inference)", path, block >> 20)
         close()
     image = image_io.to_hwc(image_io.read_image(path))
     _check_image(image, path, channels)
@@ -405,6 +410,12 @@ def open_source(path: str, settings: Settings) -> Source:
         log.warning("%s: larger than the memory limit, but only TIFF images can be read region by region; "
                     "reading it whole", path)
     return Source(image, False, lambda: None)
+
+
+def _block_bytes(view: LazyHWC) -> int:
+    """Bytes one on-disk chunk decodes to (0 when memory-mapped)."""
+    chunks = getattr(view._array, "chunks", None)
+    return int(np.prod(chunks)) * view.dtype.itemsize if chunks else 0
 
 
 def _check_image(image: Any, path: str, channels: int) -> None:
@@ -865,11 +876,13 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
     summary.seconds[name] = time.perf_counter() - start
 
 
-def segment_folder(**kwargs: Any) -> Summary:
+def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any) -> Summary:
     """Segment this shard's images of a folder; keyword arguments as :func:`resolve_settings`.
 
     Per-image faults are collected in the returned summary; bad settings raise InputError
-    before anything is written or TensorFlow is imported.
+    before anything is written or TensorFlow is imported. ``predict_fn``: an already loaded
+    :class:`SavedModelPredictor` of the same SavedModel (benchmarks reuse one; TTA is still
+    applied per ``tta``); by default the model is loaded when the first image needs it.
     """
     settings = resolve_settings(**kwargs)
     index, count = settings.shard
@@ -880,7 +893,7 @@ def segment_folder(**kwargs: Any) -> Summary:
 
     def predict() -> Callable:  # load TensorFlow and the model only if some image needs them
         if not predictor:
-            fn = SavedModelPredictor(settings.saved_model_filepath)
+            fn = predict_fn or SavedModelPredictor(settings.saved_model_filepath)
             predictor.append(with_tta(fn) if settings.tta else fn)
         return predictor[0]
 

@@ -1,0 +1,233 @@
+"""Inference benchmark: is the time spent in the model, and does memory stay bounded out of core?
+
+    python benchmarks/bench_inference.py [--size 4096] [--big_size 20000] [--tile_size 1024]
+                                         [--batch_size 1] [--skip_big] [--work_dir bench_output/inference]
+
+Model: the default UNet (``models.build_model("unet", 1, 2)``, random weights) + softmax, exported
+as a SavedModel per the contract in ``model_metadata`` (halo = its theoretical receptive-field
+radius, rounded up to the size factor, as inference uses by default).
+
+Part A (in memory): one ``--size`` squared uint16 single-channel image through
+``inference_unet.segment_folder`` (whole-image statistics, tile reading and normalization in the
+prefetch thread, forward passes, stitching, compressed TIFF write) -- "end-to-end seconds" -- and,
+in the same process, the seconds the forward pass alone needs for the same tiles (same tile shape
+and batches, tiles prepared beforehand). Their ratio is the overhead around the model (target
+<= 1.25). The two are measured alternately, twice, and the faster of each is used.
+
+Part B (out of core): a ``--big_size`` squared uint16 image written to disk tile by tile
+(zlib-compressed tiled BigTIFF; generation holds one row of tiles), segmented by the CLI with its
+default memory limit: peak RSS (target < 2 GB) and megapixels/s.
+
+Each part runs in its own subprocess, so each peak RSS (VmHWM) is that part's alone. The machine
+is shared and noisy: the load average is printed; trust the ratio (measured within one run) over
+absolute seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def export_default_unet(path: str) -> str:
+    """The registry's default UNet with random weights, softmax on top, exported per the contract."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    import tensorflow as tf
+
+    import model_metadata
+    import models
+
+    name, config = "unet", models.model_config("unet")
+    model = models.build_model(name, 1, 2, **config)
+    module = tf.Module()
+    module.model = model
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="images")])
+    def serve(images):
+        return {"probabilities": tf.nn.softmax(model(images, training=False), axis=-1)}
+
+    module.serve = serve
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})
+    radius = models.receptive_field_radius(name, **config)
+    meta = {
+        "format": model_metadata.FORMAT, "format_version": model_metadata.FORMAT_VERSION, "model": name,
+        "model_config": config, "channels": 1, "number_classes": 2, "image_dtype": "uint16",
+        "normalization": {"method": "zscore_per_channel_whole_image", "epsilon": 1e-6},
+        "size_factor": models.size_factor(name, **config), "receptive_field_radius": radius,
+        "effective_receptive_field_radius": radius, "training_tile_size": [512, 512], "final_metrics": {},
+        "signature": dict(model_metadata.SIGNATURE),
+    }
+    with open(model_metadata.metadata_path(path), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1)
+    return path
+
+
+def synthetic_tile(y0: int, x0: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint16 cells-on-background texture for rows y0.. and columns x0.. (same pixels however it is cut)."""
+    yy = np.arange(y0, y0 + height, dtype=np.float32)[:, None]
+    xx = np.arange(x0, x0 + width, dtype=np.float32)[None, :]
+    cells = np.sin(yy / 9.0 + 0.3 * np.sin(xx / 23.0)) * np.cos(xx / 11.0 + 0.2 * np.cos(yy / 17.0))
+    noise = np.random.default_rng([seed, y0, x0]).normal(0, 60, (height, width))
+    return np.clip(8000 + 3000 * (cells > 0.4) + 500 * cells + noise, 0, 65535).astype(np.uint16)
+
+
+def write_big_tiff(path: str, size: int, tile: int = 512) -> float:
+    """Write a size x size uint16 tiled BigTIFF tile by tile; returns seconds."""
+    import tifffile
+
+    start = time.perf_counter()
+    tiles = (synthetic_tile(y, x, min(tile, size - y), min(tile, size - x))
+             for y in range(0, size, tile) for x in range(0, size, tile))
+    tmp = path + ".partial"
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        tif.write(tiles, shape=(size, size), dtype=np.uint16, tile=(tile, tile), compression="zlib",
+                  compressionargs={"level": 1}, photometric="minisblack", metadata=None)
+    os.replace(tmp, path)
+    return time.perf_counter() - start
+
+
+def part_a(args: argparse.Namespace) -> dict:
+    import tifffile
+
+    import image_io
+    import inference_unet as inf
+    import tiling
+
+    model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
+    folder = os.path.join(args.work_dir, "a_images")
+    os.makedirs(folder, exist_ok=True)
+    image = synthetic_tile(0, 0, args.size, args.size)
+    tifffile.imwrite(os.path.join(folder, "a.tif"), image, compression="zlib")
+    options = dict(saved_model_filepath=model, image_folder=folder, output_folder=os.path.join(args.work_dir, "a_out"),
+                   tile_size=args.tile_size, batch_size=args.batch_size, overwrite=True)
+    settings = inf.resolve_settings(**options)
+    predictor = inf.SavedModelPredictor(model)
+
+    # The same tiles, batches and shapes as inference uses, prepared beforehand.
+    mean, std = image_io.image_stats(image[..., None])
+    plan = tiling.plan_tiles(args.size, args.size, settings.tile_size, settings.halo, settings.size_factor)
+    tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, z), mean, std) for z in plan.zones]
+    batches = [np.stack(tiles[i : i + args.batch_size]) for i in range(0, len(tiles), args.batch_size)]
+    predictor(batches[0])  # warm-up: first call of this shape builds the kernels (both runs below get it warm)
+
+    end_to_end, forward = [], []
+    for _ in range(2):
+        reset_peak_rss()
+        start = time.perf_counter()
+        summary = inf.segment_folder(predict_fn=predictor, **options)
+        end_to_end.append(time.perf_counter() - start)
+        peak = peak_rss_mb()
+        assert summary.segmented == ["a.tif"], summary.line()
+        start = time.perf_counter()
+        for batch in batches:
+            predictor(batch)
+        forward.append(time.perf_counter() - start)
+    megapixels = args.size * args.size / 1e6
+    return {
+        "image": f"{args.size}x{args.size} uint16", "tiles": len(plan.zones),
+        "tile_shape": list(plan.tile_shape), "halo": settings.halo, "batch_size": args.batch_size,
+        "end_to_end_s": end_to_end, "forward_only_s": forward,
+        "ratio": min(end_to_end) / min(forward), "megapixels_per_s": megapixels / min(end_to_end),
+        "peak_rss_mb_during_end_to_end": peak,
+    }
+
+
+def part_b(args: argparse.Namespace) -> dict:
+    import inference_unet as inf
+
+    model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
+    folder = os.path.join(args.work_dir, f"b_images_{args.big_size}")
+    path = os.path.join(folder, "big.tif")
+    generated = None
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        generated = write_big_tiff(path, args.big_size)
+    generation_peak = peak_rss_mb()
+    lines: list[str] = []  # the per-image log line says "out of core" or "in memory"
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("inference_unet").addHandler(handler)
+    reset_peak_rss()
+    start = time.perf_counter()
+    code = inf.main(["--saved_model_filepath", model, "--image_folder", folder, "--output_folder",
+                     os.path.join(args.work_dir, "b_out"), "--tile_size", str(args.tile_size), "--batch_size",
+                     str(args.batch_size), "--overwrite", "1"])
+    seconds = time.perf_counter() - start
+    return {
+        "image": f"{args.big_size}x{args.big_size} uint16 on disk ({os.path.getsize(path) / 2**20:.0f} MB zlib tiled BigTIFF)",
+        "generation_s": generated, "generation_peak_rss_mb": generation_peak, "exit_code": code,
+        "detail": next((line for line in lines if line.startswith("big.tif:")), "?"),
+        "seconds_including_model_load": seconds, "megapixels_per_s": args.big_size**2 / 1e6 / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_part(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--size", str(args.size), "--big_size",
+           str(args.big_size), "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size),
+           "--work_dir", args.work_dir]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"part {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", type=int, default=4096, help="part A image edge (in memory)")
+    p.add_argument("--big_size", type=int, default=20000, help="part B image edge (out of core)")
+    p.add_argument("--tile_size", type=int, default=1024, help="zone size passed to inference")
+    p.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
+    p.add_argument("--skip_big", action="store_true", help="run part A only")
+    p.add_argument("--work_dir", default=os.path.join(ROOT, "bench_output", "inference"))
+    p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.makedirs(args.work_dir, exist_ok=True)
+    if args.part:
+        print(json.dumps(part_a(args) if args.part == "a" else part_b(args)))
+        return
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
+    a = run_part("a", args)
+    print(f"\nA. {a['image']}, default UNet, {a['tiles']} tiles of {a['tile_shape'][0]}x{a['tile_shape'][1]} "
+          f"(halo {a['halo']}), batch {a['batch_size']}")
+    print(f"   end-to-end      {min(a['end_to_end_s']):8.2f} s   (runs: {', '.join(f'{s:.2f}' for s in a['end_to_end_s'])})")
+    print(f"   forward only    {min(a['forward_only_s']):8.2f} s   (runs: {', '.join(f'{s:.2f}' for s in a['forward_only_s'])})")
+    print(f"   ratio           {a['ratio']:8.3f}     (target <= 1.25)")
+    print(f"   throughput      {a['megapixels_per_s']:8.2f} megapixels/s")
+    print(f"   peak RSS        {a['peak_rss_mb_during_end_to_end']:8.0f} MB  (whole process, TensorFlow included)")
+    if not args.skip_big:
+        b = run_part("b", args)
+        print(f"\nB. {b['image']}")
+        print(f"   {b['detail']}")
+        if b["generation_s"] is not None:
+            print(f"   generated in    {b['generation_s']:8.1f} s   (peak RSS {b['generation_peak_rss_mb']:.0f} MB)")
+        print(f"   exit code       {b['exit_code']:8d}")
+        print(f"   wall time       {b['seconds_including_model_load']:8.1f} s   (model load included)")
+        print(f"   throughput      {b['megapixels_per_s']:8.2f} megapixels/s")
+        print(f"   peak RSS        {b['peak_rss_mb']:8.0f} MB  (target < 2048; TensorFlow included)")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
