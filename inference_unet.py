@@ -390,7 +390,8 @@ def open_source(path: str, settings: Settings) -> Source:
     Raises ImageReadError / ValueError (wrong channel count or pixel type) for this image.
     """
     channels, classes = int(settings.meta["channels"]), settings.number_classes
-    if os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS:
+    is_tiff = os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS
+    if is_tiff:
         view, close = open_lazy(path)
         try:
             _check_image(view, path, channels)
@@ -401,14 +402,15 @@ def open_source(path: str, settings: Settings) -> Source:
             block = _block_bytes(view)
             if block <= MAX_BLOCK_BYTES:
                 return Source(view, True, close)
-            log.warning("%s: stored in compressed blocks of %d MB, so every region read would decode a whole block; "
-                        "reading it whole instead (save it as a tiled TIFF for out-of-core inference)", path, block >> 20)
+            log.warning("%s: stored in compressed blocks of %.0f MB, so every region read would decode a whole "
+                        "block; reading it whole instead (save it as a tiled TIFF for out-of-core inference)",
+                        path, block / 2**20)
         close()
     image = image_io.to_hwc(image_io.read_image(path))
-    _check_image(image, path, channels)
-    if working_set_bytes(image.shape[0], image.shape[1], channels, classes) > settings.working_set_limit:
+    if not is_tiff and working_set_bytes(image.shape[0], image.shape[1], channels, classes) > settings.working_set_limit:
         log.warning("%s: larger than the memory limit, but only TIFF images can be read region by region; "
-                    "reading it whole", path)
+                    "read it whole", path)
+    _check_image(image, path, channels)
     return Source(image, False, lambda: None)
 
 

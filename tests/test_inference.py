@@ -3,6 +3,7 @@
 Models are the tiny SavedModels of tests/savedmodel_helpers.py, exported once per session.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -399,3 +400,26 @@ def test_cli_does_not_import_tensorflow_for_bad_input_or_finished_work(models, t
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def test_huge_compressed_blocks_are_read_whole_not_per_tile(models, tmp_path, monkeypatch, caplog):
+    """A TIFF stored as one compressed block cannot be read region by region: read it whole, same result."""
+    caplog.set_level(logging.INFO, logger="inference_unet")
+    os.makedirs(tmp_path / "images")
+    image = (np.random.default_rng(2).random((100, 120)) * 3000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "images" / "strip.tif", image, compression="zlib", rowsperstrip=100)
+    monkeypatch.setattr(inf, "MAX_BLOCK_BYTES", 1000)
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--memory_limit_mb", 0.001) == 0
+    assert any("reading it whole" in r.getMessage() for r in caplog.records)
+    assert any("in memory" in r.getMessage() for r in caplog.records)
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "whole", "--tile_size", 4096) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "strip.tif"), tifffile.imread(tmp_path / "whole" / "strip.tif"))
+
+
+def test_tta_through_the_cli(models, tmp_path):
+    names = _write_images(tmp_path / "images", sizes=[(33, 47)])
+    for out, tile in (("tiled", 8), ("whole", 4096)):
+        assert _run(models["chain"], tmp_path / "images", tmp_path / out, "--tile_size", tile, "--tta", "1",
+                    "--save_probabilities", "1") == 0
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "tiled" / "probabilities" / names[0]),
+                               tifffile.imread(tmp_path / "whole" / "probabilities" / names[0]), atol=2e-5)
