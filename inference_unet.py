@@ -939,11 +939,12 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--overlay", type=cliutil.str2bool, nargs="?", const=True, default=False,
                    help="1 = write overlays/STEM.png, the mask over the image")
     p.add_argument("--shard_index", type=int, default=None,
-                   help="process every shard_count-th image from this one (default: the Slurm array task, else 0)")
+                   help="process every shard_count-th image, starting at this one; None = the Slurm array task "
+                        "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN), else 0")
     p.add_argument("--shard_count", type=int, default=None,
-                   help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+                   help="number of shards; None = SLURM_ARRAY_TASK_COUNT, else 1")
     p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False,
-                   help="1 = redo images whose outputs exist (default: skip them)")
+                   help="1 = redo images whose outputs exist; 0 = skip them (restart after a failure)")
     p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="tif",
                    help="tif = masks under the image's file name; zarr = OME-Zarr folders")
     p.add_argument("--memory_limit_mb", type=float, default=DEFAULT_MEMORY_LIMIT_MB,
