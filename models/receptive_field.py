@@ -1,0 +1,112 @@
+"""Theoretical receptive field of a Keras functional model, by walking its layer graph.
+
+For every tensor we track, in input pixels, the jump ``J`` (input pixels per
+feature-map pixel) and the offsets ``[lo, hi]`` such that feature-map pixel
+``p`` depends on input pixels ``p*J + lo .. p*J + hi`` along each spatial
+axis (rows and columns behave alike for square kernels). The model's
+receptive-field radius is ``max(-lo, hi)`` at the output: the farthest input
+pixel, in the worst case over output positions, that can change an output
+pixel. This is exact for the layer types below (TensorFlow 'same' padding:
+``pad_before = max(k_eff - stride, 0) // 2``); unknown spatial layers raise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+# Layers that act on each pixel independently (no spatial extent).
+_POINTWISE = {
+    "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization", "LayerNormalization",
+    "GroupNormalization", "FusedBatchNormalization", "Dropout", "GaussianNoise", "GaussianDropout", "SpatialDropout2D", "Identity",
+    "Rescaling", "Normalization", "InputLayer",
+}
+_MERGE = {"Concatenate", "Add", "Multiply", "Average", "Maximum", "Minimum", "Subtract"}
+
+
+@dataclass(frozen=True)
+class Extent:
+    jump: Fraction
+    lo: Fraction
+    hi: Fraction
+
+    @property
+    def radius(self) -> int:
+        return int(max(-self.lo, self.hi))
+
+
+def _pair(value) -> int:
+    values = value if isinstance(value, (tuple, list)) else (value, value)
+    if values[0] != values[1]:
+        raise ValueError(f"non-square kernel/stride {values} is not supported by the receptive-field walk")
+    return int(values[0])
+
+
+def _window(e: Extent, kernel: int, stride: int, dilation: int, padding: str) -> Extent:
+    """Convolution or pooling window: output p reads input p*s - pad_before + t*d, t in [0, k)."""
+    k_eff = dilation * (kernel - 1) + 1
+    if padding == "same":
+        pad_before = max(k_eff - stride, 0) // 2
+    elif kernel == 1 or (padding == "valid" and kernel == stride):
+        pad_before = 0  # pooling-like tiling: no shift of the grid
+    else:
+        raise ValueError("only 'same' padding (or valid pooling with kernel == stride) is supported")
+    return Extent(e.jump * stride, e.lo - pad_before * e.jump, e.hi + (k_eff - 1 - pad_before) * e.jump)
+
+
+def _transposed(e: Extent, kernel: int, stride: int, padding: str) -> Extent:
+    """Transposed conv ('same'): output x reads inputs i with x = i*s - pad_before + t, t in [0, k)."""
+    if padding != "same":
+        raise ValueError("only 'same' padding is supported for transposed convolutions")
+    pad_before = max(kernel - stride, 0) // 2
+    jump = e.jump / stride
+    return Extent(jump, e.lo + (pad_before - kernel + 1) * jump, e.hi + pad_before * jump)
+
+
+def _layer_extent(layer, inputs: list[Extent]) -> Extent:
+    kind = type(layer).__name__
+    cfg = layer.get_config()
+    if kind in _POINTWISE:
+        return inputs[0]
+    if kind in _MERGE:
+        if len({e.jump for e in inputs}) != 1:
+            raise ValueError(f"{layer.name}: merging tensors of different resolutions")
+        return Extent(inputs[0].jump, min(e.lo for e in inputs), max(e.hi for e in inputs))
+    if kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
+        return _window(inputs[0], _pair(cfg["kernel_size"]), _pair(cfg["strides"]),
+                       _pair(cfg["dilation_rate"]), cfg["padding"])
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        return _window(inputs[0], _pair(cfg["pool_size"]), _pair(cfg["strides"]), 1, cfg["padding"])
+    if kind == "Conv2DTranspose":
+        if _pair(cfg["dilation_rate"]) != 1:
+            raise ValueError(f"{layer.name}: dilated transposed convolutions are not supported")
+        return _transposed(inputs[0], _pair(cfg["kernel_size"]), _pair(cfg["strides"]), cfg["padding"])
+    if kind == "UpSampling2D" and cfg.get("interpolation", "nearest") == "nearest":
+        size = _pair(cfg["size"])
+        jump = inputs[0].jump / size
+        return Extent(jump, inputs[0].lo - (size - 1) * jump, inputs[0].hi)
+    raise ValueError(f"{layer.name}: layer type {kind} is not known to the receptive-field walk")
+
+
+def graph_extent(model) -> Extent:
+    """Walk a single-input, single-output functional model; every layer used once."""
+    known = {id(model.inputs[0]): Extent(Fraction(1), Fraction(0), Fraction(0))}
+    pending = [op for op in model.operations if type(op).__name__ != "InputLayer"]
+    while pending:
+        progressed = False
+        for op in list(pending):
+            op_inputs = op.input if isinstance(op.input, (list, tuple)) else [op.input]
+            if all(id(t) in known for t in op_inputs):
+                known[id(op.output)] = _layer_extent(op, [known[id(t)] for t in op_inputs])
+                pending.remove(op)
+                progressed = True
+        if not progressed:
+            raise ValueError("cannot order the model's layers (shared layers or several inputs?)")
+    out = known[id(model.outputs[0])]
+    if out.jump != 1:
+        raise ValueError(f"model output is not at input resolution (jump {out.jump})")
+    return out
+
+
+def receptive_field_radius(model) -> int:
+    """Theoretical receptive-field radius (pixels) of a functional model's output."""
+    return graph_extent(model).radius
