@@ -58,3 +58,15 @@ def read_metadata(saved_model_dir: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
     return meta
+
+
+def make_metadata(**fields: Any) -> dict[str, Any]:
+    """A complete metadata dict: ``fields`` plus format, version and signature; checks the required keys.
+
+    Extra keys are kept (readers ignore what they do not know).
+    """
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": dict(SIGNATURE), **fields}
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"metadata lacks {', '.join(missing)}")
+    return meta

@@ -1,0 +1,249 @@
+"""train_unet.py: tiny runs on data/ through the real reader; export, resume, faults, distribution."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import build_lmdb
+import train_unet
+from conftest import ROOT
+
+TINY = ["--depth", "2", "--base_filters", "4", "--crop_size", "32", "--batch_size", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+    """Example data as tiled databases: gray (3 classes, 64 px tiles) and RGB (3 channels)."""
+    root = tmp_path_factory.mktemp("dbs")
+    data = os.path.join(ROOT, "data")
+    assert build_lmdb.main(["--image_folder", os.path.join(data, "images"), "--mask_folder", os.path.join(data, "masks"),
+                            "--output_folder", str(root), "--dataset_name", "gray", "--use_tiling", "1",
+                            "--tile_size", "64", "--train_fraction", "0.75", "--number_classes", "3"]) == 0
+    assert build_lmdb.main(["--image_folder", os.path.join(data, "rgb", "images"),
+                            "--mask_folder", os.path.join(data, "rgb", "masks"), "--output_folder", str(root),
+                            "--dataset_name", "rgb", "--use_tiling", "1", "--tile_size", "64",
+                            "--train_fraction", "0.5"]) == 0
+    return {name: (str(root / f"train-{name}.lmdb"), str(root / f"test-{name}.lmdb")) for name in ("gray", "rgb")}
+
+
+def argv(dbs, out, *extra, kind="gray"):
+    train, test = dbs[kind]
+    return ["--train_database", train, "--test_database", test, "--output_dir", str(out), "--number_classes", "3",
+            *TINY, *map(str, extra)]
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def pointer(out):
+    with open(os.path.join(out, "checkpoints", "checkpoint.json")) as fh:
+        return json.load(fh)
+
+
+def state(out, name):
+    with open(os.path.join(out, "checkpoints", name, "state.json")) as fh:
+        return json.load(fh)
+
+
+SERVE = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    serve = loaded.signatures["serving_default"]
+    x = np.random.default_rng(0).normal(size=(2, 48, 80, 1)).astype(np.float32)
+    probs = serve(images=tf.constant(x))["probabilities"].numpy()
+    meta = json.load(open(sys.argv[1] + "/assets/segmentation_metadata.json"))
+    project = [m for m in ("models", "train_unet", "imagereader", "cliutil") if m in sys.modules]
+    print(json.dumps({"shape": probs.shape, "sum_err": float(abs(probs.sum(-1) - 1).max()),
+                      "dtype": probs.dtype.name, "meta": meta, "project_modules": project}))
+""")
+
+
+def test_tiny_unet_trains_and_exports_a_self_contained_savedmodel(dbs, tmp_path):
+    out = tmp_path / "run"
+    assert train_unet.main(argv(dbs, out, "--max_steps", 6, "--test_every_n_steps", 3)) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(np.isfinite(float(r["test_loss"])) and 0 <= float(r["iou_1"]) <= 1 for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["crop_size"] == [32, 32] and config["warmup_steps"] == 3 and config["replicas"] == 1
+    assert pointer(out)["latest"] == "ckpt-000000006"
+    events = [f for d in ("train", "test") for f in os.listdir(out / "logs" / d)]
+    assert len(events) == 2
+    assert b"image_truth_prediction" in (out / "logs" / "test" / [f for f in os.listdir(out / "logs" / "test")][0]).read_bytes()
+    # Served by plain TensorFlow in a fresh interpreter that cannot import this project (-I, other cwd).
+    result = subprocess.run([sys.executable, "-I", "-c", SERVE, str(out / "saved_model")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["shape"] == [2, 48, 80, 3] and served["dtype"] == "float32" and served["sum_err"] < 1e-5
+    assert served["project_modules"] == []
+    meta = served["meta"]
+    assert meta["model"] == "unet" and meta["channels"] == 1 and meta["number_classes"] == 3
+    assert meta["size_factor"] == 4 and meta["receptive_field_radius"] == 23 and meta["training_tile_size"] == [32, 32]
+    assert 0 < meta["effective_receptive_field_radius"] <= 24 and meta["effective_receptive_field_radius"] % 4 == 0
+    assert meta["final_metrics"]["step"] in (3, 6)
+    assert meta["normalization"]["method"] == "zscore_per_channel_whole_image"
+
+
+@pytest.mark.parametrize("extra,kind,match", [
+    (["--number_classes", "2"], "gray", "--number_classes 3"),
+    (["--class_weights", "1,2"], "gray", "class_weights"),
+    (["--crop_size", "30"], "gray", "multiple"),
+    (["--model", "fcdensenet56"], "gray", "--depth and --base_filters"),
+    (["--test_database", "/nonexistent/test.lmdb"], "gray", "no LMDB database"),
+    (["--test_database", "RGB_TEST"], "gray", "different channel counts"),
+])
+def test_bad_input_exits_2_before_writing_anything(dbs, tmp_path, capsys, extra, kind, match):
+    extra = [dbs["rgb"][1] if e == "RGB_TEST" else e for e in extra]
+    out = tmp_path / "never"
+    assert train_unet.main(argv(dbs, out, *extra, kind=kind)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not out.exists()
+
+
+def test_class_weights_and_losses():
+    import tensorflow as tf
+
+    assert train_unet.parse_class_weights("none", 3, {0: 10, 1: 5}) == [1.0, 1.0, 1.0]
+    auto = train_unet.parse_class_weights("auto", 2, {0: 75, 1: 25})
+    assert auto[1] / auto[0] == pytest.approx(3.0) and (75 * auto[0] + 25 * auto[1]) / 100 == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(2, 8, 8, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, 3, (2, 8, 8)), tf.int32)
+    ones = tf.ones([3])
+    stats = train_unet.batch_statistics(labels, logits, "ce", ones, 3)
+    expected = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    assert float(train_unet.loss_from_statistics(stats, "ce", ones)) == pytest.approx(float(expected), rel=1e-5)
+    perfect = tf.one_hot(labels, 3) * 40.0
+    for loss in ("dice", "ce+dice", "focal"):
+        s = train_unet.batch_statistics(labels, perfect, loss, ones, 3)
+        assert float(train_unet.loss_from_statistics(s, loss, ones)) < 1e-3
+    # Statistics add up: the loss of a whole pass equals the loss from summed per-batch statistics.
+    halves = [train_unet.batch_statistics(labels[i:i + 1], logits[i:i + 1], "ce+dice", ones, 3) for i in (0, 1)]
+    summed = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    whole = train_unet.batch_statistics(labels, logits, "ce+dice", ones, 3)
+    assert float(train_unet.loss_from_statistics(summed, "ce+dice", ones)) == pytest.approx(
+        float(train_unet.loss_from_statistics(whole, "ce+dice", ones)), rel=1e-5)
+
+
+def test_early_stopping_counts_passes_without_improvement_beyond_tolerance():
+    config = {"max_steps": None, "early_stopping": 2}
+    st = train_unet.RunState()
+    assert st.record(1, 1.0, {}) and not st.record(2, 1.0 - 5e-5, {})  # within tolerance: no improvement
+    assert train_unet.stop_reason(st, config) is None
+    assert not st.record(3, 1.2, {}) and "early stopping" in train_unet.stop_reason(st, config)
+    assert st.best_step == 1 and st.evals_without_improvement == 2
+    assert train_unet.RunState.from_json(st.to_json()) == st
+
+
+def test_mismatched_configuration_is_refused_on_resume(dbs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_unet.main(argv(dbs, out, "--max_steps", 2, "--test_every_n_steps", 2)) == 0
+    before = sorted(os.listdir(out / "checkpoints"))
+    capsys.readouterr()
+    assert train_unet.main(argv(dbs, out, "--max_steps", 4, "--test_every_n_steps", 2, "--loss", "dice",
+                                "--base_filters", "8")) == 2
+    err = capsys.readouterr().err
+    assert "loss" in err and "model_config.base_filters" in err and "new --output_dir" in err
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    assert train_unet.main(argv(dbs, tmp_path / "fresh", "--resume", 1)) == 2  # nothing to resume
+    # Same configuration with a larger step budget continues (only --max_steps changed).
+    assert train_unet.main(argv(dbs, out, "--max_steps", 4, "--test_every_n_steps", 2)) == 0
+    assert [int(r["step"]) for r in read_csv(out / "metrics.csv")] == [2, 4]
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(dbs, tmp_path, monkeypatch, capsys):
+    import imagereader
+
+    class PoisonedReader(imagereader.ImageReader):
+        def __iter__(self):
+            for i, (images, masks) in enumerate(super().__iter__()):
+                if self.mode == "train" and i == 7:
+                    images = np.full_like(images, np.nan)
+                yield images, masks
+
+    monkeypatch.setattr(imagereader, "ImageReader", PoisonedReader)
+    out = tmp_path / "run"
+    assert train_unet.main(argv(dbs, out, "--max_steps", 20, "--test_every_n_steps", 3)) == train_unet.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "NaN/Inf at step 8" in err and "step 6" in err
+    assert pointer(out)["latest"] == "ckpt-000000006" and state(out, "ckpt-000000006")["step"] == 6
+    assert not (out / "saved_model").exists()
+
+
+def test_sigkill_mid_run_then_restart_continues_with_the_same_history(dbs, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 4)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(cmd + ["--max_steps", "10000"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if pointer(out)["step"] >= 12:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, readers included, as a pre-empted node
+        proc.wait()
+    saved = pointer(out)
+    assert saved["step"] >= 12, "the run did not reach its third checkpoint in time"
+    history = state(out, saved["latest"])["history"]
+    target = saved["step"] + 8
+    result = subprocess.run(cmd + ["--max_steps", str(target)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {saved['step']}" in result.stderr
+    final = pointer(out)
+    assert final["step"] == target
+    resumed = state(out, final["latest"])
+    assert resumed["history"][:len(history)] == history and len(resumed["history"]) == len(history) + 2
+    steps = [int(r["step"]) for r in read_csv(out / "metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == target
+
+
+TWO_REPLICAS = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import train_unet
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    args = train_unet.build_parser().parse_args(sys.argv[2:])
+    config = train_unet.resolve_config(args)
+    outcome = train_unet.train(config, resume=False, strategy=strategy)
+    print(json.dumps({"step": outcome.step, "saved": outcome.saved_model}))
+""")
+
+
+def test_two_replica_mirrored_strategy_on_two_logical_cpus(dbs, tmp_path):
+    import lmdb_format
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", TWO_REPLICAS, ROOT, *argv(dbs, out, "--max_steps", 4,
+                             "--test_every_n_steps", 2)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["replicas"] == 2 and config["global_batch_size"] == 4
+    meta = lmdb_format.read_metadata(dbs["gray"][1])
+    total = sum(src["height"] * src["width"] for src in meta["sources"])
+    # Exact test passes: every test pixel counted once although replicas get uneven batch counts.
+    assert meta["num_records"] % 4 != 0
+    assert all(int(r["test_pixels"]) == meta["num_records"] * 64 * 64 for r in read_csv(out / "metrics.csv"))
+    assert total > 0 and (out / "saved_model" / "saved_model.pb").exists()
