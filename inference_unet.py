@@ -263,10 +263,14 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     index, count = resolve_shard(shard_index, shard_count)
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
+    tile, halo_px = resolve_tile_size(tile_size, int(meta["size_factor"])), resolve_halo(halo, meta)
+    overhead = ((tile + 2 * halo_px) / tile) ** 2
+    if overhead > 4:
+        log.warning("each %d px tile computes %.1fx its zone because of the %d px halo: a larger --tile_size is "
+                    "faster if memory allows (the result does not change)", tile, overhead, halo_px)
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
-        names=tuple(mine), meta=meta, tile_size=resolve_tile_size(tile_size, int(meta["size_factor"])),
-        halo=resolve_halo(halo, meta), batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
+        names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
         probability_dtype=probability_dtype, tta=bool(tta), masks=masks, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))
