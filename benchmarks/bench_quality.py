@@ -1,0 +1,126 @@
+"""Real-data quality: the three stages on the shared NIST phase-contrast data.
+
+Runs ``build_lmdb.py`` with the benchmark's split (``--test_list``), trains
+with a fixed step budget, and segments the 20 held-out test images with
+``inference_unet.py --mask_folder``; prints foreground IoU, Dice and pixel
+accuracy from the metrics.csv that inference writes.
+
+Variants (``--variants``): ``unet`` (default model, default augmentation),
+``unet-noaug`` (augmentation off), ``fcdensenet56`` (default augmentation).
+The step budget is chosen so that training fits 10 minutes on the 2-core
+development CPU; training time is measured and printed for each run.
+
+    python benchmarks/bench_quality.py --output_dir bench_output/quality
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+
+VARIANTS = {
+    # name: (model, use_augmentation)
+    "unet": ("unet", 1),
+    "unet-noaug": ("unet", 0),
+    "fcdensenet56": ("fcdensenet56", 1),
+}
+
+
+def run(cmd: list[str], log_path: str) -> float:
+    """Run a stage, tee its output to a log, return wall seconds; exit on failure."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:2])} failed with exit code {proc.returncode}; see {log_path}")
+    return seconds
+
+
+def build(data: str, out: str) -> tuple[str, str]:
+    lmdb_dir = os.path.join(out, "lmdb")
+    run([sys.executable, "build_lmdb.py", "--image_folder", os.path.join(data, "images"),
+         "--mask_folder", os.path.join(data, "masks"), "--output_folder", lmdb_dir,
+         "--dataset_name", "nist", "--image_format", "tif", "--number_classes", "2",
+         "--test_list", os.path.join(data, "test_files.txt"), "--overwrite"],
+        os.path.join(out, "build.log"))
+    return os.path.join(lmdb_dir, "train-nist.lmdb"), os.path.join(lmdb_dir, "test-nist.lmdb")
+
+
+def test_image_folder(data: str, out: str) -> str:
+    """A folder of links to the held-out images, so inference sees only the test split."""
+    folder = os.path.join(out, "test_images")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    with open(os.path.join(data, "test_files.txt")) as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    for name in names:
+        os.symlink(os.path.abspath(os.path.join(data, "images", name)), os.path.join(folder, name))
+    return folder
+
+
+def overall_row(metrics_csv: str) -> dict[str, str]:
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        if row.get("image") in ("__overall__", "overall", "ALL"):
+            return row
+    raise SystemExit(f"{metrics_csv}: no overall row")
+
+
+def run_variant(name: str, args, train_db: str, test_db: str, images: str) -> dict[str, float]:
+    model, augment = VARIANTS[name]
+    out = os.path.join(args.output_dir, name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    train_cmd = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                 "--output_dir", os.path.join(out, "model"), "--model", model, "--number_classes", "2",
+                 "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+                 "--test_every_n_steps", str(args.test_every_n_steps), "--max_steps", str(args.steps),
+                 "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(args.seed),
+                 "--reader_count", "1"]
+    train_s = run(train_cmd, os.path.join(out, "train.log"))
+    infer_cmd = [sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(out, "model", "saved_model"),
+                 "--image_folder", images, "--output_folder", os.path.join(out, "masks"), "--image_format", "tif",
+                 "--mask_folder", os.path.join(args.data, "masks"), "--overlay", "1"]
+    infer_s = run(infer_cmd, os.path.join(out, "inference.log"))
+    row = overall_row(os.path.join(out, "masks", "metrics.csv"))
+    return {"train_s": train_s, "infer_s": infer_s, "iou_fg": float(row["iou_1"]),
+            "dice_fg": float(row["dice_1"]), "pixel_accuracy": float(row["pixel_accuracy"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "bench_output", "quality"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=3000, help="training step budget (fits 10 min on the 2-core CPU)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--test_every_n_steps", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.data):
+        sys.exit(f"{args.data}: shared data not found; pass --data")
+    os.makedirs(args.output_dir, exist_ok=True)
+    train_db, test_db = build(args.data, args.output_dir)
+    images = test_image_folder(args.data, args.output_dir)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
+    print(f"budget: {args.steps} steps, batch {args.batch_size}, lr {args.learning_rate}")
+    print(f"{'variant':<14}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}")
+    for name in args.variants:
+        r = run_variant(name, args, train_db, test_db, images)
+        print(f"{name:<14}{r['train_s']:>9.0f}{r['iou_fg']:>9.4f}{r['dice_fg']:>9.4f}{r['pixel_accuracy']:>9.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
