@@ -176,6 +176,10 @@ def _model_settings(args) -> tuple[dict[str, Any], int]:
 
 def _check_databases(train_meta: list[dict], test_meta: dict, args) -> int:
     """Channels equal everywhere, classes seen within --number_classes; returns the channel count."""
+    real = [os.path.realpath(p) for p in args.train_database]
+    for path in args.train_database:
+        if real.count(os.path.realpath(path)) > 1:
+            raise cliutil.InputError(f"--train_database lists {path} more than once; pass each database once")
     named = list(zip(args.train_database, train_meta)) + [(args.test_database, test_meta)]
     channels = {m["channels"] for _, m in named}
     if len(channels) > 1:
@@ -792,8 +796,11 @@ class _Run:
             self.test_writer = tf.summary.create_file_writer(os.path.join(out, "logs", "test"))
         else:
             self.train_writer = self.test_writer = tf.summary.create_noop_writer()
-        self.readers = make_readers(config, strategy.num_replicas_in_sync, worker_index, worker_count,
-                                    self.state.step, reader_factory)
+        try:
+            self.readers = make_readers(config, strategy.num_replicas_in_sync, worker_index, worker_count,
+                                        self.state.step, reader_factory)
+        except ValueError as exc:  # e.g. fewer test batches than workers
+            raise cliutil.InputError(str(exc)) from None
 
     def _restore(self, chief_store: CheckpointStore) -> None:
         pointer = chief_store.pointer()
@@ -805,6 +812,11 @@ class _Run:
     def close(self) -> None:
         for reader in getattr(self, "readers", ()):
             reader.close()
+        for writer in (getattr(self, "train_writer", None), getattr(self, "test_writer", None)):
+            if writer is not None:
+                writer.flush()
+        if not self.is_chief:
+            shutil.rmtree(self.store.folder, ignore_errors=True)
 
     # ---- steps
     def loop(self) -> str:
@@ -972,6 +984,14 @@ def _run(argv: Sequence[str] | None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Exception as exc:
+        if "ReaderWorkerError" not in f"{type(exc).__name__} {exc}":
+            raise
+        # tf.data wraps the reader's exception; show its own message and the worker's traceback tail
+        text = str(exc)
+        print("error: the image reader failed; training stopped (the last checkpoint is kept):\n"
+              + text[text.find("ReaderWorkerError"):][:3000], file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"done: {outcome.stopped}; best test loss {outcome.best_loss:.5f} at step {outcome.best_step}; "
@@ -988,4 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Hard exit: TensorFlow's input-pipeline threads can deadlock interpreter shutdown after an
+    # interrupt. Everything that matters is already on disk (readers closed, files fsynced).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -113,19 +113,20 @@ def receptive_field_radius(model) -> int:
 
 
 def effective_receptive_field(model, *, size_factor: int, theoretical_radius: int, fraction: float = 0.99,
-                              max_probe: int = 512, seed: int = 0) -> dict:
+                              max_probe: int = 512, samples: int = 3, seed: int = 0) -> dict:
     """Measure the effective receptive field with a gradient probe (model in inference mode).
 
-    Input: one standard-normal noise image (what normalized images look like), square,
+    Input: ``samples`` standard-normal noise images (what normalized images look like), square,
     ``2 * theoretical_radius + 1`` rounded up to the size factor but at most ``max_probe`` (memory:
     callers pass about the edge of one training batch's pixels). The probe differentiates the centre
     pixel's logit margin ``logit_0 - mean(other logits)`` (for two classes: the decision itself) and
-    sums the gradient magnitude over channels. The radius is the smallest Chebyshev distance from the
+    sums the gradient magnitude over channels and samples. The radius is the smallest Chebyshev distance from the
     centre whose square holds ``fraction`` of the total magnitude. ``truncated`` is True when the probe
     was smaller than the theoretical field (gradient beyond it is not seen).
 
-    Returns ``{"radius": raw radius, "radius_rounded": rounded up to the size factor, "fraction",
-    "probe_size", "truncated"}``.
+    Returns ``{"radius": raw radius, "radius_rounded": rounded up to the size factor (at least one
+    factor), "fraction", "probe_size", "truncated", "degenerate"}``; degenerate (no gradient reached the
+    input at all) reports the theoretical radius.
     """
     import numpy as np
     import tensorflow as tf
@@ -136,18 +137,23 @@ def effective_receptive_field(model, *, size_factor: int, theoretical_radius: in
     full = round_up(2 * theoretical_radius + 1)
     size = max(size_factor, min(full, max_probe // size_factor * size_factor))
     channels, classes = int(model.input_shape[-1]), int(model.output_shape[-1])
-    noise = np.random.default_rng(seed).standard_normal((1, size, size, channels)).astype(np.float32)
-    images = tf.Variable(noise)
+    rng = np.random.default_rng(seed)
     centre = size // 2
     margin = np.full(classes, -1.0 / max(classes - 1, 1), np.float32)
     margin[0] = 1.0
-    with tf.GradientTape() as tape:
-        logits = tf.cast(model(images, training=False), tf.float32)
-        target = tf.reduce_sum(logits[0, centre, centre, :] * margin)
-    magnitude = np.abs(tape.gradient(target, images).numpy()[0]).sum(axis=-1)
+    magnitude = np.zeros((size, size))
+    for _ in range(samples):  # one noise image per pass (memory); dead ReLUs at one input are averaged out
+        images = tf.Variable(rng.standard_normal((1, size, size, channels)).astype(np.float32))
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=False), tf.float32)
+            target = tf.reduce_sum(logits[0, centre, centre, :] * margin)
+        magnitude += np.abs(tape.gradient(target, images).numpy()[0]).sum(axis=-1)
+    if not magnitude.any():  # no gradient at all: report the theoretical field
+        return {"radius": theoretical_radius, "radius_rounded": round_up(theoretical_radius), "fraction": fraction,
+                "probe_size": size, "truncated": size < full, "degenerate": True}
     yy, xx = np.indices(magnitude.shape)
     distance = np.maximum(np.abs(yy - centre), np.abs(xx - centre)).ravel()
     mass = np.cumsum(np.bincount(distance, weights=magnitude.ravel()))
-    radius = int(np.searchsorted(mass, fraction * mass[-1])) if mass[-1] > 0 else 0
-    return {"radius": radius, "radius_rounded": round_up(radius), "fraction": fraction,
-            "probe_size": size, "truncated": size < full}
+    radius = int(np.searchsorted(mass, fraction * mass[-1]))
+    return {"radius": radius, "radius_rounded": round_up(max(radius, 1)), "fraction": fraction,
+            "probe_size": size, "truncated": size < full, "degenerate": False}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULTS: dict[str, Any] = {"depth": 4, "base_filters": 16, "batch_norm": True, "dropout": 0.0}
+DEFAULTS: dict[str, Any] = {"depth": 4, "base_filters": 8, "batch_norm": True, "dropout": 0.0}
 
 
 def size_factor(depth: int, **_: Any) -> int:

@@ -140,3 +140,16 @@ def test_fused_batch_norm_matches_keras_batch_norm():
     n = x.size / x.shape[-1]  # the fused kernel keeps the unbiased variance
     np.testing.assert_allclose(fused.moving_variance.numpy() - 0.9, (ref.moving_variance.numpy() - 0.9) * n / (n - 1), rtol=1e-4)
     np.testing.assert_allclose(fused(x, training=False), ref(x, training=False), atol=2e-2)
+
+
+def test_effective_receptive_field_probe():
+    from models.receptive_field import effective_receptive_field
+
+    cfg = {"depth": 2, "base_filters": 4}
+    model = models.build_model("unet", 1, 2, **cfg)
+    theory = models.receptive_field_radius("unet", **cfg)
+    erf = effective_receptive_field(model, size_factor=4, theoretical_radius=theory)
+    assert 0 <= erf["radius"] <= theory and erf["radius_rounded"] % 4 == 0 and erf["radius_rounded"] >= erf["radius"]
+    assert erf["probe_size"] >= 2 * theory + 1 and not erf["truncated"] and not erf["degenerate"]
+    small = effective_receptive_field(model, size_factor=4, theoretical_radius=theory, max_probe=16)
+    assert small["probe_size"] == 16 and small["truncated"] and small["radius"] <= 8

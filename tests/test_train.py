@@ -247,3 +247,50 @@ def test_two_replica_mirrored_strategy_on_two_logical_cpus(dbs, tmp_path):
     assert meta["num_records"] % 4 != 0
     assert all(int(r["test_pixels"]) == meta["num_records"] * 64 * 64 for r in read_csv(out / "metrics.csv"))
     assert total > 0 and (out / "saved_model" / "saved_model.pb").exists()
+
+
+def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
+    """Slurm pre-emption sends SIGTERM: handled like Ctrl-C (KeyboardInterrupt, exit 130, readers closed)."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 2, "--max_steps", 100000)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "checkpoint.json").exists():
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the reader workers should be running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
+    assert pointer(out)["step"] >= 2  # the last checkpoint stays
+
+
+def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
+    """The GPU path (mixed_float16 + LossScaleOptimizer), forced on CPU: float32 logits, finite updates."""
+    import keras
+    import tensorflow as tf
+
+    config = train_unet.resolve_config(train_unet.build_parser().parse_args(argv(dbs, tmp_path / "mp")))
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        strategy = tf.distribute.MirroredStrategy()
+        trainer = train_unet.Trainer(config, strategy, mixed=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert trainer.model.get_layer("down0_conv1").compute_dtype == "float16"
+    rng = np.random.default_rng(0)
+    batch = (rng.normal(size=(2, 32, 32, 1)).astype(np.float32), rng.integers(0, 3, (2, 32, 32)).astype(np.int32))
+    data = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+    before = trainer.model.get_layer("logits").kernel.numpy().copy()
+    losses = [float(trainer.train_step(next(data))["loss"]) for _ in range(3)]
+    assert all(np.isfinite(losses)) and not np.allclose(before, trainer.model.get_layer("logits").kernel.numpy())

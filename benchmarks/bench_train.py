@@ -1,0 +1,185 @@
+"""Training speed on CPU: seconds per step and how often the trainer waited on the reader.
+
+For each model (default: FC-DenseNet56 and the default UNet) at batch 4, 256x256, one channel:
+
+* model-only: the real distributed train step (train_unet.Trainer) on one fixed in-memory batch;
+* with the reader: the same step fed by the real ImageReader (reader_count 1, augmentation on) through
+  the strategy's distributed dataset, as train_unet.py runs it; reports the fraction of steps whose
+  batch was not ready (fetch > 5 ms) after the first WARMUP steps, and the reader's mean fetch time.
+* --reference: FC-DenseNet56 built with Keras' stock BatchNormalization (what a plain Keras port does),
+  timed alternately with ours in the same process, so the ratio survives the shared machine's noise.
+
+The machine is shared: absolute seconds move with the load (printed before and after); compare the
+ratios measured within one run. Data: the shared NIST phase-contrast images (built into a temporary
+LMDB with build_lmdb.py), else synthetic 256x256 images.
+
+    python benchmarks/bench_train.py                 # both models, ~4 minutes on the shared 2-core CPU
+    python benchmarks/bench_train.py --models unet --steps 40
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+WARMUP = 3
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def make_databases(folder: str) -> tuple[str, str]:
+    import build_lmdb
+
+    if os.path.isdir(SHARED):
+        images, masks = os.path.join(SHARED, "images"), os.path.join(SHARED, "masks")
+    else:  # synthetic stand-in
+        import tifffile
+
+        images, masks = os.path.join(folder, "images"), os.path.join(folder, "masks")
+        os.makedirs(images), os.makedirs(masks)
+        rng = np.random.default_rng(0)
+        for i in range(12):
+            tifffile.imwrite(os.path.join(images, f"s{i}.tif"), rng.integers(0, 4000, (256, 256), dtype=np.uint16))
+            tifffile.imwrite(os.path.join(masks, f"s{i}.tif"), (rng.random((256, 256)) > 0.7).astype(np.uint8))
+    out = os.path.join(folder, "lmdb")
+    code = build_lmdb.main(["--image_folder", images, "--mask_folder", masks, "--output_folder", out,
+                            "--dataset_name", "bench", "--number_classes", "2"])
+    if code != 0:
+        sys.exit("build_lmdb.py failed")
+    return os.path.join(out, "train-bench.lmdb"), os.path.join(out, "test-bench.lmdb")
+
+
+def run_config(model: str, train_db: str, test_db: str, out: str, batch: int) -> dict:
+    import train_unet
+
+    args = train_unet.build_parser().parse_args(["--train_database", train_db, "--test_database", test_db,
+                                                 "--output_dir", out, "--model", model, "--batch_size", str(batch),
+                                                 "--crop_size", "256", "--reader_count", "1"])
+    return train_unet.resolve_config(args)
+
+
+def time_steps(trainer, batches, steps: int) -> tuple[list[float], list[float]]:
+    """(fetch seconds, step seconds) per step after WARMUP steps; ``batches`` is an iterator."""
+    fetch, compute = [], []
+    for i in range(WARMUP + steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        float(trainer.train_step(batch)["loss"])
+        t2 = time.perf_counter()
+        if i >= WARMUP:
+            fetch.append(t1 - t0)
+            compute.append(t2 - t1)
+    return fetch, compute
+
+
+def fixed_batches(strategy, config):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    h, w = config["crop_size"]
+    images = rng.normal(size=(config["batch_size"], h, w, config["channels"])).astype(np.float32)
+    labels = (rng.random((config["batch_size"], h, w)) > 0.7).astype(np.int32)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    return iter(strategy.experimental_distribute_dataset(data))
+
+
+def bench_model(model: str, dbs, folder: str, steps: int, batch: int) -> None:
+    import tensorflow as tf
+
+    import train_unet
+
+    config = run_config(model, *dbs, os.path.join(folder, model), batch)
+    strategy = tf.distribute.MirroredStrategy()
+    trainer = train_unet.Trainer(config, strategy, mixed=False)
+    trainer.set_learning_rate(config["learning_rate"])
+    _, alone = time_steps(trainer, fixed_batches(strategy, config), steps)
+    train_reader, test_reader = train_unet.make_readers(config, 1, 0, 1, 0)
+    try:
+        fetch, compute = time_steps(trainer, iter(train_unet.distribute(strategy, train_reader)), steps)
+    finally:
+        train_reader.close()
+        test_reader.close()
+    waited = sum(f > train_unet._Meter.WAIT_SECONDS for f in fetch)
+    print(f"{model:<14} batch {batch}, 256x256x1: model-only {statistics.median(alone):.3f} s/step (median of {steps}); "
+          f"with reader {statistics.median(compute):.3f} s/step; waited on the reader in {waited}/{steps} steps "
+          f"({100 * waited / steps:.0f}%), mean fetch {1000 * statistics.mean(fetch):.1f} ms   [load {load()}]")
+
+
+def bench_reference(steps: int, batch: int) -> None:
+    """FC-DenseNet56 with stock Keras BatchNormalization vs ours, alternating steps in one process."""
+    import keras
+    import tensorflow as tf
+
+    import models
+    import models.layers
+
+    def step_fn(model):
+        optimizer = keras.optimizers.Adam(1e-4)
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + tf.add_n(model.losses)
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            return loss
+        return step
+
+    ours = step_fn(models.build_model("fcdensenet56", 1, 2))
+    fused = models.layers.FusedBatchNormalization
+    models.layers.FusedBatchNormalization = keras.layers.BatchNormalization
+    try:
+        stock = step_fn(models.build_model("fcdensenet56", 1, 2))
+    finally:
+        models.layers.FusedBatchNormalization = fused
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(batch, 256, 256, 1)), tf.float32)
+    y = tf.constant(rng.random((batch, 256, 256)) > 0.7, tf.int32)
+    times = {"stock": [], "ours": []}
+    for i in range(WARMUP + steps):
+        for name, fn in (("stock", stock), ("ours", ours)):
+            t = time.perf_counter()
+            float(fn(x, y))
+            if i >= WARMUP:
+                times[name].append(time.perf_counter() - t)
+    s, o = statistics.median(times["stock"]), statistics.median(times["ours"])
+    print(f"fcdensenet56 plain step, stock Keras BatchNormalization {s:.3f} s vs fused {o:.3f} s: ratio {o / s:.2f}   [load {load()}]")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fcdensenet56", "unet"])
+    parser.add_argument("--steps", type=int, default=6, help="timed FC-DenseNet steps per measurement (UNet: 4x; after 3 warm-up steps)")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--reference", type=int, default=1, help="1 = also time FC-DenseNet56 with stock Keras BN")
+    args = parser.parse_args(argv)
+    import tensorflow as tf
+
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} cores, intra/inter-op threads "
+          f"{tf.config.threading.get_intra_op_parallelism_threads()}/{tf.config.threading.get_inter_op_parallelism_threads()} "
+          f"(0 = default); load average before: {load()}")
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:
+        dbs = make_databases(folder)
+        for model in args.models:
+            bench_model(model, dbs, folder, args.steps if model.startswith("fcdense") else 4 * args.steps, args.batch_size)
+    if args.reference:
+        bench_reference(max(4, args.steps // 2), args.batch_size)
+    print(f"load average after: {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
