@@ -24,13 +24,14 @@ replicas; reader processes = reader_count x replicas. With TF_CONFIG set, or a S
 several nodes, MultiWorkerMirroredStrategy (TensorFlow's cluster resolvers); every worker reads its
 own shard of the sample stream; only the chief writes outputs.
 
-Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 3 the loss became NaN/Inf
+Exit codes: 0 done, 1 a reader process failed, 2 bad input (one line on stderr, nothing written), 3 the loss became NaN/Inf
 (the last good checkpoint is kept), 130 interrupted (Ctrl-C / SIGTERM; readers are shut down).
 TensorFlow is imported only after the arguments and databases have been checked.
 """
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import logging
@@ -620,7 +621,7 @@ class Trainer:
 
 def make_readers(config: dict[str, Any], replicas: int, worker_index: int, worker_count: int, start_step: int,
                  reader_factory=None):
-    """Train reader (reader_count x local replicas processes, own shard) and eval reader."""
+    """Train reader (reader_count x this machine's replicas processes, own shard) and eval reader."""
     from imagereader import ImageReader
 
     factory = reader_factory or ImageReader
@@ -797,7 +798,8 @@ class _Run:
         else:
             self.train_writer = self.test_writer = tf.summary.create_noop_writer()
         try:
-            self.readers = make_readers(config, strategy.num_replicas_in_sync, worker_index, worker_count,
+            local_replicas = len(strategy.extended.worker_devices)  # this machine's share of the replicas
+            self.readers = make_readers(config, local_replicas, worker_index, worker_count,
                                         self.state.step, reader_factory)
         except ValueError as exc:  # e.g. fewer test batches than workers
             raise cliutil.InputError(str(exc)) from None
@@ -817,6 +819,12 @@ class _Run:
                 writer.flush()
         if not self.is_chief:
             shutil.rmtree(self.store.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        """Drop the input pipelines so the closed readers (and their semaphores) are freed now, not at exit."""
+        self.readers = ()
+        self.test_data = None
+        gc.collect()
 
     # ---- steps
     def loop(self) -> str:
@@ -961,6 +969,7 @@ def train(config: dict[str, Any], *, resume: bool, strategy=None, worker_index: 
         reason = run.loop()
     finally:
         run.close()
+    run.release()
     log.info("stopped at step %d: %s", run.state.step, reason)
     saved = None
     pointer = run.store.pointer() if is_chief else None
@@ -1009,9 +1018,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # Hard exit: TensorFlow's input-pipeline threads can deadlock interpreter shutdown after an
-    # interrupt. Everything that matters is already on disk (readers closed, files fsynced).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    if code == 130:
+        # Interrupted inside the input pipeline, TensorFlow's threads can deadlock interpreter shutdown;
+        # everything that matters is on disk already (readers closed, checkpoints fsynced).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
