@@ -538,10 +538,13 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.class_weights = tf.constant(config["class_weight_values"], tf.float32)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
-        self.train_step = tf.function(self._train_step)
-        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+        # autograph=False: the steps have no tensor-dependent Python control flow, and autograph would
+        # re-read this file's source when it first traces (e.g. at the first test pass, hours in).
+        self.train_step = tf.function(self._train_step, autograph=False)
+        self.eval_step = tf.function(self._eval_step, reduce_retracing=True, autograph=False)
         self.predict = tf.function(lambda images: tf.argmax(self.model(images, training=False), axis=-1,
-                                                            output_type=tf.int32), reduce_retracing=True)
+                                                            output_type=tf.int32), reduce_retracing=True,
+                                   autograph=False)
 
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.learning_rate = value
@@ -746,7 +749,8 @@ def _serving_module(model, channels: int, metadata_file: str):
     module.model = model
     module.metadata = tf.saved_model.Asset(metadata_file)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")],
+                 autograph=False)
     def serve(images):
         logits = tf.cast(model(images, training=False), tf.float32)
         return {"probabilities": tf.nn.softmax(logits, axis=-1)}
