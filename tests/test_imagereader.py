@@ -265,7 +265,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     def main():
         with imagereader.ImageReader({db!r}, batch_size=2, workers=2) as reader:
             for i, _ in enumerate(reader):
-                if i == 0:
+                if i == 1:  # batches 0 and 1 come from workers 0 and 1 (round-robin): both are running
                     print("pids", *reader.worker_pids, flush=True)
                 time.sleep(0.01)
 
