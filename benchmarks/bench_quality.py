@@ -102,10 +102,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "bench_output", "quality"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=3000, help="training step budget (fits 10 min on the 2-core CPU)")
+    parser.add_argument("--steps", type=int, default=1200, help="training step budget (the README table's runs)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--test_every_n_steps", type=int, default=500)
+    parser.add_argument("--test_every_n_steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
