@@ -93,9 +93,7 @@ def _listing(names: Sequence[str]) -> str:
 
 
 def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
-    table: dict[str, list[str]] = {}
-    for name in names:
-        table.setdefault(image_io.stem(name), []).append(name)
+    table = image_io.group_by_stem(names)
     clashes = [" / ".join(v) for v in table.values() if len(v) > 1]
     if clashes:
         raise InputError(f"{folder}: several files share a stem ({_listing(clashes)}), so pairing by name is "
@@ -444,15 +442,7 @@ def install(temp_path: str, final_path: str, overwrite: bool) -> None:
             os.rename(temp_path, final_path)
             temp_path = aside
         shutil.rmtree(temp_path)  # now the old database
-    _fsync_dir(os.path.dirname(os.path.abspath(final_path)))
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    cliutil.fsync_path(os.path.dirname(os.path.abspath(final_path)))
 
 
 # ----------------------------------------------------------------------------- the build

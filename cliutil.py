@@ -89,6 +89,15 @@ def atomic_path(final_path: str, suffix: str = "") -> Iterator[str]:
         raise
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(final_path: str, text: str) -> None:
     with atomic_path(final_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:

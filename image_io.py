@@ -43,6 +43,14 @@ def stem(name: str) -> str:
     return os.path.splitext(os.path.basename(name))[0]
 
 
+def group_by_stem(names: Iterable[str]) -> dict[str, list[str]]:
+    """File names grouped by stem (``a.png`` and ``a.tif`` share ``a``), in input order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(stem(name), []).append(name)
+    return groups
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as stored (HW, HWC or CHW); raises ImageReadError."""
     ext = os.path.splitext(path)[1].lower()

@@ -195,9 +195,7 @@ def _list_inputs(image_folder: str, image_format: str) -> list[str]:
         others = sorted({os.path.splitext(n)[1] for n in image_io.list_images(image_folder)} - {""})
         hint = f" (found {', '.join(others)} files: set --image_format)" if others else ""
         raise InputError(f"{image_folder}: no *{image_io.normalize_extension(image_format)} images{hint}")
-    stems: dict[str, list[str]] = {}
-    for name in names:
-        stems.setdefault(image_io.stem(name), []).append(name)
+    stems = image_io.group_by_stem(names)
     clashes = [" / ".join(v) for v in stems.values() if len(v) > 1]
     if clashes:
         raise InputError(f"{image_folder}: images share a file stem ({', '.join(clashes[:5])}), so their outputs "
@@ -209,9 +207,7 @@ def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
     """Image name -> ground-truth mask path, paired by file stem (a.png scores a.tif)."""
     if not os.path.isdir(mask_folder):
         raise InputError(f"--mask_folder {mask_folder}: not a folder")
-    by_stem: dict[str, list[str]] = {}
-    for name in image_io.list_images(mask_folder):
-        by_stem.setdefault(image_io.stem(name), []).append(name)
+    by_stem = image_io.group_by_stem(image_io.list_images(mask_folder))
     pairs = {}
     for name in names:
         found = by_stem.get(image_io.stem(name), [])

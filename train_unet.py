@@ -381,7 +381,7 @@ class CheckpointStore:
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
             fh.write(state.to_json())
         for entry in os.listdir(tmp):
-            _fsync(os.path.join(tmp, entry))
+            cliutil.fsync_path(os.path.join(tmp, entry))
         final = os.path.join(self.folder, name)
         if os.path.exists(final):  # same step saved again (e.g. final pass after a resume)
             shutil.rmtree(final)
@@ -405,14 +405,6 @@ class CheckpointStore:
     def load_state(self, name: str) -> RunState:
         with open(os.path.join(self.folder, name, "state.json"), encoding="utf-8") as fh:
             return RunState.from_json(fh.read())
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MetricsCsv:
