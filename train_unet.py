@@ -5,7 +5,8 @@
         --batch_size 4 --number_classes 2 --learning_rate 1e-4 --test_every_n_steps 1000
 
 Schedule (as in the original toolkit): warm-up at learning_rate/10 for min(1000, test_every_n_steps)
-steps, then learning_rate (Adam); every test_every_n_steps a full test pass (each record once): loss,
+steps, then learning_rate (Adam; --lr_schedule cosine instead decays it to a hundredth along a half
+cosine from the end of warm-up to --max_steps); every test_every_n_steps a full test pass (each record once): loss,
 pixel accuracy, per-class IoU and Dice; early stopping after --early_stopping test passes without an
 improvement of the test loss by more than 1e-4; also stops at --max_steps.
 
@@ -61,12 +62,14 @@ EXIT_DIVERGED = 3
 IMPROVEMENT_TOLERANCE = 1e-4
 WARMUP_MAX_STEPS = 1000
 LOSSES = ("ce", "dice", "ce+dice", "focal")
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FINAL_FRACTION = 0.01  # --lr_schedule cosine ends at learning_rate / 100
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 OVERLAY_IMAGES = 3
 # Settings that define a run: a checkpoint is resumed only when all of these are unchanged.
 RUN_DEFINING_FIELDS = ("model", "model_config", "channels", "number_classes", "loss", "class_weight_values",
-                       "learning_rate", "batch_size", "crop_size", "test_every_n_steps", "balance_classes",
+                       "learning_rate", "lr_schedule", "batch_size", "crop_size", "test_every_n_steps", "balance_classes",
                        "use_augmentation", "mixed_precision", "seed", "train_data", "test_data")
 CHECKPOINT_POINTER = "checkpoint.json"
 
@@ -86,6 +89,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=4, help="samples per replica (GPU); global batch = batch_size x replicas")
     p.add_argument("--number_classes", type=int, default=2, help="classes the model predicts (mask values 0..N-1)")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (warm-up at a tenth of it)")
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                   help="after warm-up: 'constant' (the original's) or 'cosine' (decay to a hundredth at --max_steps)")
     p.add_argument("--test_every_n_steps", type=int, default=1000, help="steps between test passes (an 'epoch')")
     p.add_argument("--balance_classes", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="1 = sample a class uniformly, then a record containing it")
@@ -156,7 +161,9 @@ def _check_numbers(args) -> None:
               (args.test_every_n_steps >= 1, "--test_every_n_steps must be >= 1"),
               (args.early_stopping >= 0, "--early_stopping must be >= 0 (0 = never stop early)"),
               (args.reader_count >= 1, "--reader_count must be >= 1"),
-              (args.max_steps is None or args.max_steps >= 1, "--max_steps must be >= 1")]
+              (args.max_steps is None or args.max_steps >= 1, "--max_steps must be >= 1"),
+              (args.lr_schedule != "cosine" or args.max_steps is not None,
+               "--lr_schedule cosine decays to --max_steps; pass --max_steps N")]
     for ok, message in checks:
         if not ok:
             raise cliutil.InputError(message)
@@ -225,7 +232,7 @@ def resolve_config(args) -> dict[str, Any]:
         "image_dtype": train_meta[0]["image_dtype"],
         "train_database": [os.path.abspath(p) for p in args.train_database],
         "test_database": os.path.abspath(args.test_database), "output_dir": os.path.abspath(args.output_dir),
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
         "test_every_n_steps": args.test_every_n_steps,
         "warmup_steps": min(WARMUP_MAX_STEPS, args.test_every_n_steps),
         "balance_classes": bool(args.balance_classes), "use_augmentation": bool(args.use_augmentation),
@@ -280,7 +287,9 @@ def check_resume(config: dict[str, Any], require: bool) -> bool:
     except (OSError, json.JSONDecodeError):
         raise cliutil.InputError(f"{output_dir} holds a checkpoint but no readable config.json; "
                                  "use a new --output_dir") from None
-    differing = [k for k in RUN_DEFINING_FIELDS if saved.get(k) != config.get(k)]
+    fields = RUN_DEFINING_FIELDS + (("max_steps",) if config["lr_schedule"] == "cosine" else ())
+    saved.setdefault("lr_schedule", "constant")  # config.json written before the option existed
+    differing = [k for k in fields if saved.get(k) != config.get(k)]
     if differing:
         details = "; ".join(_difference(k, saved.get(k), config.get(k)) for k in differing)
         raise cliutil.InputError(f"{output_dir} holds a checkpoint of a different configuration ({details}); "
@@ -507,8 +516,14 @@ def loss_from_statistics(stats: dict, loss: str, class_weights):
 
 
 def learning_rate_at(step: int, config: dict[str, Any]) -> float:
-    """LR for the update that makes step ``step + 1``: a tenth during warm-up."""
-    return config["learning_rate"] / 10.0 if step < config["warmup_steps"] else config["learning_rate"]
+    """LR for the update that makes step ``step + 1``: a tenth during warm-up, then constant or cosine decay."""
+    lr, warmup = config["learning_rate"], config["warmup_steps"]
+    if step < warmup:
+        return lr / 10.0
+    if config.get("lr_schedule", "constant") == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, config["max_steps"] - warmup))
+    return lr * (COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class Trainer:

@@ -87,7 +87,7 @@ def run_variant(name: str, args, train_db: str, test_db: str, images: str) -> di
                  "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
                  "--test_every_n_steps", str(args.test_every_n_steps), "--max_steps", str(args.steps),
                  "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(args.seed),
-                 "--reader_count", "1"]
+                 "--reader_count", "1", "--lr_schedule", args.lr_schedule, "--loss", args.loss]
     train_s = run(train_cmd, os.path.join(out, "train.log"))
     infer_cmd = [sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(out, "model", "saved_model"),
                  "--image_folder", images, "--output_folder", os.path.join(out, "masks"), "--image_format", "tif",
@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--test_every_n_steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice", "focal"])
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
         sys.exit(f"{args.data}: shared data not found; pass --data")
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
     train_db, test_db = build(args.data, args.output_dir)
     images = test_image_folder(args.data, args.output_dir)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
-    print(f"budget: {args.steps} steps, batch {args.batch_size}, lr {args.learning_rate}")
+    print(f"budget: {args.steps} steps, batch {args.batch_size}, lr {args.learning_rate} ({args.lr_schedule}), "
+          f"loss {args.loss}")
     print(f"{'variant':<14}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}")
     for name in args.variants:
         r = run_variant(name, args, train_db, test_db, images)

@@ -102,6 +102,7 @@ def test_tiny_unet_trains_and_exports_a_self_contained_savedmodel(dbs, tmp_path)
     (["--model", "fcdensenet56"], "gray", "--depth and --base_filters"),
     (["--test_database", "/nonexistent/test.lmdb"], "gray", "no LMDB database"),
     (["--test_database", "RGB_TEST"], "gray", "different channel counts"),
+    (["--lr_schedule", "cosine"], "gray", "--max_steps"),
 ])
 def test_bad_input_exits_2_before_writing_anything(dbs, tmp_path, capsys, extra, kind, match):
     extra = [dbs["rgb"][1] if e == "RGB_TEST" else e for e in extra]
@@ -137,6 +138,19 @@ def test_class_weights_and_losses():
         float(train_unet.loss_from_statistics(whole, "ce+dice", ones)), rel=1e-5)
 
 
+def test_learning_rate_schedules():
+    config = {"learning_rate": 1e-3, "warmup_steps": 100, "max_steps": 1100, "lr_schedule": "constant"}
+    assert train_unet.learning_rate_at(99, config) == pytest.approx(1e-4)
+    assert train_unet.learning_rate_at(100, config) == train_unet.learning_rate_at(5000, config) == 1e-3
+    config["lr_schedule"] = "cosine"
+    assert train_unet.learning_rate_at(0, config) == pytest.approx(1e-4)  # same warm-up
+    assert train_unet.learning_rate_at(100, config) == pytest.approx(1e-3)
+    assert train_unet.learning_rate_at(600, config) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # half way
+    lrs = [train_unet.learning_rate_at(s, config) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-5)
+    assert train_unet.learning_rate_at(2000, config) == pytest.approx(1e-5)  # stays at the floor
+
+
 def test_early_stopping_counts_passes_without_improvement_beyond_tolerance():
     config = {"max_steps": None, "early_stopping": 2}
     st = train_unet.RunState()
@@ -161,6 +175,12 @@ def test_mismatched_configuration_is_refused_on_resume(dbs, tmp_path, capsys):
     # Same configuration with a larger step budget continues (only --max_steps changed).
     assert train_unet.main(argv(dbs, out, "--max_steps", 4, "--test_every_n_steps", 2)) == 0
     assert [int(r["step"]) for r in read_csv(out / "metrics.csv")] == [2, 4]
+    # A cosine schedule is defined by its end: a different --max_steps is another run.
+    cosine = tmp_path / "cosine"
+    assert train_unet.main(argv(dbs, cosine, "--max_steps", 2, "--test_every_n_steps", 2, "--lr_schedule", "cosine")) == 0
+    capsys.readouterr()
+    assert train_unet.main(argv(dbs, cosine, "--max_steps", 4, "--test_every_n_steps", 2, "--lr_schedule", "cosine")) == 2
+    assert "max_steps: 2 -> 4" in capsys.readouterr().err
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(dbs, tmp_path, monkeypatch, capsys):
