@@ -479,6 +479,8 @@ class ImageReader:
             stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
             channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes))
         self._next_g = 0
+        # Delivered batches, and those whose worker had none ready when asked (the ring was empty).
+        self.batches_delivered = self.batches_starved = 0
         self._closed = False
         self._watch = QueueWatch(grace=2 * slots * self.workers)
         self._finalizer = None
@@ -627,6 +629,7 @@ class ImageReader:
 
     def _receive(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         w = g % self.workers
+        ready = self._ready(w)
         while True:
             message = self._recv(w)
             if message[0] == "error":
@@ -641,8 +644,16 @@ class ImageReader:
             self._consumed[w] += 1
             self._free[w].release()
             if mg == g:
+                self.batches_delivered += 1
+                self.batches_starved += not ready
                 return batch
             # mg < g: a batch of an abandoned eval pass; skip it
+
+    def _ready(self, w: int) -> bool:
+        try:
+            return bool(self._conns[w].poll(0))
+        except (OSError, EOFError, IndexError):
+            return False  # closed or dying: _recv reports it
 
     def _recv(self, w: int):
         conn = self._conns[w] if not self._closed else None

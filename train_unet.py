@@ -843,17 +843,17 @@ class _Run:
         train_reader, test_reader = self.readers
         self.test_data = distribute(self.strategy, test_reader)
         iterator = iter(distribute(self.strategy, train_reader))
-        meter = _Meter()
+        meter = _Meter(train_reader)
         lr = None
         while (reason := stop_reason(self.state, self.config)) is None:
             if learning_rate_at(self.state.step, self.config) != lr:
                 lr = learning_rate_at(self.state.step, self.config)
                 self.trainer.set_learning_rate(lr)
-            waited = time.perf_counter()
+            asked = time.perf_counter()
             batch = next(iterator)
             started = time.perf_counter()
             out = {k: float(v) for k, v in self.trainer.train_step(batch).items()}
-            meter.add(out, started - waited, time.perf_counter() - started)
+            meter.add(out, started - asked, time.perf_counter() - started)
             self._check_finite(out)
             self.state.step += 1
             self.trainer.step.assign(self.state.step)
@@ -885,10 +885,11 @@ class _Run:
             summary_scalar("pixel_accuracy", summary["accuracy"])
             summary_scalar("learning_rate", lr)
             summary_scalar("seconds_per_step", summary["step_seconds"])
-            summary_scalar("reader_wait_fraction", summary["wait_fraction"])
-        log.info("step %d  loss %.4f  acc %.4f  lr %.2g  %.3f s/step  waited on reader in %.0f%% of steps",
+            summary_scalar("input_fetch_seconds", summary["fetch_seconds"])
+            summary_scalar("reader_starved_fraction", summary["starved_fraction"])
+        log.info("step %d  loss %.4f  acc %.4f  lr %.2g  %.3f s/step (input %.1f ms)  reader starved on %.0f%% of batches",
                  self.state.step, summary["loss"], summary["accuracy"], lr, summary["step_seconds"],
-                 100 * summary["wait_fraction"])
+                 1000 * summary["fetch_seconds"], 100 * summary["starved_fraction"])
         self.last_train_loss = summary["loss"]
 
     def _test_pass(self, meter: "_Meter") -> None:
@@ -930,30 +931,35 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 class _Meter:
-    """Running means between train log lines; a step 'waited' when fetching its batch took > 5 ms."""
+    """Running means between train log lines: loss, accuracy, seconds per step, input fetch time, and
+    the fraction of the reader's batches that found no batch ready (its ``batches_starved`` counter)."""
 
-    WAIT_SECONDS = 0.005
-
-    def __init__(self):
+    def __init__(self, reader=None):
+        self.reader = reader
         self.reset()
+
+    def _reader_counts(self) -> tuple[int, int]:
+        return (getattr(self.reader, "batches_delivered", 0), getattr(self.reader, "batches_starved", 0))
 
     def reset(self):
         self.n = 0
-        self.loss = self.correct = self.pixels = self.compute = 0.0
-        self.waits = 0
+        self.loss = self.correct = self.pixels = self.compute = self.fetch = 0.0
+        self.counts = self._reader_counts()
 
-    def add(self, out: dict[str, float], wait: float, compute: float) -> None:
+    def add(self, out: dict[str, float], fetch: float, compute: float) -> None:
         self.n += 1
         self.loss += out["loss"]
         self.correct += out["correct"]
         self.pixels += out["pixels"]
-        self.compute += compute + wait
-        self.waits += wait > self.WAIT_SECONDS
+        self.compute += compute + fetch
+        self.fetch += fetch
 
     def flush(self) -> dict[str, float]:
         n = max(self.n, 1)
+        delivered, starved = (now - before for now, before in zip(self._reader_counts(), self.counts))
         summary = {"loss": self.loss / n, "accuracy": self.correct / max(self.pixels, 1.0),
-                   "step_seconds": self.compute / n, "wait_fraction": self.waits / n}
+                   "step_seconds": self.compute / n, "fetch_seconds": self.fetch / n,
+                   "starved_fraction": starved / max(delivered, 1)}
         self.reset()
         return summary
 

@@ -175,6 +175,20 @@ def test_balanced_sampling_through_the_reader(dbs):
         assert abs((record_class == cls).mean() - p) < 0.08
 
 
+def test_starved_batches_are_counted(dbs):
+    """A consumer that outpaces the worker finds no batch ready; one that waits for a full ring never does."""
+    with ImageReader(dbs["large"], batch_size=2, workers=1, augment=False, queue_size=8, seed=1) as reader:
+        it = iter(reader)
+        next(it)  # the first batch is always waited for (the worker starts)
+        assert reader.batches_delivered == 1 and reader.batches_starved == 1
+        deadline = time.monotonic() + 30
+        while reader._fill() < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(3):  # all ready in the ring
+            next(it)
+        assert reader.batches_delivered == 4 and reader.batches_starved == 1
+
+
 def test_starvation_is_logged_once_per_transition(caplog):
     watch = imagereader.QueueWatch(grace=100)
     with caplog.at_level(logging.INFO, logger="imagereader"):
