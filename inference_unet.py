@@ -372,6 +372,16 @@ def open_any(path: str) -> tuple[Any, Callable[[], None]]:
     return image_io.to_hwc(image_io.read_image(path)), lambda: None
 
 
+@contextlib.contextmanager
+def opened(path: str) -> Iterator[Any]:
+    """:func:`open_any` as a context manager: the view, closed on exit."""
+    array, close = open_any(path)
+    try:
+        yield array
+    finally:
+        close()
+
+
 @dataclass
 class Source:
     image_hwc: Any          # np.ndarray or LazyHWC
@@ -744,13 +754,7 @@ def confusion_from_files(pred_path: str, truth_path: str, number_classes: int) -
 
     Returns (cm, pixels of the truth with a class id outside [0, number_classes)).
     """
-    pred, close_pred = open_any(pred_path)
-    try:
-        truth, close_truth = open_any(truth_path)
-    except Exception:
-        close_pred()
-        raise
-    try:
+    with opened(pred_path) as pred, opened(truth_path) as truth:
         if truth.shape[2] != 1:
             raise ValueError(f"{truth_path}: ground-truth mask has {truth.shape[2]} channels; masks are single-channel")
         if tuple(truth.shape[:2]) != tuple(pred.shape[:2]):
@@ -764,9 +768,6 @@ def confusion_from_files(pred_path: str, truth_path: str, number_classes: int) -
             cm += metrics.confusion_matrix(t, np.asarray(pred[y : y + rows])[..., 0], number_classes)
             outside += int(np.count_nonzero((t < 0) | (t >= number_classes)))
         return cm, outside
-    finally:
-        close_pred()
-        close_truth()
 
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -785,19 +786,10 @@ def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
 
 def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = 0.45) -> None:
     """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side."""
-    image, close_image = open_any(image_path)
-    try:
-        mask, close_mask = open_any(mask_path)
-    except Exception:
-        close_image()
-        raise
-    try:
+    with opened(image_path) as image, opened(mask_path) as mask:
         step = max(1, -(-max(image.shape[0], image.shape[1]) // OVERLAY_MAX_SIDE))
         rgb = _display_rgb(np.asarray(image[::step, ::step]))
         classes = np.asarray(mask[::step, ::step])[..., 0].astype(np.int64)
-    finally:
-        close_image()
-        close_mask()
     colors = PALETTE[(classes - 1) % len(PALETTE)]
     labelled = (classes > 0)[..., None]
     out = np.where(labelled, (1 - alpha) * rgb + alpha * colors, rgb)
