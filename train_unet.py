@@ -5,10 +5,11 @@
         --batch_size 4 --number_classes 2 --learning_rate 1e-4 --test_every_n_steps 1000
 
 Schedule (as in the original toolkit): warm-up at learning_rate/10 for min(1000, test_every_n_steps)
-steps, then learning_rate (Adam; --lr_schedule cosine instead decays it to a hundredth along a half
-cosine from the end of warm-up to --max_steps); every test_every_n_steps a full test pass (each record once): loss,
-pixel accuracy, per-class IoU and Dice; early stopping after --early_stopping test passes without an
-improvement of the test loss by more than 1e-4; also stops at --max_steps.
+steps, then learning_rate (Adam; --lr_schedule cosine instead decays it to a hundredth along a
+half cosine from the end of warm-up to --max_steps); every test_every_n_steps a full test pass
+(each record once): loss, pixel accuracy, per-class IoU and Dice; early stopping after
+--early_stopping test passes without an improvement of the test loss by more than 1e-4; also stops
+at --max_steps.
 
 Outputs in --output_dir: config.json (every resolved setting), metrics.csv (one row per test pass),
 logs/ (TensorBoard: train/ and test/ scalars, test images with prediction overlays),

@@ -95,6 +95,7 @@ def run_variant(name: str, args, train_db: str, test_db: str, images: str) -> di
                  "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(args.seed),
                  "--reader_count", "1", "--lr_schedule", args.lr_schedule, "--loss", args.loss]
     train_s = run(train_cmd, os.path.join(out, "train.log"))
+
     def infer(folder: str, *extra: str) -> tuple[float, dict[str, str]]:
         cmd = [sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(out, "model", "saved_model"),
                "--image_folder", images, "--output_folder", os.path.join(out, folder), "--image_format", "tif",
