@@ -167,3 +167,16 @@ def check_dtype(image: np.ndarray, path: str, allowed: Iterable[str] = SUPPORTED
             f"{path}: pixel type {image.dtype.name} is not supported (supported: {', '.join(allowed)}); "
             "convert the file to one of these"
         )
+
+
+# Display colours of classes 1, 2, ... (class 0, background, is left uncoloured).
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)], np.float32)
+OVERLAY_ALPHA = 0.45
+
+
+def tint(rgb: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """float RGB (..., 3) with each labelled pixel blended towards its class colour; class 0 unchanged."""
+    labels = labels.astype(np.int64)
+    colours = PALETTE[(labels - 1) % len(PALETTE)]
+    return np.where((labels > 0)[..., None], (1 - alpha) * rgb + alpha * colours, rgb)

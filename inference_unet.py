@@ -770,10 +770,6 @@ def confusion_from_files(pred_path: str, truth_path: str, number_classes: int) -
         return cm, outside
 
 
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)], np.float32)
-
-
 def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
     """uint8 RGB for display: 3+ channels as RGB, else the first channel; 1-99.5 percentile stretch."""
     img = image_hwc[..., :3] if image_hwc.shape[2] >= 3 else image_hwc[..., :1]
@@ -784,15 +780,13 @@ def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = 0.45) -> None:
+def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = image_io.OVERLAY_ALPHA) -> None:
     """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side."""
     with opened(image_path) as image, opened(mask_path) as mask:
         step = max(1, -(-max(image.shape[0], image.shape[1]) // OVERLAY_MAX_SIDE))
         rgb = _display_rgb(np.asarray(image[::step, ::step]))
-        classes = np.asarray(mask[::step, ::step])[..., 0].astype(np.int64)
-    colors = PALETTE[(classes - 1) % len(PALETTE)]
-    labelled = (classes > 0)[..., None]
-    out = np.where(labelled, (1 - alpha) * rgb + alpha * colors, rgb)
+        classes = np.asarray(mask[::step, ::step])[..., 0]
+    out = image_io.tint(rgb, classes, alpha)
     import imageio.v3 as iio
 
     os.makedirs(os.path.dirname(overlay_path), exist_ok=True)

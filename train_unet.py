@@ -521,7 +521,7 @@ def learning_rate_at(step: int, config: dict[str, Any]) -> float:
     lr, warmup = config["learning_rate"], config["warmup_steps"]
     if step < warmup:
         return lr / 10.0
-    if config.get("lr_schedule", "constant") == "constant":
+    if config["lr_schedule"] == "constant":
         return lr
     progress = min(1.0, (step - warmup) / max(1, config["max_steps"] - warmup))
     return lr * (COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * progress)))
@@ -690,23 +690,14 @@ def summary_images(name: str, images_nhw3: np.ndarray) -> None:
     tf.summary.write(name, tensor, metadata=_plugin_metadata("images", bytes([0x10, len(pngs)])))
 
 
-PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 160, 255], [255, 210, 0], [64, 220, 96], [200, 96, 255],
-                    [255, 128, 0], [0, 220, 220]], np.float32)
-
-
 def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.ndarray) -> np.ndarray:
     """uint8 NHW3 panels [image | truth overlay | prediction overlay]; class 0 is left uncoloured."""
     image = images_nhwc[..., :3] if images_nhwc.shape[-1] >= 3 else np.repeat(images_nhwc[..., :1], 3, axis=-1)
     lo = image.min(axis=(1, 2, 3), keepdims=True)
     hi = image.max(axis=(1, 2, 3), keepdims=True)
     gray = (image - lo) / np.maximum(hi - lo, 1e-6) * 255.0
-
-    def tint(labels):
-        colour = PALETTE[labels % len(PALETTE)]
-        alpha = np.where(labels[..., None] > 0, 0.45, 0.0)
-        return gray * (1 - alpha) + colour * alpha
-
-    return np.concatenate([gray, tint(truth_nhw), tint(pred_nhw)], axis=2).clip(0, 255).astype(np.uint8)
+    panels = [gray, image_io.tint(gray, truth_nhw), image_io.tint(gray, pred_nhw)]
+    return np.concatenate(panels, axis=2).clip(0, 255).astype(np.uint8)
 
 
 # ============================================================================ export
@@ -733,7 +724,8 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
         size_factor=config["size_factor"], receptive_field_radius=radius,
         effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
         training_tile_size=list(config["crop_size"]), final_metrics=final_metrics,
-        training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "batch_size", "seed")})
+        training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "lr_schedule", "batch_size",
+                                         "seed")})
     final = os.path.join(output_dir, "saved_model")
     staging = tempfile.mkdtemp(prefix=".saved_model.", suffix=".tmp", dir=output_dir)
     try:

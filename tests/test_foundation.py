@@ -73,3 +73,13 @@ def test_dtype_for_classes():
     assert image_io.dtype_for_classes(2) == np.uint8
     assert image_io.dtype_for_classes(256) == np.uint8
     assert image_io.dtype_for_classes(257) == np.uint16
+
+
+def test_tint_colours_labelled_pixels_only():
+    rgb = np.full((2, 2, 3), 100.0)
+    labels = np.array([[0, 1], [2, 11]])
+    out = image_io.tint(rgb, labels, alpha=0.5)
+    assert (out[0, 0] == 100).all()
+    assert np.allclose(out[0, 1], 0.5 * 100 + 0.5 * image_io.PALETTE[0])
+    assert np.allclose(out[1, 0], 0.5 * 100 + 0.5 * image_io.PALETTE[1])
+    assert np.allclose(out[1, 1], out[0, 1])  # the palette repeats after len(PALETTE) classes
