@@ -7,7 +7,8 @@
 Schedule (as in the original toolkit): warm-up at learning_rate/10 for min(1000, test_every_n_steps)
 steps, then learning_rate (Adam; --lr_schedule cosine instead decays it to a hundredth along a
 half cosine from the end of warm-up to --max_steps); every test_every_n_steps a full test pass
-(each record once): loss, pixel accuracy, per-class IoU and Dice; early stopping after
+(each record once) of the moving average of the weights (--ema_decay; 0 = the raw weights, as the
+original): loss, pixel accuracy, per-class IoU and Dice; early stopping after
 --early_stopping test passes without an improvement of the test loss by more than 1e-4; also stops
 at --max_steps.
 
@@ -65,12 +66,13 @@ WARMUP_MAX_STEPS = 1000
 LOSSES = ("ce", "dice", "ce+dice", "focal")
 LR_SCHEDULES = ("constant", "cosine")
 COSINE_FINAL_FRACTION = 0.01  # --lr_schedule cosine ends at learning_rate / 100
+EMA_DEFAULT_DECAY = 0.999
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 OVERLAY_IMAGES = 3
 # Settings that define a run: a checkpoint is resumed only when all of these are unchanged.
 RUN_DEFINING_FIELDS = ("model", "model_config", "channels", "number_classes", "loss", "class_weight_values",
-                       "learning_rate", "lr_schedule", "batch_size", "crop_size", "test_every_n_steps", "balance_classes",
+                       "learning_rate", "lr_schedule", "ema_decay", "batch_size", "crop_size", "test_every_n_steps", "balance_classes",
                        "use_augmentation", "mixed_precision", "seed", "train_data", "test_data")
 CHECKPOINT_POINTER = "checkpoint.json"
 
@@ -92,6 +94,9 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (warm-up at a tenth of it)")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                    help="after warm-up: 'constant' (the original's) or 'cosine' (decay to a hundredth at --max_steps)")
+    p.add_argument("--ema_decay", type=float, default=EMA_DEFAULT_DECAY,
+                   help="test, keep and export an exponential moving average of the weights with this decay "
+                        "(ramped up as min(decay, (1+step)/(10+step))); 0 = the raw weights, as the original")
     p.add_argument("--test_every_n_steps", type=int, default=1000, help="steps between test passes (an 'epoch')")
     p.add_argument("--balance_classes", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="1 = sample a class uniformly, then a record containing it")
@@ -159,6 +164,7 @@ def _check_numbers(args) -> None:
     checks = [(args.batch_size >= 1, "--batch_size must be >= 1"),
               (args.number_classes >= 2, "--number_classes must be >= 2"),
               (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
+              (0.0 <= args.ema_decay < 1.0, "--ema_decay must be in [0, 1) (0 = no moving average)"),
               (args.test_every_n_steps >= 1, "--test_every_n_steps must be >= 1"),
               (args.early_stopping >= 0, "--early_stopping must be >= 0 (0 = never stop early)"),
               (args.reader_count >= 1, "--reader_count must be >= 1"),
@@ -234,6 +240,7 @@ def resolve_config(args) -> dict[str, Any]:
         "train_database": [os.path.abspath(p) for p in args.train_database],
         "test_database": os.path.abspath(args.test_database), "output_dir": os.path.abspath(args.output_dir),
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
+        "ema_decay": args.ema_decay,
         "test_every_n_steps": args.test_every_n_steps,
         "warmup_steps": min(WARMUP_MAX_STEPS, args.test_every_n_steps),
         "balance_classes": bool(args.balance_classes), "use_augmentation": bool(args.use_augmentation),
@@ -289,7 +296,8 @@ def check_resume(config: dict[str, Any], require: bool) -> bool:
         raise cliutil.InputError(f"{output_dir} holds a checkpoint but no readable config.json; "
                                  "use a new --output_dir") from None
     fields = RUN_DEFINING_FIELDS + (("max_steps",) if config["lr_schedule"] == "cosine" else ())
-    saved.setdefault("lr_schedule", "constant")  # config.json written before the option existed
+    saved.setdefault("lr_schedule", "constant")  # config.json written before these options existed
+    saved.setdefault("ema_decay", 0.0)
     differing = [k for k in fields if saved.get(k) != config.get(k)]
     if differing:
         details = "; ".join(_difference(k, saved.get(k), config.get(k)) for k in differing)
@@ -544,18 +552,47 @@ class Trainer:
             self.optimizer = keras.optimizers.LossScaleOptimizer(optimizer) if mixed else optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.ema_model = self._build_ema_model() if config["ema_decay"] > 0 else None
+        # Test passes, the 'best' choice, overlays and the export all use the averaged weights when there are some.
+        self.eval_model = self.ema_model or self.model
         self.class_weights = tf.constant(config["class_weight_values"], tf.float32)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+        tracked = {"ema_model": self.ema_model} if self.ema_model is not None else {}
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, **tracked)
         # autograph=False: the steps have no tensor-dependent Python control flow, and autograph would
         # re-read this file's source when it first traces (e.g. at the first test pass, hours in).
         self.train_step = tf.function(self._train_step, autograph=False)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True, autograph=False)
-        self.predict = tf.function(lambda images: tf.argmax(self.model(images, training=False), axis=-1,
+        self.predict = tf.function(lambda images: tf.argmax(self.eval_model(images, training=False), axis=-1,
                                                             output_type=tf.int32), reduce_retracing=True,
                                    autograph=False)
 
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.learning_rate = value
+
+    def _build_ema_model(self):
+        """A second model of the same architecture holding the moving average of every weight (BatchNorm
+        statistics included), starting from the initial weights."""
+        config = self.config
+        ema = models.build_model(config["model"], config["channels"], self.K, **config["model_config"])
+        if [w.shape for w in ema.weights] != [w.shape for w in self.model.weights]:
+            raise RuntimeError("the moving-average model's weights do not line up with the model's")
+        for average, weight in zip(ema.weights, self.model.weights):
+            average.assign(weight)
+        return ema
+
+    def _update_ema(self) -> None:
+        """average <- d * average + (1 - d) * weight on every replica, d = min(decay, (1 + t) / (10 + t)) with
+        t the steps done before this one (TensorFlow's ExponentialMovingAverage num_updates ramp)."""
+        import tensorflow as tf
+
+        t = tf.cast(self.step, tf.float32)
+        decay = tf.minimum(tf.constant(self.config["ema_decay"], tf.float32), (1.0 + t) / (10.0 + t))
+
+        def update(average, weight):
+            return average.assign(decay * average + (1.0 - decay) * tf.cast(weight, average.dtype))
+
+        for average, weight in zip(self.ema_model.weights, self.model.weights):
+            self.strategy.extended.update(average.value, update, args=(weight.value,), group=False)
 
     def _replica_train(self, images, labels):
         import tensorflow as tf
@@ -581,6 +618,8 @@ class Trainer:
 
         images, labels = batch
         out = self.strategy.run(self._replica_train, args=(images, labels))
+        if self.ema_model is not None:
+            self._update_ema()
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
 
     def _replica_eval(self, images, labels):
@@ -588,7 +627,7 @@ class Trainer:
         import tensorflow as tf
 
         def compute():
-            logits = self.model(images, training=False)
+            logits = self.eval_model(images, training=False)
             stats = batch_statistics(labels, logits, self.config["loss"], self.class_weights, self.K)
             pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
             stats["confusion"] = tf.cast(tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(pred, [-1]),
@@ -711,7 +750,9 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
 
     keras.mixed_precision.set_global_policy("float32")
     model = models.build_model(config["model"], config["channels"], config["number_classes"], **config["model_config"])
-    tf.train.Checkpoint(model=model).read(weights_prefix).expect_partial()
+    # The tested and chosen weights: the moving average when the run kept one.
+    tracked = {"ema_model" if config["ema_decay"] > 0 else "model": model}
+    tf.train.Checkpoint(**tracked).read(weights_prefix).expect_partial()
     radius = models.receptive_field_radius(config["model"], **config["model_config"])
     # Probe no larger than one training batch's pixels: export then needs no more memory than training.
     probe = int(math.sqrt(config["batch_size"] * config["crop_size"][0] * config["crop_size"][1]))
@@ -724,8 +765,8 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
         size_factor=config["size_factor"], receptive_field_radius=radius,
         effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
         training_tile_size=list(config["crop_size"]), final_metrics=final_metrics,
-        training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "lr_schedule", "batch_size",
-                                         "seed")})
+        training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay",
+                                         "batch_size", "seed")})
     final = os.path.join(output_dir, "saved_model")
     staging = tempfile.mkdtemp(prefix=".saved_model.", suffix=".tmp", dir=output_dir)
     try:

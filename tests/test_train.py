@@ -103,6 +103,7 @@ def test_tiny_unet_trains_and_exports_a_self_contained_savedmodel(dbs, tmp_path)
     (["--test_database", "/nonexistent/test.lmdb"], "gray", "no LMDB database"),
     (["--test_database", "RGB_TEST"], "gray", "different channel counts"),
     (["--lr_schedule", "cosine"], "gray", "--max_steps"),
+    (["--ema_decay", "1"], "gray", "--ema_decay must be in [0, 1)"),
 ])
 def test_bad_input_exits_2_before_writing_anything(dbs, tmp_path, capsys, extra, kind, match):
     extra = [dbs["rgb"][1] if e == "RGB_TEST" else e for e in extra]
@@ -314,3 +315,52 @@ def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
     before = trainer.model.get_layer("logits").kernel.numpy().copy()
     losses = [float(trainer.train_step(next(data))["loss"]) for _ in range(3)]
     assert all(np.isfinite(losses)) and not np.allclose(before, trainer.model.get_layer("logits").kernel.numpy())
+
+
+def test_moving_average_follows_the_ramped_decay_and_is_what_is_tested(dbs, tmp_path):
+    import tensorflow as tf
+
+    config = train_unet.resolve_config(train_unet.build_parser().parse_args(argv(dbs, tmp_path / "ema", "--ema_decay", 0.5)))
+    strategy = tf.distribute.MirroredStrategy()
+    trainer = train_unet.Trainer(config, strategy, mixed=False)
+    assert trainer.eval_model is trainer.ema_model and trainer.ema_model is not trainer.model
+    rng = np.random.default_rng(0)
+    batch = (rng.normal(size=(2, 32, 32, 1)).astype(np.float32), rng.integers(0, 3, (2, 32, 32)).astype(np.int32))
+    data = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+    average = [w.numpy().copy() for w in trainer.model.weights]  # starts at the initial weights
+    names = [w.path for w in trainer.model.weights]
+    assert any("moving_mean" in n for n in names)  # BatchNorm statistics are averaged too
+    for t in range(3):
+        trainer.train_step(next(data))
+        trainer.step.assign(t + 1)
+        decay = min(0.5, (1 + t) / (10 + t))  # 0.1, 0.18..., 0.25
+        average = [decay * a + (1 - decay) * w.numpy() for a, w in zip(average, trainer.model.weights)]
+        for a, e in zip(average, trainer.ema_model.weights):
+            np.testing.assert_allclose(e.numpy(), a, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trainer.ema_model.weights[0].numpy(), trainer.model.weights[0].numpy())
+    # No average with --ema_decay 0: the raw weights are tested.
+    plain = train_unet.resolve_config(train_unet.build_parser().parse_args(argv(dbs, tmp_path / "raw", "--ema_decay", 0)))
+    raw = train_unet.Trainer(plain, strategy, mixed=False)
+    assert raw.ema_model is None and raw.eval_model is raw.model
+
+
+def test_the_export_carries_the_averaged_weights_of_the_best_checkpoint(dbs, tmp_path):
+    import tensorflow as tf
+
+    import models
+
+    out = tmp_path / "run"
+    assert train_unet.main(argv(dbs, out, "--max_steps", 6, "--test_every_n_steps", 3, "--ema_decay", 0.9)) == 0
+    config = json.loads((out / "config.json").read_text())
+    best = os.path.join(out, "checkpoints", pointer(out)["best"], "ckpt")
+    x = np.random.default_rng(1).normal(size=(1, 32, 32, 1)).astype(np.float32)
+    probs = {}
+    for name in ("model", "ema_model"):
+        model = models.build_model("unet", 1, 3, **config["model_config"])
+        tf.train.Checkpoint(**{name: model}).read(best).expect_partial()
+        probs[name] = tf.nn.softmax(model(x, training=False), axis=-1).numpy()
+    served = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(served["probabilities"].numpy(), probs["ema_model"], atol=1e-5)
+    assert not np.allclose(probs["model"], probs["ema_model"], atol=1e-3)
+    meta = json.loads((out / "saved_model" / "assets" / "segmentation_metadata.json").read_text())
+    assert meta["training"]["ema_decay"] == 0.9
