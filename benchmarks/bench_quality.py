@@ -94,6 +94,8 @@ def run_variant(name: str, args, train_db: str, test_db: str, images: str) -> di
                  "--test_every_n_steps", str(test_every), "--max_steps", str(steps),
                  "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(args.seed),
                  "--reader_count", "1", "--lr_schedule", args.lr_schedule, "--loss", args.loss]
+    if args.ema_decay is not None:
+        train_cmd += ["--ema_decay", str(args.ema_decay)]
     train_s = run(train_cmd, os.path.join(out, "train.log"))
 
     def infer(folder: str, *extra: str) -> tuple[float, dict[str, str]]:
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice", "focal"])
+    parser.add_argument("--ema_decay", type=float, default=None, help="default: train_unet.py's (0.999)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
         sys.exit(f"{args.data}: shared data not found; pass --data")
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     images = test_image_folder(args.data, args.output_dir)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
     print(f"budget: {args.steps} steps (fcdensenet56: {args.fcdensenet_steps}), batch {args.batch_size}, lr {args.learning_rate} ({args.lr_schedule}), "
-          f"loss {args.loss}")
+          f"loss {args.loss}, ema_decay {'default' if args.ema_decay is None else args.ema_decay}")
     print(f"{'variant':<14}{'steps':>7}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}"
           f"{'IoU tta':>9}{'Dice tta':>9}")
     for name in args.variants:
