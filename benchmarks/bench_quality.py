@@ -1,7 +1,8 @@
 """Real-data quality: the three stages on the shared NIST phase-contrast data.
 
 Runs ``build_lmdb.py`` with the benchmark's split (``--test_list``), trains
-with a fixed step budget, and segments the 20 held-out test images with
+with a fixed step budget (train_unet.py's defaults otherwise, so the moving
+average of the weights is what is tested and exported), and segments the 20 held-out test images with
 ``inference_unet.py --mask_folder``; prints foreground IoU, Dice and pixel
 accuracy from the metrics.csv that inference writes, and the foreground IoU and
 Dice of the same model with ``--tta 1`` (mean of the 8 flip/rot90 predictions; UNet variants only:

@@ -8,6 +8,8 @@ For each model (default: FC-DenseNet56 and the default UNet) at batch 4, 256x256
   how many of the reader's batches found their worker with no batch ready (the reader was starved: the
   consumer blocked > 1 ms on the worker), and the time the train loop spent fetching each batch from
   the tf.data pipeline (median, 90th percentile, steps over 5 ms: hand-off cost and CPU scheduling).
+* --ema: the same step with the moving average of the weights (--ema_decay, the default) and without,
+  alternating in one process: what the average costs per step.
 * --reference: FC-DenseNet56 built with Keras' stock BatchNormalization (what a plain Keras port does),
   timed alternately with ours in the same process, so the ratio survives the shared machine's noise.
 
@@ -63,12 +65,12 @@ def make_databases(folder: str) -> tuple[str, str]:
     return os.path.join(out, "train-bench.lmdb"), os.path.join(out, "test-bench.lmdb")
 
 
-def run_config(model: str, train_db: str, test_db: str, out: str, batch: int) -> dict:
+def run_config(model: str, train_db: str, test_db: str, out: str, batch: int, *extra: str) -> dict:
     import train_unet
 
     args = train_unet.build_parser().parse_args(["--train_database", train_db, "--test_database", test_db,
                                                  "--output_dir", out, "--model", model, "--batch_size", str(batch),
-                                                 "--crop_size", "256", "--reader_count", "1"])
+                                                 "--crop_size", "256", "--reader_count", "1", *extra])
     return train_unet.resolve_config(args)
 
 
@@ -126,6 +128,31 @@ def bench_model(model: str, dbs, folder: str, steps: int, batch: int) -> None:
           f"steps   [load {load()}]")
 
 
+def bench_ema(model: str, dbs, folder: str, steps: int, batch: int) -> None:
+    """The train step with the weights' moving average (the default --ema_decay) and without, alternating."""
+    import tensorflow as tf
+
+    import train_unet
+
+    strategy = tf.distribute.MirroredStrategy()
+    runs = {}
+    for decay in ("0", str(train_unet.EMA_DEFAULT_DECAY)):
+        config = run_config(model, *dbs, os.path.join(folder, f"{model}-ema{decay}"), batch, "--ema_decay", decay)
+        trainer = train_unet.Trainer(config, strategy, mixed=False)
+        trainer.set_learning_rate(config["learning_rate"])
+        runs[decay] = (trainer, fixed_batches(strategy, config), [])
+    for i in range(WARMUP + steps):
+        for trainer, batches, times in runs.values():
+            batch_data = next(batches)
+            t = time.perf_counter()
+            float(trainer.train_step(batch_data)["loss"])
+            if i >= WARMUP:
+                times.append(time.perf_counter() - t)
+    (off, on) = (statistics.median(times) for _, _, times in runs.values())
+    print(f"{model:<14} batch {batch}: train step without the moving average {off:.3f} s, with it {on:.3f} s: "
+          f"ratio {on / off:.3f}   [load {load()}]")
+
+
 def bench_reference(steps: int, batch: int) -> None:
     """FC-DenseNet56 with stock Keras BatchNormalization vs ours, alternating steps in one process."""
     import keras
@@ -173,6 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed FC-DenseNet steps per measurement (UNet: 4x; after 3 warm-up steps)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--reference", type=int, default=1, help="1 = also time FC-DenseNet56 with stock Keras BN")
+    parser.add_argument("--ema", type=int, default=1, help="1 = also time each model's step with and without --ema_decay")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
@@ -182,7 +210,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:
         dbs = make_databases(folder)
         for model in args.models:
-            bench_model(model, dbs, folder, args.steps if model.startswith("fcdense") else 4 * args.steps, args.batch_size)
+            steps = args.steps if model.startswith("fcdense") else 4 * args.steps
+            bench_model(model, dbs, folder, steps, args.batch_size)
+            if args.ema:
+                bench_ema(model, dbs, folder, steps, args.batch_size)
     if args.reference:
         bench_reference(max(4, args.steps // 2), args.batch_size)
     print(f"load average after: {load()}")
