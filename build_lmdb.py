@@ -93,12 +93,11 @@ def _listing(names: Sequence[str]) -> str:
 
 
 def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
-    table = image_io.group_by_stem(names)
-    clashes = [" / ".join(v) for v in table.values() if len(v) > 1]
+    clashes = image_io.stem_clashes(names)
     if clashes:
         raise InputError(f"{folder}: several files share a stem ({_listing(clashes)}), so pairing by name is "
                          f"ambiguous; remove the extra files or pick one extension with {flag}")
-    return {k: v[0] for k, v in table.items()}
+    return {image_io.stem(name): name for name in names}
 
 
 def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
@@ -106,9 +105,7 @@ def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
     """(image name, mask name) pairs matched by file stem, sorted by image name."""
     images = image_io.list_images(image_folder, image_format)
     if not images:
-        others = sorted({os.path.splitext(n)[1] for n in image_io.list_images(image_folder)} - {""})
-        hint = f" (found {', '.join(others)} files: set --image_format)" if others else ""
-        raise InputError(f"{image_folder}: no *{image_io.normalize_extension(image_format)} images{hint}")
+        raise InputError(image_io.no_images_message(image_folder, image_format))
     if mask_format:
         masks = image_io.list_images(mask_folder, mask_format)
     else:

@@ -51,6 +51,18 @@ def group_by_stem(names: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
+def stem_clashes(names: Iterable[str]) -> list[str]:
+    """``"a.png / a.tif"`` for every stem that several of ``names`` share (pairing by stem is then ambiguous)."""
+    return [" / ".join(group) for group in group_by_stem(names).values() if len(group) > 1]
+
+
+def no_images_message(folder: str, image_format: str) -> str:
+    """The one-line error for a folder without images of ``image_format``, naming the extensions it has."""
+    others = sorted({os.path.splitext(n)[1] for n in list_images(folder)} - {""})
+    hint = f" (found {', '.join(others)} files: set --image_format)" if others else ""
+    return f"{folder}: no *{normalize_extension(image_format)} images{hint}"
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as stored (HW, HWC or CHW); raises ImageReadError."""
     ext = os.path.splitext(path)[1].lower()

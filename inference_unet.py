@@ -192,11 +192,8 @@ def _list_inputs(image_folder: str, image_format: str) -> list[str]:
         raise InputError(f"--image_folder {image_folder}: not a folder")
     names = image_io.list_images(image_folder, image_format)
     if not names:
-        others = sorted({os.path.splitext(n)[1] for n in image_io.list_images(image_folder)} - {""})
-        hint = f" (found {', '.join(others)} files: set --image_format)" if others else ""
-        raise InputError(f"{image_folder}: no *{image_io.normalize_extension(image_format)} images{hint}")
-    stems = image_io.group_by_stem(names)
-    clashes = [" / ".join(v) for v in stems.values() if len(v) > 1]
+        raise InputError(image_io.no_images_message(image_folder, image_format))
+    clashes = image_io.stem_clashes(names)
     if clashes:
         raise InputError(f"{image_folder}: images share a file stem ({', '.join(clashes[:5])}), so their outputs "
                          "would collide; rename or move one of each")

@@ -54,10 +54,15 @@ def read_metadata(saved_model_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path}: metadata is not valid JSON ({exc}); re-export the model") from exc
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported metadata format {meta.get('format')!r} v{meta.get('format_version')}; re-export the model")
+    check_required(meta, f"{path}: ", "; re-export the model")
+    return meta
+
+
+def check_required(meta: dict[str, Any], where: str = "", fix: str = "") -> None:
+    """ValueError naming the REQUIRED_KEYS that ``meta`` lacks."""
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{path}: metadata lacks {', '.join(missing)}; re-export the model")
-    return meta
+        raise ValueError(f"{where}metadata lacks {', '.join(missing)}{fix}")
 
 
 def make_metadata(**fields: Any) -> dict[str, Any]:
@@ -66,7 +71,5 @@ def make_metadata(**fields: Any) -> dict[str, Any]:
     Extra keys are kept (readers ignore what they do not know).
     """
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": dict(SIGNATURE), **fields}
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"metadata lacks {', '.join(missing)}")
+    check_required(meta)
     return meta

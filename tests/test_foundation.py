@@ -1,4 +1,6 @@
 """Shared modules: record format, tiling geometry, normalization, metrics."""
+import json
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,27 @@ def test_tint_colours_labelled_pixels_only():
     assert np.allclose(out[0, 1], 0.5 * 100 + 0.5 * image_io.PALETTE[0])
     assert np.allclose(out[1, 0], 0.5 * 100 + 0.5 * image_io.PALETTE[1])
     assert np.allclose(out[1, 1], out[0, 1])  # the palette repeats after len(PALETTE) classes
+
+
+def test_stem_clashes_and_the_no_images_message(tmp_path):
+    assert image_io.stem_clashes(["a.tif", "b.tif", "a.tiff", "c.png"]) == ["a.tif / a.tiff"]
+    assert image_io.stem_clashes(["a.tif", "b.tif"]) == []
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "y.jpg").write_bytes(b"")
+    assert image_io.no_images_message(str(tmp_path), "tif") == f"{tmp_path}: no *.tif images (found .jpg, .png files: set --image_format)"
+
+
+def test_metadata_names_the_missing_keys(tmp_path):
+    import model_metadata
+
+    with pytest.raises(ValueError, match="metadata lacks channels, size_factor"):
+        model_metadata.make_metadata(model="unet", number_classes=2, normalization={}, receptive_field_radius=3)
+    folder = tmp_path / "sm"
+    (folder / "assets").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"")
+    meta = model_metadata.make_metadata(model="unet", channels=1, number_classes=2, normalization={}, size_factor=4,
+                                        receptive_field_radius=3)
+    del meta["number_classes"]
+    (folder / "assets" / model_metadata.METADATA_FILENAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"segmentation_metadata.json: metadata lacks number_classes; re-export the model"):
+        model_metadata.read_metadata(str(folder))
