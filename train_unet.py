@@ -72,8 +72,8 @@ DICE_SMOOTH = 1.0
 OVERLAY_IMAGES = 3
 # Settings that define a run: a checkpoint is resumed only when all of these are unchanged.
 RUN_DEFINING_FIELDS = ("model", "model_config", "channels", "number_classes", "loss", "class_weight_values",
-                       "learning_rate", "lr_schedule", "ema_decay", "batch_size", "crop_size", "test_every_n_steps", "balance_classes",
-                       "use_augmentation", "mixed_precision", "seed", "train_data", "test_data")
+                       "learning_rate", "lr_schedule", "ema_decay", "batch_size", "crop_size", "test_every_n_steps",
+                       "balance_classes", "use_augmentation", "mixed_precision", "seed", "train_data", "test_data")
 CHECKPOINT_POINTER = "checkpoint.json"
 
 
@@ -752,7 +752,9 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
     model = models.build_model(config["model"], config["channels"], config["number_classes"], **config["model_config"])
     # The tested and chosen weights: the moving average when the run kept one.
     tracked = {"ema_model" if config["ema_decay"] > 0 else "model": model}
-    tf.train.Checkpoint(**tracked).read(weights_prefix).expect_partial()
+    status = tf.train.Checkpoint(**tracked).read(weights_prefix)
+    status.assert_existing_objects_matched()  # never export initial weights because a name did not match
+    status.expect_partial()  # the optimizer and the other model stay in the checkpoint
     radius = models.receptive_field_radius(config["model"], **config["model_config"])
     # Probe no larger than one training batch's pixels: export then needs no more memory than training.
     probe = int(math.sqrt(config["batch_size"] * config["crop_size"][0] * config["crop_size"][1]))
