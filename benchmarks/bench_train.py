@@ -89,6 +89,19 @@ def time_steps(trainer, batches, steps: int) -> tuple[list[float], list[float]]:
     return fetch, compute
 
 
+def alternate(steps: int, **step_fns) -> dict[str, float]:
+    """Median seconds of each zero-argument step function, called in turn (one call each per round) so
+    that the machine's load hits all alike; the first WARMUP rounds (tracing) are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    for i in range(WARMUP + steps):
+        for name, fn in step_fns.items():
+            t = time.perf_counter()
+            fn()
+            if i >= WARMUP:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def fixed_batches(strategy, config):
     import tensorflow as tf
 
@@ -135,20 +148,16 @@ def bench_ema(model: str, dbs, folder: str, steps: int, batch: int) -> None:
     import train_unet
 
     strategy = tf.distribute.MirroredStrategy()
-    runs = {}
-    for decay in ("0", str(train_unet.EMA_DEFAULT_DECAY)):
+
+    def step_fn(decay: str):
         config = run_config(model, *dbs, os.path.join(folder, f"{model}-ema{decay}"), batch, "--ema_decay", decay)
         trainer = train_unet.Trainer(config, strategy, mixed=False)
         trainer.set_learning_rate(config["learning_rate"])
-        runs[decay] = (trainer, fixed_batches(strategy, config), [])
-    for i in range(WARMUP + steps):
-        for trainer, batches, times in runs.values():
-            batch_data = next(batches)
-            t = time.perf_counter()
-            float(trainer.train_step(batch_data)["loss"])
-            if i >= WARMUP:
-                times.append(time.perf_counter() - t)
-    (off, on) = (statistics.median(times) for _, _, times in runs.values())
+        data = next(fixed_batches(strategy, config))  # the one fixed batch, fetched outside the timing
+        return lambda: float(trainer.train_step(data)["loss"])
+
+    medians = alternate(steps, off=step_fn("0"), on=step_fn(str(train_unet.EMA_DEFAULT_DECAY)))
+    off, on = medians["off"], medians["on"]
     print(f"{model:<14} batch {batch}: train step without the moving average {off:.3f} s, with it {on:.3f} s: "
           f"ratio {on / off:.3f}   [load {load()}]")
 
@@ -183,14 +192,8 @@ def bench_reference(steps: int, batch: int) -> None:
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, 256, 256, 1)), tf.float32)
     y = tf.constant(rng.random((batch, 256, 256)) > 0.7, tf.int32)
-    times = {"stock": [], "ours": []}
-    for i in range(WARMUP + steps):
-        for name, fn in (("stock", stock), ("ours", ours)):
-            t = time.perf_counter()
-            float(fn(x, y))
-            if i >= WARMUP:
-                times[name].append(time.perf_counter() - t)
-    s, o = statistics.median(times["stock"]), statistics.median(times["ours"])
+    medians = alternate(steps, stock=lambda: float(stock(x, y)), ours=lambda: float(ours(x, y)))
+    s, o = medians["stock"], medians["ours"]
     print(f"fcdensenet56 plain step, stock Keras BatchNormalization {s:.3f} s vs fused {o:.3f} s: ratio {o / s:.2f}   [load {load()}]")
 
 
