@@ -552,7 +552,7 @@ class Trainer:
             self.optimizer = keras.optimizers.LossScaleOptimizer(optimizer) if mixed else optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.ema_model = self._build_ema_model() if config["ema_decay"] > 0 else None
+            self.ema_model = self._build_ema_model() if evaluated_weights(config) == "ema_model" else None
         # Test passes, the 'best' choice, overlays and the export all use the averaged weights when there are some.
         self.eval_model = self.ema_model or self.model
         self.class_weights = tf.constant(config["class_weight_values"], tf.float32)
@@ -741,6 +741,12 @@ def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.
 
 # ============================================================================ export
 
+def evaluated_weights(config: dict[str, Any]) -> str:
+    """The checkpoint name of the weights that are tested, chosen as best and exported: the moving
+    average (``ema_model``) when the run keeps one, else the trained ``model`` itself."""
+    return "ema_model" if config["ema_decay"] > 0 else "model"
+
+
 def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: str, final_metrics: dict[str, Any]) -> str:
     """Export the weights at ``weights_prefix`` as saved_model/ (float32, serving_default + metadata asset)."""
     import keras
@@ -750,8 +756,7 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
 
     keras.mixed_precision.set_global_policy("float32")
     model = models.build_model(config["model"], config["channels"], config["number_classes"], **config["model_config"])
-    # The tested and chosen weights: the moving average when the run kept one.
-    tracked = {"ema_model" if config["ema_decay"] > 0 else "model": model}
+    tracked = {evaluated_weights(config): model}
     status = tf.train.Checkpoint(**tracked).read(weights_prefix)
     status.assert_existing_objects_matched()  # never export initial weights because a name did not match
     status.expect_partial()  # the optimizer and the other model stay in the checkpoint

@@ -8,6 +8,12 @@ accuracy from the metrics.csv that inference writes, and the foreground IoU and
 Dice of the same model with ``--tta 1`` (mean of the 8 flip/rot90 predictions; UNet variants only:
 FC-DenseNet56 needs its exact halo of 448 px, ~5 s per 256x256 image per pass on a CPU).
 
+Seeds (``--seeds``, default 0 1 2): every variant is trained once per seed (the seed of the weights
+initialization and of the sample stream; the split is fixed by ``test_files.txt``) and a ``mean``
+row gives the mean and sample standard deviation over the seeds. One run is one draw: on this data
+the default UNet's foreground IoU moves by a few thousandths from seed to seed, about as much as
+the recipes compared in the README differ, so a single seed cannot rank them.
+
 Variants (``--variants``): ``unet`` (default model, default augmentation),
 ``unet-noaug`` (augmentation off), ``fcdensenet56`` (default augmentation).
 The step budgets are fixed so runs compare: ``--steps`` for the UNet variants,
@@ -17,6 +23,10 @@ CPU: the same 10 minutes buys far fewer steps). The target is training within
 and printed for each run so that can be checked (see the README table).
 
     python benchmarks/bench_quality.py --output_dir bench_output/quality
+
+A UNet run takes about 12 minutes on the 2-core development CPU (10 of training, inference twice),
+an FC-DenseNet56 run about 14: the defaults (3 variants x 3 seeds) take about 2 hours; pass
+``--variants unet --seeds 0`` for one run. Per-run rows also go to ``results.csv`` in the output folder.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import csv
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -82,18 +93,21 @@ def overall_row(metrics_csv: str) -> dict[str, str]:
     raise SystemExit(f"{metrics_csv}: no overall row")
 
 
-def run_variant(name: str, args, train_db: str, test_db: str, images: str) -> dict[str, float]:
+METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta")
+
+
+def run_variant(name: str, seed: int, args, train_db: str, test_db: str, images: str) -> dict[str, float]:
     model, augment = VARIANTS[name]
     steps = args.fcdensenet_steps if model.startswith("fcdensenet") else args.steps
     test_every = min(args.test_every_n_steps, max(1, steps // 3))
-    out = os.path.join(args.output_dir, name)
+    out = os.path.join(args.output_dir, name, f"seed{seed}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     train_cmd = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
                  "--output_dir", os.path.join(out, "model"), "--model", model, "--number_classes", "2",
                  "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
                  "--test_every_n_steps", str(test_every), "--max_steps", str(steps),
-                 "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(args.seed),
+                 "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(seed),
                  "--reader_count", "1", "--lr_schedule", args.lr_schedule, "--loss", args.loss]
     if args.ema_decay is not None:
         train_cmd += ["--ema_decay", str(args.ema_decay)]
@@ -125,7 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--test_every_n_steps", type=int, default=100, help="also the warm-up length (the seed's rule)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train every variant once per seed; a mean row follows (default: 0 1 2)")
     parser.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice", "focal"])
     parser.add_argument("--ema_decay", type=float, default=None, help="default: train_unet.py's (0.999)")
@@ -138,13 +153,38 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
     print(f"budget: {args.steps} steps (fcdensenet56: {args.fcdensenet_steps}), batch {args.batch_size}, lr {args.learning_rate} ({args.lr_schedule}), "
           f"loss {args.loss}, ema_decay {'default' if args.ema_decay is None else args.ema_decay}")
-    print(f"{'variant':<14}{'steps':>7}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}"
+    print(f"{'variant':<14}{'seed':>6}{'steps':>7}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}"
           f"{'IoU tta':>9}{'Dice tta':>9}")
+    rows = []
     for name in args.variants:
-        r = run_variant(name, args, train_db, test_db, images)
-        print(f"{name:<14}{r['steps']:>7}{r['train_s']:>9.0f}{r['iou_fg']:>9.4f}{r['dice_fg']:>9.4f}{r['pixel_accuracy']:>9.4f}"
-              f"{r['iou_fg_tta']:>9.4f}{r['dice_fg_tta']:>9.4f}", flush=True)
+        runs = []
+        for seed in args.seeds:
+            r = run_variant(name, seed, args, train_db, test_db, images)
+            runs.append(r)
+            rows.append({"variant": name, "seed": seed, **r})
+            print(f"{name:<14}{seed:>6}{r['steps']:>7}" + "".join(_cell(k, r[k]) for k in METRICS), flush=True)
+        if len(runs) > 1:
+            means = {k: statistics.fmean(r[k] for r in runs) for k in METRICS}
+            sds = {k: statistics.stdev(r[k] for r in runs) for k in METRICS}
+            print(f"{name:<14}{'mean':>6}{runs[0]['steps']:>7}" + "".join(_cell(k, means[k]) for k in METRICS))
+            print(f"{'':<14}{'sd':>6}{'':>7}" + "".join(_cell(k, sds[k]) for k in METRICS), flush=True)
+    write_csv(os.path.join(args.output_dir, "results.csv"), rows)
+    print(f"results: {os.path.join(args.output_dir, 'results.csv')}")
     return 0
+
+
+def _cell(key: str, value: float) -> str:
+    return f"{value:>9.0f}" if key == "train_s" else f"{value:>9.4f}"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """One row per (variant, seed), written under a temporary name and renamed into place."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["variant", "seed", "steps", *METRICS, "infer_s"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err, f"exit {proc.returncode}; stderr:\n{err[-3000:]}"
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
     assert pointer(out)["step"] >= 2  # the last checkpoint stays
