@@ -22,7 +22,8 @@ writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb
   RENAME_EXCHANGE); where the file system cannot exchange, the old one is renamed aside
   (``.train-NAME.lmdb.old-HOST-PID``) and the new one renamed in: a kill -9 between those two
   renames leaves no database under the final name, and the next run restores the old one.
-  Temporaries of killed runs (dead PID on this host) are removed by the next run.
+  Temporaries of killed runs (dead PID on this host) are removed by the next run. Ctrl-C and
+  SIGTERM (Slurm) remove them on the spot (exit code 130).
   The two databases are installed one after the other: a kill between the two leaves a new
   train and the old test database; both carry ``build.id`` in their metadata to detect that.
 
@@ -321,16 +322,6 @@ def _temp_name(final_path: str, kind: str) -> str:
     return os.path.join(folder, f".{base}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> None:
     """Remove temporaries of killed builds of these databases; restore an old one lost mid-swap."""
     if not os.path.isdir(output_folder):
@@ -344,7 +335,7 @@ def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> N
         path, final = os.path.join(output_folder, entry), finals[match["base"]]
         if match["host"] != host:
             log.warning("%s was left by a build on host %s; delete it if no build is running there", path, match["host"])
-        elif int(match["pid"]) != os.getpid() and _pid_alive(int(match["pid"])):
+        elif int(match["pid"]) != os.getpid() and cliutil.pid_alive(int(match["pid"])):
             log.warning("%s belongs to a running build (pid %s); leaving it alone", path, match["pid"])
         elif match["kind"] == "old" and not os.path.exists(final):
             os.rename(path, final)
@@ -559,7 +550,9 @@ class Encoder:
         if workers > 1 and len(tasks) > 1:
             threaded = "tensorflow" in sys.modules or "torch" in sys.modules  # forking those is unsafe
             context = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
-            self.pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
+            # Workers ignore Ctrl-C / SIGTERM: the main process handles them and shuts the pool down.
+            self.pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
+                                               initializer=cliutil.ignore_interrupts)
             self.window = 2 * workers
             self._fill()
 

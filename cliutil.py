@@ -1,16 +1,23 @@
 """Small helpers shared by the three command-line stages.
 
 One home for: the user-facing error type and its exit code, the original
-toolkit's 0/1 boolean flags, logging setup, and atomic file writes.
+toolkit's 0/1 boolean flags, logging setup, signals (SIGTERM as Ctrl-C; workers
+that ignore both), and atomic file writes with temporaries a later run can clean up.
 No TensorFlow here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -52,14 +59,69 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does.
+
+    SIGTERM is what Slurm sends on pre-emption, at the time limit (SIGKILL follows after its
+    KillWait, 30 s by default) and on ``scancel``; Python's default would end the process on
+    the spot, skipping the ``finally`` blocks that close readers and remove temporaries.
+    Outside the main thread (where signal handlers cannot be set) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_interrupts() -> None:
+    """For worker processes: ignore SIGINT and SIGTERM; the parent handles both and ends its workers.
+
+    A terminal's Ctrl-C and Slurm's SIGTERM reach every process of the job, workers included;
+    workers that died of them first would turn a clean interrupt into a worker failure.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM in this process for the block (main thread only; else no effect).
+
+    Start worker processes inside it: they inherit the ignored dispositions from their first
+    instruction (Python keeps an inherited SIG_IGN for SIGINT), so a Ctrl-C while a spawned
+    worker still imports cannot kill it with a traceback. A signal during the block is lost;
+    keep the block short.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_cli(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a stage's main, turning InputError into one line on stderr and exit 2.
 
-    KeyboardInterrupt exits 130 without a traceback; the stage's own
-    ``finally`` blocks have already closed readers and removed temporaries.
+    KeyboardInterrupt -- Ctrl-C, or SIGTERM (:func:`sigterm_as_interrupt`) -- exits 130 without
+    a traceback; the stage's own ``finally`` blocks have already closed readers and removed
+    temporaries.
     """
     try:
-        return int(main_fn(argv) or 0)
+        with sigterm_as_interrupt():
+            return int(main_fn(argv) or 0)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -68,18 +130,79 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] 
         return 130
 
 
-@contextmanager
-def atomic_path(final_path: str, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary path beside ``final_path``; rename it into place on success.
+# Temporaries are named ".BASE.tmp-HOST-PID-RANDOM[SUFFIX]": whoever finds one can tell which process
+# on which machine writes it, so a later run can remove those of processes that no longer exist.
+_TEMP_NAME = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}(?:\.[^.]+)?$")
 
-    The temporary lives in the same folder so the rename is atomic. On any
-    exception the temporary is removed and ``final_path`` is untouched.
+
+def owner_tag() -> str:
+    """``HOST-PID`` of this process, as it appears in the names of its temporaries."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (a process we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_temp(final_path: str, suffix: str = "", directory: bool = False) -> str:
+    """Create a hidden temporary file (or folder) beside ``final_path``, named after this process.
+
+    Same folder, so a rename into place is atomic; permissions as a plain create would give
+    (mkstemp/mkdtemp make 0600/0700).
     """
     folder = os.path.dirname(os.path.abspath(final_path)) or "."
-    base = os.path.basename(final_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual permissions
+    prefix = f".{os.path.basename(final_path)}.tmp-{owner_tag()}-"
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries (:func:`make_temp`'s names) in ``folder`` of processes that died on this
+    machine without cleaning up (kill -9, out of memory); returns their paths.
+
+    Temporaries of live processes, and of other machines (a job array writing one shared folder),
+    are left alone: from here it cannot be told whether those still write.
+    """
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry)
+        if not match or match["host"] != host or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+            continue
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+@contextmanager
+def atomic_path(final_path: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path beside ``final_path`` (:func:`make_temp`); rename it into place on success.
+
+    On any exception the temporary is removed and ``final_path`` is untouched.
+    """
+    tmp = make_temp(final_path, suffix=suffix)
     try:
         yield tmp
         os.replace(tmp, final_path)

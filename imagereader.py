@@ -33,7 +33,8 @@ The trainer only picks up ready batches; N worker processes make them.
 * Faults: a worker exception reaches the consumer as :class:`ReaderWorkerError` carrying the worker's
   traceback; a worker that dies (killed, out of memory) is detected within ``POLL_SECONDS``; ``close()``
   never hangs (join with a timeout, then terminate, then kill) and ends every worker. Workers ignore
-  SIGINT: Ctrl-C reaches the training process, whose ``with`` block / ``finally`` closes the reader.
+  SIGINT and SIGTERM (Ctrl-C and Slurm signal every process of the job): the training process handles
+  them, and its ``with`` block / ``finally`` closes the reader.
 * Queue: when the buffered batches fall below 10% of capacity the log says ``Input Queue Starvation !!!!``,
   when back above 50% ``Input Queue Starvation Over`` (once per transition; train mode only).
 
@@ -58,6 +59,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import augment as augmentation
+import cliutil
 import image_io
 import lmdb_format
 
@@ -303,7 +305,7 @@ def _wait_for_slot(free, stop) -> bool:
 
 def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buffer) -> None:
     """Worker process entry: make batches g = worker, worker + N, ... until stopped."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    cliutil.ignore_interrupts()  # Ctrl-C and SIGTERM are the consumer's to handle; it ends the workers
     g = None
     producer = None
     try:
@@ -580,7 +582,7 @@ class ImageReader:
             self._conns.append(receiver)
             self._free.append(free)
             self._rings.append(np.frombuffer(ring, np.uint8))
-            with _main_module_hidden():
+            with _main_module_hidden(), cliutil.interrupts_ignored():  # ignored already while it imports
                 proc.start()
             sender.close()
 

@@ -35,10 +35,15 @@ tile by tile, so memory depends on the tile size, not the image size. Other form
 whole. A reading thread prefetches normalized tiles and writer threads compress outputs while
 the model runs.
 
-Restart and faults: every output is written under a hidden temporary name and renamed when
-complete; images whose outputs exist are skipped (``--overwrite 1`` redoes them). An image that
-cannot be read, or has the wrong channel count or pixel type, is reported in one line and
-skipped; the run goes on and exits with code 1 and a summary. Bad flags: exit code 2.
+Restart and faults: every output is written under a hidden temporary name
+(``.NAME.tmp-HOST-PID-RANDOM``) and renamed when complete; images whose outputs exist are skipped
+(``--overwrite 1`` redoes them). Temporaries of killed runs on this machine (dead PID) are removed
+at the start of the next run; those of other machines are left alone (an array job may still
+write them). An image that cannot be read, or has the wrong channel count or pixel type, is
+reported in one line and skipped; the run goes on and exits with code 1 and a summary. Bad
+flags: exit code 2.
+Ctrl-C or SIGTERM (Slurm's pre-emption, time limit and ``scancel``): the image in progress is
+abandoned, its temporaries are removed, exit code 130; a rerun does the images not yet finished.
 
 Sharding: ``--shard_index I --shard_count N`` processes every N-th image starting at I (sorted
 by name); under a Slurm array both default to the array task (``SLURM_ARRAY_TASK_ID`` minus
@@ -55,7 +60,6 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +85,8 @@ EXIT_IMAGES_FAILED = 1
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 PROBABILITY_DTYPES = ("float32", "uint8")
 OUTPUT_FORMATS = ("tif", "zarr")
+PROBABILITIES_FOLDER, OVERLAYS_FOLDER = "probabilities", "overlays"  # under --output_folder
+OUTPUT_SUBFOLDERS = (PROBABILITIES_FOLDER, OVERLAYS_FOLDER)
 TILE_PROGRESS_MIN_TILES = 16
 MAX_BLOCK_BYTES = 256 * 2**20  # out-of-core reads need a TIFF stored in tiles or strips smaller than this
 
@@ -293,8 +299,9 @@ def output_paths(name: str, settings: Settings) -> OutputPaths:
     probs_ext = ".zarr" if settings.output_format == "zarr" else ".tif"
     return OutputPaths(
         mask=mask,
-        probabilities=os.path.join(folder, "probabilities", base + probs_ext) if settings.save_probabilities else None,
-        overlay=os.path.join(folder, "overlays", base + ".png") if settings.overlay else None,
+        probabilities=(os.path.join(folder, PROBABILITIES_FOLDER, base + probs_ext)
+                       if settings.save_probabilities else None),
+        overlay=os.path.join(folder, OVERLAYS_FOLDER, base + ".png") if settings.overlay else None,
     )
 
 
@@ -598,13 +605,11 @@ class _ZarrOutput(_ThreadedOutput):
 @contextlib.contextmanager
 def atomic_dir(final_path: str) -> Iterator[str]:
     """Like ``cliutil.atomic_path`` for a folder: a hidden temporary folder renamed into place."""
-    folder = os.path.dirname(os.path.abspath(final_path))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.", suffix=".tmp", dir=folder)
-    os.chmod(tmp, 0o777 & ~cliutil._UMASK)  # mkdtemp makes 0700
+    tmp = cliutil.make_temp(final_path, directory=True)
     try:
         yield tmp
         if os.path.exists(final_path):  # --overwrite: move the old one aside, then remove it
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.", suffix=".old", dir=folder)
+            old = cliutil.make_temp(final_path, suffix=".old", directory=True)
             os.replace(final_path, os.path.join(old, "x"))
             os.replace(tmp, final_path)
             shutil.rmtree(old, ignore_errors=True)
@@ -874,6 +879,9 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     if count > 1:
         log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))
     os.makedirs(settings.output_folder, exist_ok=True)
+    for folder in (settings.output_folder, *(os.path.join(settings.output_folder, sub) for sub in OUTPUT_SUBFOLDERS)):
+        for path in cliutil.remove_stale_temporaries(folder):
+            log.info("removed %s (temporary of a run that was killed)", path)
     predictor: list[Callable] = []
 
     def predict() -> Callable:  # load TensorFlow and the model only if some image needs them

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -380,6 +379,10 @@ class CheckpointStore:
         self.folder = checkpoint_dir(output_dir) if is_chief else tempfile.mkdtemp(prefix="train_unet_worker_")
         self.is_chief = is_chief
         os.makedirs(self.folder, exist_ok=True)
+        if is_chief:  # temporaries of a killed run (checkpoint, pointer, export): see cliutil.make_temp
+            for folder in (self.folder, output_dir):
+                for path in cliutil.remove_stale_temporaries(folder):
+                    log.info("removed %s (temporary of a run that was killed)", path)
 
     def pointer(self) -> dict[str, Any] | None:
         try:
@@ -394,7 +397,7 @@ class CheckpointStore:
     def save(self, checkpoint, state: RunState, best: bool) -> str:
         """Write the checkpoint of ``state.step``; it becomes 'latest' (and 'best' when ``best``)."""
         name = f"ckpt-{state.step:09d}"
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+        tmp = cliutil.make_temp(os.path.join(self.folder, name), directory=True)
         checkpoint.write(os.path.join(tmp, "ckpt"))
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
             fh.write(state.to_json())
@@ -775,7 +778,7 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
         training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay",
                                          "batch_size", "seed")})
     final = os.path.join(output_dir, "saved_model")
-    staging = tempfile.mkdtemp(prefix=".saved_model.", suffix=".tmp", dir=output_dir)
+    staging = cliutil.make_temp(os.path.join(output_dir, "saved_model"), directory=True)
     try:
         asset_dir = os.path.join(staging, "asset_source")
         os.makedirs(asset_dir)
@@ -1045,8 +1048,7 @@ def _run(argv: Sequence[str] | None) -> int:
     config = resolve_config(args)
     resume = check_resume(config, require=args.resume)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    previous = signal.signal(signal.SIGTERM, _sigterm)  # Slurm pre-emption: clean shutdown like Ctrl-C
-    try:
+    try:  # SIGTERM (Slurm pre-emption) arrives as KeyboardInterrupt: see cliutil.run_cli
         outcome = train(config, resume=resume)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -1059,15 +1061,9 @@ def _run(argv: Sequence[str] | None) -> int:
         print("error: the image reader failed; training stopped (the last checkpoint is kept):\n"
               + text[text.find("ReaderWorkerError"):][:3000], file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"done: {outcome.stopped}; best test loss {outcome.best_loss:.5f} at step {outcome.best_step}; "
           f"model: {outcome.saved_model}")
     return 0
-
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:

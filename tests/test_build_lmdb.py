@@ -428,6 +428,36 @@ def test_overwrite_replaces_only_complete_database(tmp_path, monkeypatch, exchan
     assert sorted(os.listdir(tmp_path / "out")) == ["test-ds.lmdb", "train-ds.lmdb"]
 
 
+def test_sigterm_mid_build_exits_130_and_leaves_no_temporaries(tmp_path):
+    """Slurm's SIGTERM to every process of the job (main and encoder workers): a clean stop."""
+    images, masks = os.path.join(EXAMPLE, "images"), os.path.join(EXAMPLE, "masks")
+    out = tmp_path / "out"
+    build(tmp_path, images, masks)
+    old_sha = {s: _sha(str(out / f"{s}-ds.lmdb")) for s in ("train", "test")}
+    env = dict(os.environ, **{build_lmdb.TEST_DELAY_ENV: "0.5"})
+    cmd = [PY, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", images, "--mask_folder", masks,
+           "--output_folder", str(out), "--dataset_name", "ds", "--overwrite", "1", "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 20
+        while not any(n.startswith(".train-ds.lmdb.tmp-") for n in os.listdir(out)):
+            assert proc.poll() is None and time.time() < deadline, "build ended before it could be stopped"
+            time.sleep(0.05)
+        time.sleep(0.7)  # some records written
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err, err
+    assert sorted(os.listdir(out)) == ["test-ds.lmdb", "train-ds.lmdb"]  # removed on the spot, not by a next run
+    assert {s: _sha(str(out / f"{s}-ds.lmdb")) for s in ("train", "test")} == old_sha
+
+
 def test_stale_temporaries_are_cleaned_and_interrupted_swap_restored(tmp_path):
     images, masks = make_pairs(str(tmp_path), n=4)
     build(tmp_path, images, masks)

@@ -257,6 +257,19 @@ def test_killed_worker_is_detected(dbs):
     assert_all_ended(pids)
 
 
+def test_workers_ignore_ctrl_c_and_sigterm_even_while_still_importing(dbs):
+    """A terminal's Ctrl-C and Slurm's SIGTERM reach every process; the workers leave them to the consumer."""
+    with ImageReader(dbs["ids"], batch_size=2, workers=2) as reader:
+        reader.start()
+        pids = reader.worker_pids
+        for pid in pids:  # right after start: the spawned workers are still importing numpy and OpenCV
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        batches = take(reader, 4)
+        assert len(batches) == 4 and all(live(pid) for pid in pids)
+    assert_all_ended(pids)
+
+
 def test_close_with_full_queues_is_quick_and_ends_every_worker(dbs):
     reader = ImageReader(dbs["large"], batch_size=2, workers=2, crop_size=16, queue_size=4)
     take(reader, 1)

@@ -5,9 +5,12 @@ Models are the tiny SavedModels of tests/savedmodel_helpers.py, exported once pe
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -259,6 +262,57 @@ def test_restart_skips_finished_outputs(models, tmp_path):
     assert sorted(summary.segmented) == sorted(names)
     assert all(os.stat(tmp_path / "out" / n).st_mtime_ns != stamps[tmp_path / "out" / n] for n in names if n != names[1])
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no temporaries left
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(models, tmp_path):
+    names = _write_images(tmp_path / "images", sizes=[(20, 20)])
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [out / f".img0.tif.tmp-{host}-{dead.pid}-abcdefgh.tif",  # what kill -9 mid-image leaves
+             out / "overlays" / f".img0.png.tmp-{host}-{dead.pid}-abcdefgh.png"]
+    elsewhere = out / f".img9.tif.tmp-{host}-elsewhere-{dead.pid}-abcdefgh.tif"  # another machine's: may be live
+    for path in [*stale, elsewhere]:
+        path.write_bytes(b"partial")
+    assert _run(models["pointwise"], tmp_path / "images", out, "--overlay", 1) == 0
+    assert sorted(os.listdir(out)) == sorted([elsewhere.name, "overlays", *names])
+    assert os.listdir(out / "overlays") == ["img0.png"]
+
+
+def test_sigterm_mid_image_exits_130_removes_its_temporary_and_a_rerun_finishes(models, tmp_path):
+    """Slurm's SIGTERM (time limit, pre-emption, scancel) while a large image is written out of core."""
+    _write_images(tmp_path / "images", sizes=[(64, 64)])
+    os.rename(tmp_path / "images" / "img0.tif", tmp_path / "images" / "a_small.tif")
+    yy, xx = np.mgrid[:3000, :3000]
+    tifffile.imwrite(tmp_path / "images" / "b_big.tif", (2000 + 800 * np.sin(yy / 9.0) * np.cos(xx / 13.0)).astype(np.uint16))
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", models["unet"],
+           "--image_folder", str(tmp_path / "images"), "--output_folder", str(out), "--tile_size", "128",
+           "--tta", "1", "--memory_limit_mb", "16"]  # out of core: the mask temporary grows tile by tile
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        deadline = time.time() + 120
+        while not (os.path.isdir(out) and any(n.startswith(".b_big.tif.") for n in os.listdir(out))):
+            assert proc.poll() is None and time.time() < deadline, "inference ended before the big image started"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the big image finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert sorted(os.listdir(out)) == ["a_small.tif"]  # the finished image stays; no temporary is left
+    summary = inf.segment_folder(saved_model_filepath=models["unet"], image_folder=str(tmp_path / "images"),
+                                 output_folder=str(out), tile_size=128)
+    assert summary.segmented == ["b_big.tif"] and summary.skipped == ["a_small.tif"]
+    assert tifffile.imread(out / "b_big.tif").shape == (3000, 3000)
 
 
 def test_corrupt_and_wrong_channel_images_are_reported_and_skipped(models, tmp_path, caplog):
