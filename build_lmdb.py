@@ -72,20 +72,11 @@ _TEMP_RE = re.compile(r"^\.(?P<base>.+\.lmdb)\.(?P<kind>tmp|old)-(?P<host>.+)-(?
 
 
 def parse_mask_map(text: str | dict | None) -> dict[int, int]:
-    """``"255:1,128:2"`` -> ``{255: 1, 128: 2}`` (mask value -> class id)."""
-    if not text:
-        return {}
-    if isinstance(text, dict):
-        pairs = list(text.items())
-    else:
-        try:
-            pairs = [tuple(int(v) for v in item.split(":")) for item in str(text).split(",") if item.strip()]
-        except ValueError:
-            pairs = [()]
-    if not pairs or any(len(p) != 2 or p[0] < 0 or p[1] < 0 for p in pairs):
-        raise InputError(f"--mask_map {text!r} is not a list of VALUE:CLASS pairs of non-negative integers; "
-                         "write it like 255:1 or 255:1,128:2")
-    return {int(k): int(v) for k, v in pairs}
+    """``"255:1,128:2"`` -> ``{255: 1, 128: 2}`` (mask value -> class id); see ``image_io.parse_mask_map``."""
+    try:
+        return image_io.parse_mask_map(text)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -222,21 +213,10 @@ def load_image(path: str) -> np.ndarray:
 
 
 def _values_hint(values: np.ndarray, number_classes: int) -> str:
-    if set(values.tolist()) == {0, 255}:
-        return "; the values are exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"
+    hint = image_io.mask_values_hint(values.tolist())
+    if hint:
+        return "; " + hint
     return f"; values found: {_listing([str(v) for v in values.tolist()])}; fix the mask or raise --number_classes"
-
-
-def _apply_mask_map(mask_hw: np.ndarray, mask_map: dict[int, int]) -> np.ndarray:
-    top = int(mask_hw.max()) if mask_hw.size else 0
-    if top < (1 << 16):
-        lut = np.arange(max(top, max(mask_map)) + 1, dtype=np.int64)
-        for k, v in mask_map.items():
-            lut[k] = v
-        return lut.astype(image_io.dtype_for_classes(int(lut.max()) + 1))[mask_hw]
-    values, inverse = np.unique(mask_hw, return_inverse=True)
-    mapped = np.array([mask_map.get(int(v), int(v)) for v in values], np.int64)
-    return mapped[inverse].reshape(mask_hw.shape)
 
 
 def load_mask(path: str, image_hw: tuple[int, int], mask_map: dict[int, int],
@@ -259,8 +239,7 @@ def load_mask(path: str, image_hw: tuple[int, int], mask_map: dict[int, int],
     if mask.size and mask.dtype.kind == "i" and int(mask.min()) < 0:
         raise InputError(f"{path}: mask has negative values (minimum {int(mask.min())}); class ids must be "
                          ">= 0 with 0 = background")
-    if mask_map:
-        mask = _apply_mask_map(mask, mask_map)
+    mask = image_io.apply_mask_map(mask, mask_map)
     top = int(mask.max()) if mask.size else 0
     if number_classes is not None and top >= number_classes:
         values = np.unique(mask)

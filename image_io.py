@@ -172,6 +172,57 @@ def dtype_for_classes(number_classes: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+def parse_mask_map(text: str | dict | None) -> dict[int, int]:
+    """``"255:1,128:2"`` (or ``{"255": 1, "128": 2}``) -> ``{255: 1, 128: 2}``: mask value -> class id.
+
+    Empty / None -> ``{}`` (no remapping). Raises ValueError with the user-facing message.
+    """
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        pairs = list(text.items())
+    else:
+        try:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in str(text).split(",") if item.strip()]
+        except ValueError:
+            pairs = [()]
+    try:
+        mapping = {int(k): int(v) for k, v in pairs}
+    except (TypeError, ValueError):
+        mapping = None
+    if not pairs or mapping is None or any(k < 0 or v < 0 for k, v in mapping.items()):
+        raise ValueError(f"--mask_map {text!r} is not a list of VALUE:CLASS pairs of non-negative integers; "
+                         "write it like 255:1 or 255:1,128:2")
+    return mapping
+
+
+def format_mask_map(mask_map: dict[int, int]) -> str:
+    """``{255: 1}`` -> ``"255:1"`` (the flag's syntax)."""
+    return ",".join(f"{k}:{v}" for k, v in sorted(mask_map.items()))
+
+
+def apply_mask_map(mask: np.ndarray, mask_map: dict[int, int]) -> np.ndarray:
+    """Replace mask values by class ids (values not in the map stay); non-negative integer masks."""
+    if not mask_map:
+        return mask
+    top = int(mask.max()) if mask.size else 0
+    if top < (1 << 16):
+        lut = np.arange(max(top, max(mask_map)) + 1, dtype=np.int64)
+        for k, v in mask_map.items():
+            lut[k] = v
+        return lut.astype(dtype_for_classes(int(lut.max()) + 1))[mask]
+    values, inverse = np.unique(mask, return_inverse=True)
+    mapped = np.array([mask_map.get(int(v), int(v)) for v in values], np.int64)
+    return mapped[inverse].reshape(mask.shape)
+
+
+def mask_values_hint(values: Iterable[int]) -> str | None:
+    """The fix for masks whose values are exactly {0, 255} (a binary mask saved for display), else None."""
+    if set(int(v) for v in values) == {0, 255}:
+        return "the values are exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"
+    return None
+
+
 def check_dtype(image: np.ndarray, path: str, allowed: Iterable[str] = SUPPORTED_IMAGE_DTYPES) -> None:
     allowed = tuple(allowed)
     if image.dtype.name not in allowed:

@@ -18,7 +18,9 @@ Outputs, in ``--output_folder``:
 * ``overlays/STEM.png`` (``--overlay 1``): the mask in colour over the image, downsampled to at
   most 2048 pixels on a side; for people to look at.
 * ``metrics.csv`` (``--mask_folder``): pixel accuracy, mean and per-class IoU and Dice per image
-  and over all images (row ``ALL``); ground-truth masks pair with images by file stem.
+  and over all images (row ``ALL``); ground-truth masks pair with images by file stem. Their
+  values are remapped first with ``--mask_map`` (default: the map the model's training databases
+  were built with, from its metadata), so 0/255 masks score as classes 0/1 like in training.
   Sharded runs write ``metrics_shardI_of_N.csv``; rerun unsharded (all images are then
   skipped, only scored) for one file over the whole folder.
 
@@ -108,6 +110,7 @@ class Settings:
     probability_dtype: str
     tta: bool
     masks: dict[str, str] | None          # image name -> ground-truth mask path
+    mask_map: dict[int, int]              # ground-truth value -> class id before scoring ({} = as is)
     overlay: bool
     overwrite: bool
     output_format: str
@@ -239,7 +242,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      save_probabilities: bool = False, probability_dtype: str = "float32", tta: bool = False,
                      mask_folder: str | None = None, overlay: bool = False, shard_index: int | None = None,
                      shard_count: int | None = None, overwrite: bool = False, output_format: str = "tif",
-                     memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB) -> Settings:
+                     memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     try:
         meta = model_metadata.read_metadata(saved_model_filepath)
@@ -262,6 +265,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     index, count = resolve_shard(shard_index, shard_count)
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
+    truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
     tile, halo_px = resolve_tile_size(tile_size, int(meta["size_factor"])), resolve_halo(halo, meta)
     overhead = ((tile + 2 * halo_px) / tile) ** 2
     if overhead > 4:
@@ -270,9 +274,30 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
         names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
-        probability_dtype=probability_dtype, tta=bool(tta), masks=masks, overlay=bool(overlay),
+        probability_dtype=probability_dtype, tta=bool(tta), masks=masks, mask_map=truth_map, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))
+
+
+def resolve_mask_map(mask_map: str | None, meta: dict[str, Any]) -> dict[int, int]:
+    """The ground-truth value -> class map: ``--mask_map`` when given (``none`` = as is), else the one the
+    model's training databases were built with (metadata ``mask_map``), else none."""
+    if mask_map is not None:
+        if str(mask_map).strip().lower() == "none":
+            return {}
+        try:
+            return image_io.parse_mask_map(mask_map)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    try:
+        mapping = image_io.parse_mask_map(meta.get("mask_map") or {})
+    except ValueError:
+        raise InputError(f"the model's metadata has an invalid mask_map {meta.get('mask_map')!r}; pass --mask_map "
+                         "yourself (e.g. 255:1, or none)") from None
+    if mapping:
+        log.info("ground-truth masks remapped with the model's --mask_map %s (from its training databases; "
+                 "--mask_map none scores them as they are)", image_io.format_mask_map(mapping))
+    return mapping
 
 
 # --- output paths ------------------------------------------------------------------------
@@ -751,10 +776,12 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
             f"(halo {settings.halo}), {where}")
 
 
-def confusion_from_files(pred_path: str, truth_path: str, number_classes: int) -> tuple[np.ndarray, int]:
-    """Confusion matrix of a written mask against ground truth, row block by row block.
+def confusion_from_files(pred_path: str, truth_path: str, number_classes: int,
+                         mask_map: dict[int, int] | None = None) -> tuple[np.ndarray, int, set[int]]:
+    """Confusion matrix of a written mask against ground truth (values remapped by ``mask_map``
+    first), row block by row block.
 
-    Returns (cm, pixels of the truth with a class id outside [0, number_classes)).
+    Returns (cm, pixels of the truth with a class id outside [0, number_classes), those ids).
     """
     with opened(pred_path) as pred, opened(truth_path) as truth:
         if truth.shape[2] != 1:
@@ -763,13 +790,19 @@ def confusion_from_files(pred_path: str, truth_path: str, number_classes: int) -
             raise ValueError(f"{truth_path}: ground-truth mask is {truth.shape[0]}x{truth.shape[1]} but the image is "
                              f"{pred.shape[0]}x{pred.shape[1]}; they must match pixel for pixel")
         cm = np.zeros((number_classes, number_classes), np.int64)
-        outside = 0
+        outside, outside_ids = 0, set()
         rows = max(1, (16 * 2**20) // max(1, pred.shape[1]))
         for y in range(0, pred.shape[0], rows):
             t = np.asarray(truth[y : y + rows])[..., 0].astype(np.int64)
+            if mask_map:
+                valid = t >= 0  # negative ids are outside whatever the map says
+                t = np.where(valid, image_io.apply_mask_map(np.where(valid, t, 0), mask_map), t)
             cm += metrics.confusion_matrix(t, np.asarray(pred[y : y + rows])[..., 0], number_classes)
-            outside += int(np.count_nonzero((t < 0) | (t >= number_classes)))
-        return cm, outside
+            bad = (t < 0) | (t >= number_classes)
+            if bad.any():
+                outside += int(np.count_nonzero(bad))
+                outside_ids.update(np.unique(t[bad]).tolist())
+        return cm, outside, outside_ids
 
 
 def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
@@ -853,11 +886,14 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
             if name not in settings.masks:
                 log.warning("%s: no ground-truth mask with this stem in the mask folder; not scored", name)
             else:
-                cm, outside = confusion_from_files(paths.mask, settings.masks[name], settings.number_classes)
+                cm, outside, ids = confusion_from_files(paths.mask, settings.masks[name], settings.number_classes,
+                                                        settings.mask_map)
                 summary.confusion[name] = cm
                 if outside:
-                    log.warning("%s: %d ground-truth pixels have class ids outside 0..%d and are not scored",
-                                settings.masks[name], outside, settings.number_classes - 1)
+                    hint = image_io.mask_values_hint(ids | {0}) if ids == {255} else None
+                    log.warning("%s: %d ground-truth pixels have class ids outside 0..%d (%s) and are not scored%s",
+                                settings.masks[name], outside, settings.number_classes - 1,
+                                ", ".join(map(str, sorted(ids)[:8])), f"; {hint}" if hint else "")
     except (image_io.ImageReadError, ValueError) as exc:
         message = str(exc).replace("\n", " ")
         log.error("%s: skipped: %s", name, message)
@@ -927,6 +963,9 @@ def build_parser() -> cliutil.ArgumentParser:
                    help="1 = average the 8 flip/rot90 predictions (8x slower)")
     p.add_argument("--mask_folder", default=None,
                    help="ground-truth masks (paired by file stem): write metrics.csv")
+    p.add_argument("--mask_map", default=None,
+                   help="ground-truth value -> class before scoring, e.g. 255:1 (build_lmdb.py's syntax); default: "
+                        "the map the model's training databases were built with; none = score values as they are")
     p.add_argument("--overlay", type=cliutil.str2bool, nargs="?", const=True, default=False,
                    help="1 = write overlays/STEM.png, the mask over the image")
     p.add_argument("--shard_index", type=int, default=None,

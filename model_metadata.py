@@ -17,6 +17,9 @@ without importing TensorFlow. Keys (all required unless noted)::
     effective_receptive_field_radius  measured by a gradient probe (pixels)
     training_tile_size  [H, W] of the training crops
     final_metrics       best test-pass metrics (dict)
+    mask_map            optional: {"VALUE": CLASS} the training masks were remapped with
+                        (build_lmdb.py --mask_map; {} none, null when the databases disagreed);
+                        inference applies it to --mask_folder ground truth unless told otherwise
     signature           {"name": "serving_default", "input": "images", "output": "probabilities"}
 
 The serving signature takes float32 NHWC images, already normalized with the

@@ -249,9 +249,18 @@ def resolve_config(args) -> dict[str, Any]:
         "class_weight_values": parse_class_weights(args.class_weights, args.number_classes, counts),
         "crop_size": _resolve_crop(args, size_factor),
         "train_data": [_fingerprint(m) for m in train_meta], "test_data": _fingerprint(test_meta),
+        "mask_map": _training_mask_map(train_meta),
     }
     _check_output_dir(config["output_dir"])
     return config
+
+
+def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:
+    """The mask value -> class map the training databases were built with (``build_lmdb.py --mask_map``),
+    JSON-style ({"255": 1}; {} = none); None when the databases disagree. Exported with the model, so
+    inference scores ground truth in the same encoding without being told."""
+    maps = [(meta.get("build") or {}).get("mask_map") or {} for meta in train_meta]
+    return maps[0] if all(m == maps[0] for m in maps) else None
 
 
 def _check_output_dir(path: str) -> None:
@@ -774,7 +783,7 @@ def export_saved_model(config: dict[str, Any], weights_prefix: str, output_dir: 
         normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": image_io.NORMALIZATION_EPSILON},
         size_factor=config["size_factor"], receptive_field_radius=radius,
         effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
-        training_tile_size=list(config["crop_size"]), final_metrics=final_metrics,
+        training_tile_size=list(config["crop_size"]), final_metrics=final_metrics, mask_map=config.get("mask_map"),
         training={k: config[k] for k in ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay",
                                          "batch_size", "seed")})
     final = os.path.join(output_dir, "saved_model")

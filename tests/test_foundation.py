@@ -109,3 +109,19 @@ def test_metadata_names_the_missing_keys(tmp_path):
     (folder / "assets" / model_metadata.METADATA_FILENAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"segmentation_metadata.json: metadata lacks number_classes; re-export the model"):
         model_metadata.read_metadata(str(folder))
+
+
+def test_mask_map_parse_apply_and_format():
+    assert image_io.parse_mask_map("255:1,128:2") == {255: 1, 128: 2} == image_io.parse_mask_map({"255": 1, "128": 2})
+    assert image_io.parse_mask_map(None) == {} == image_io.parse_mask_map("")
+    for bad in ("255=1", "255:-1", "a:b", ",", {"x": 1}):
+        with pytest.raises(ValueError, match="VALUE:CLASS pairs"):
+            image_io.parse_mask_map(bad)
+    assert image_io.format_mask_map({255: 1, 128: 2}) == "128:2,255:1"
+    mask = np.array([[0, 255, 128], [7, 255, 0]], np.uint16)
+    mapped = image_io.apply_mask_map(mask, {255: 1, 128: 2})
+    assert mapped.tolist() == [[0, 1, 2], [7, 1, 0]] and mapped.dtype == np.uint8
+    big = np.array([[0, 70000]], np.int64)
+    assert image_io.apply_mask_map(big, {70000: 1}).tolist() == [[0, 1]]
+    assert image_io.apply_mask_map(mask, {}) is mask
+    assert "use --mask_map 255:1" in image_io.mask_values_hint([0, 255]) and image_io.mask_values_hint([0, 1]) is None

@@ -5,6 +5,7 @@ Models are the tiny SavedModels of tests/savedmodel_helpers.py, exported once pe
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import tifffile
 import image_io
 import inference_unet as inf
 import metrics
+import model_metadata
 import tiling
 from conftest import ROOT
 from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
@@ -327,6 +329,46 @@ def test_corrupt_and_wrong_channel_images_are_reported_and_skipped(models, tmp_p
     assert any(m.startswith("rgb.tif") and "3 channel(s)" in m for m in errors)
     assert all("\n" not in m for m in errors)
     assert "2 segmented" in errors[-1] and "2 failed" in errors[-1]
+
+
+def test_ground_truth_mask_map_from_the_flag_or_the_models_metadata(models, tmp_path, caplog):
+    """0/255 ground truth: remapped by --mask_map 255:1, or by default with the map in the model's metadata."""
+    names = _write_images(tmp_path / "images", sizes=[(40, 48), (33, 20)])
+    os.makedirs(tmp_path / "truth01")
+    os.makedirs(tmp_path / "truth255")
+    rng = np.random.default_rng(3)
+    for name in names:
+        h, w = tifffile.imread(tmp_path / "images" / name).shape
+        truth = rng.integers(0, 2, (h, w)).astype(np.uint8)
+        tifffile.imwrite(tmp_path / "truth01" / name, truth)
+        tifffile.imwrite(tmp_path / "truth255" / name, truth * 255)
+
+    def scores(model, truth, *extra):
+        out = tmp_path / f"out-{len(os.listdir(tmp_path))}"
+        assert _run(model, tmp_path / "images", out, "--mask_folder", tmp_path / truth, *extra) == 0
+        with open(out / "metrics.csv") as fh:
+            return fh.read()
+
+    reference = scores(models["pointwise"], "truth01")
+    caplog.clear()
+    assert scores(models["pointwise"], "truth255", "--mask_map", "255:1") == reference
+    unmapped = scores(models["pointwise"], "truth255")
+    assert unmapped != reference
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("outside 0..1 (255) and are not scored" in m and "use --mask_map 255:1" in m for m in warnings), warnings
+    # A model trained on databases built with --mask_map 255:1 carries the map and applies it by default.
+    mapped_model = tmp_path / "model_255"
+    shutil.copytree(models["pointwise"], mapped_model)
+    meta_path = model_metadata.metadata_path(str(mapped_model))
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    meta["mask_map"] = {"255": 1}
+    with open(meta_path, "w") as fh:
+        json.dump(meta, fh)
+    assert scores(str(mapped_model), "truth255") == reference
+    assert scores(str(mapped_model), "truth255", "--mask_map", "none") == unmapped
+    assert _run(str(mapped_model), tmp_path / "images", tmp_path / "bad", "--mask_folder", tmp_path / "truth255",
+                "--mask_map", "255=1") == 2
 
 
 def test_shards_split_a_folder_without_overlap_or_gaps(models, tmp_path, monkeypatch):

@@ -93,6 +93,7 @@ def test_tiny_unet_trains_and_exports_a_self_contained_savedmodel(dbs, tmp_path)
     assert 0 < meta["effective_receptive_field_radius"] <= 24 and meta["effective_receptive_field_radius"] % 4 == 0
     assert meta["final_metrics"]["step"] in (3, 6)
     assert meta["normalization"]["method"] == "zscore_per_channel_whole_image"
+    assert meta["mask_map"] == {}  # the databases were built without --mask_map
 
 
 @pytest.mark.parametrize("extra,kind,match", [
@@ -367,3 +368,10 @@ def test_the_export_carries_the_averaged_weights_of_the_best_checkpoint(dbs, tmp
     assert not np.allclose(probs["model"], probs["ema_model"], atol=1e-3)
     meta = json.loads((out / "saved_model" / "assets" / "segmentation_metadata.json").read_text())
     assert meta["training"]["ema_decay"] == 0.9
+
+
+def test_the_training_databases_mask_map_is_exported_when_they_agree():
+    built = lambda m: {"build": {"mask_map": m}}  # noqa: E731
+    assert train_unet._training_mask_map([built({"255": 1}), built({"255": 1})]) == {"255": 1}
+    assert train_unet._training_mask_map([built({"255": 1}), built({})]) is None  # disagree: inference needs the flag
+    assert train_unet._training_mask_map([{}, built({})]) == {}  # databases without build metadata count as none
