@@ -28,7 +28,8 @@ several nodes, MultiWorkerMirroredStrategy (TensorFlow's cluster resolvers); eve
 own shard of the sample stream; only the chief writes outputs.
 
 Exit codes: 0 done, 1 a reader process failed, 2 bad input (one line on stderr, nothing written), 3 the loss became NaN/Inf
-(the last good checkpoint is kept), 130 interrupted (Ctrl-C / SIGTERM; readers are shut down).
+(the last good checkpoint is kept), 130 interrupted (Ctrl-C / SIGTERM: the steps since the last test pass are saved
+as the latest checkpoint on a single machine, then the readers are shut down).
 TensorFlow is imported only after the arguments and databases have been checked.
 """
 from __future__ import annotations
@@ -916,6 +917,22 @@ class _Run:
                 self._test_pass(meter)
         return reason
 
+    def save_interrupted(self) -> None:
+        """Ctrl-C / SIGTERM (pre-emption): keep the steps since the last test pass as the 'latest' checkpoint,
+        so a resubmitted job loses at most the step in flight, not up to --test_every_n_steps. It is not a
+        test pass: 'best', the history and early stopping are unchanged. A second Ctrl-C aborts it (the
+        write is atomic; the previous checkpoint stays). Single worker only: under the multi-worker
+        strategy a save is a collective step the other workers may never reach."""
+        if self.config["workers"] > 1 or not self.is_chief or self.state.step == 0:
+            return
+        if (self.store.pointer() or {}).get("step") == self.state.step:
+            return  # saved by the test pass of this very step
+        self.trainer.step.assign(self.state.step)
+        started = time.perf_counter()
+        self.store.save(self.trainer.checkpoint, self.state, best=False)
+        log.info("interrupted: saved the checkpoint of step %d (%.1f s); rerun the same command to continue",
+                 self.state.step, time.perf_counter() - started)
+
     def _last_step(self) -> bool:
         return self.config["max_steps"] is not None and self.state.step >= self.config["max_steps"]
 
@@ -1037,6 +1054,9 @@ def train(config: dict[str, Any], *, resume: bool, strategy=None, worker_index: 
     run = _Run(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory)
     try:
         reason = run.loop()
+    except KeyboardInterrupt:
+        run.save_interrupted()
+        raise
     finally:
         run.close()
     run.release()

@@ -299,6 +299,39 @@ def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
     assert pointer(out)["step"] >= 2  # the last checkpoint stays
 
 
+def test_sigterm_between_test_passes_saves_a_latest_checkpoint_and_the_run_resumes_from_it(dbs, tmp_path):
+    """Pre-emption long before the next test pass: the steps done so far are kept, not only the last test pass's."""
+    import select
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 100000)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    try:
+        deadline = time.time() + 180
+        while not any(" step 100 " in line for line in seen):  # the progress line every 100 steps
+            assert time.time() < deadline and proc.poll() is None, "".join(seen[-20:])
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                seen.append(proc.stderr.readline())
+        assert not (out / "checkpoints" / "checkpoint.json").exists()  # no test pass yet
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    saved = pointer(out)
+    assert saved["step"] >= 100 and saved["latest"] and saved["best"] is None
+    assert f"saved the checkpoint of step {saved['step']}" in err
+    # The resubmitted job continues from there (a different --max_steps is not run-defining).
+    outcome = train_unet.train(train_unet.resolve_config(train_unet.build_parser().parse_args(
+        argv(dbs, out, "--test_every_n_steps", 100000, "--max_steps", saved["step"] + 3))), resume=True)
+    assert outcome.step == saved["step"] + 3 and outcome.saved_model is not None
+    assert [h["step"] for h in outcome.history] == [saved["step"] + 3]
+
+
 def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
     """The GPU path (mixed_float16 + LossScaleOptimizer), forced on CPU: float32 logits, finite updates."""
     import keras
