@@ -1034,6 +1034,23 @@ class _Meter:
         return summary
 
 
+def _check_same_precision(output_dir: str, mixed: bool) -> None:
+    """A checkpoint written with mixed precision active holds the loss-scale optimizer's state, one written
+    in float32 does not: each restores only with the same precision (InputError otherwise)."""
+    try:
+        with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as fh:
+            was = json.load(fh).get("mixed_precision_active")
+    except (OSError, json.JSONDecodeError):
+        return  # check_resume has vetted the file; an older one without the field is taken as it comes
+    if was is not None and bool(was) != mixed:
+        how = lambda active: "mixed float16 (on a GPU)" if active else "float32"  # noqa: E731
+        raise cliutil.InputError(
+            f"{output_dir}: the checkpoint was trained in {how(was)} and this run would train in {how(mixed)} "
+            f"({'no GPU is visible' if was else '--mixed_precision 1 with a GPU visible'}); continue it on "
+            f"{'a GPU machine' if was else 'a machine without a GPU, or with CUDA_VISIBLE_DEVICES='}, "
+            "or start a new --output_dir")
+
+
 def train(config: dict[str, Any], *, resume: bool, strategy=None, worker_index: int = 0, worker_count: int = 1,
           is_chief: bool = True, reader_factory=None) -> Outcome:
     """Train (or continue) the run described by ``config`` (see :func:`resolve_config`); export on success.
@@ -1046,6 +1063,8 @@ def train(config: dict[str, Any], *, resume: bool, strategy=None, worker_index: 
     mixed = set_precision(config["mixed_precision"])
     config = dict(config, replicas=strategy.num_replicas_in_sync, workers=worker_count,
                   global_batch_size=config["batch_size"] * strategy.num_replicas_in_sync, mixed_precision_active=mixed)
+    if resume:
+        _check_same_precision(config["output_dir"], mixed)
     if is_chief:
         os.makedirs(config["output_dir"], exist_ok=True)
         cliutil.atomic_write_text(os.path.join(config["output_dir"], "config.json"), json.dumps(config, indent=1))

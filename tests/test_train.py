@@ -183,6 +183,15 @@ def test_mismatched_configuration_is_refused_on_resume(dbs, tmp_path, capsys):
     capsys.readouterr()
     assert train_unet.main(argv(dbs, cosine, "--max_steps", 4, "--test_every_n_steps", 2, "--lr_schedule", "cosine")) == 2
     assert "max_steps: 2 -> 4" in capsys.readouterr().err
+    # A checkpoint of a mixed-precision (GPU) run cannot continue in float32 (here: no GPU): refused in one line.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, mixed_precision_active=True)))
+    before = sorted(os.listdir(out / "checkpoints"))
+    assert train_unet.main(argv(dbs, out, "--max_steps", 6, "--test_every_n_steps", 2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained in mixed float16 (on a GPU)" in err[0] and "continue it on a GPU machine" in err[0]
+    assert sorted(os.listdir(out / "checkpoints")) == before and json.loads(config_path.read_text())["mixed_precision_active"]
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(dbs, tmp_path, monkeypatch, capsys):
