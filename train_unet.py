@@ -28,12 +28,13 @@ several nodes, MultiWorkerMirroredStrategy (TensorFlow's cluster resolvers); eve
 own shard of the sample stream; only the chief writes outputs.
 
 Exit codes: 0 done, 1 a reader process failed, 2 bad input (one line on stderr, nothing written), 3 the loss became NaN/Inf
-(the last good checkpoint is kept), 130 interrupted (Ctrl-C / SIGTERM: the steps since the last test pass are saved
-as the latest checkpoint on a single machine, then the readers are shut down).
+(the last good checkpoint is kept), 130 interrupted (Ctrl-C / SIGTERM: training stops after the step in flight, saves
+it as the latest checkpoint on a single machine and shuts the readers down; a second signal stops at once).
 TensorFlow is imported only after the arguments and databases have been checked.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import io
@@ -42,8 +43,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -892,7 +895,8 @@ class _Run:
         gc.collect()
 
     # ---- steps
-    def loop(self) -> str:
+    def loop(self, stop: "StopRequest | None" = None) -> str:
+        """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
         self.started = time.perf_counter()
         train_reader, test_reader = self.readers
         self.test_data = distribute(self.strategy, test_reader)
@@ -900,6 +904,8 @@ class _Run:
         meter = _Meter(train_reader)
         lr = None
         while (reason := stop_reason(self.state, self.config)) is None:
+            if stop is not None and stop.signal_name:
+                return f"interrupted by {stop.signal_name}"
             if learning_rate_at(self.state.step, self.config) != lr:
                 lr = learning_rate_at(self.state.step, self.config)
                 self.trainer.set_learning_rate(lr)
@@ -917,12 +923,12 @@ class _Run:
                 self._test_pass(meter)
         return reason
 
-    def save_interrupted(self) -> None:
+    def save_interrupted(self, signal_name: str) -> None:
         """Ctrl-C / SIGTERM (pre-emption): keep the steps since the last test pass as the 'latest' checkpoint,
-        so a resubmitted job loses at most the step in flight, not up to --test_every_n_steps. It is not a
-        test pass: 'best', the history and early stopping are unchanged. A second Ctrl-C aborts it (the
-        write is atomic; the previous checkpoint stays). Single worker only: under the multi-worker
-        strategy a save is a collective step the other workers may never reach."""
+        so a resubmitted job loses nothing finished, not up to --test_every_n_steps. It is not a test pass:
+        'best', the history and early stopping are unchanged. A second signal aborts it (the write is
+        atomic; the previous checkpoint stays). Single worker only: under the multi-worker strategy a save
+        is a collective step the other workers may never reach."""
         if self.config["workers"] > 1 or not self.is_chief or self.state.step == 0:
             return
         if (self.store.pointer() or {}).get("step") == self.state.step:
@@ -930,8 +936,8 @@ class _Run:
         self.trainer.step.assign(self.state.step)
         started = time.perf_counter()
         self.store.save(self.trainer.checkpoint, self.state, best=False)
-        log.info("interrupted: saved the checkpoint of step %d (%.1f s); rerun the same command to continue",
-                 self.state.step, time.perf_counter() - started)
+        log.info("%s: saved the checkpoint of step %d (%.1f s); rerun the same command to continue",
+                 signal_name, self.state.step, time.perf_counter() - started)
 
     def _last_step(self) -> bool:
         return self.config["max_steps"] is not None and self.state.step >= self.config["max_steps"]
@@ -1034,6 +1040,36 @@ class _Meter:
         return summary
 
 
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: the first one asks the loop to stop at the next step boundary
+    (then the run saves, closes its readers and exits 130); a second one raises KeyboardInterrupt at once.
+
+    Raising from a signal handler in the middle of a TensorFlow call can leave native state half
+    updated (a crash in free() was seen); stopping between steps never does.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def _handle(self, signum, frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: stopping after the current step (again to stop at once)", self.signal_name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 def _check_same_precision(output_dir: str, mixed: bool) -> None:
     """A checkpoint written with mixed precision active holds the loss-scale optimizer's state, one written
     in float32 does not: each restores only with the same precision (InputError otherwise)."""
@@ -1071,13 +1107,16 @@ def train(config: dict[str, Any], *, resume: bool, strategy=None, worker_index: 
     log.info("%s on %d replica(s) x %d worker(s), global batch %d, crop %s", config["model"], config["replicas"],
              worker_count, config["global_batch_size"], config["crop_size"])
     run = _Run(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory)
+    stop = StopRequest()
     try:
-        reason = run.loop()
-    except KeyboardInterrupt:
-        run.save_interrupted()
-        raise
+        with stop.installed():
+            reason = run.loop(stop)
+        if stop.signal_name:
+            run.save_interrupted(stop.signal_name)
     finally:
         run.close()
+    if stop.signal_name:
+        raise KeyboardInterrupt  # exit 130 (cliutil.run_cli); nothing is exported
     run.release()
     log.info("stopped at step %d: %s", run.state.step, reason)
     saved = None

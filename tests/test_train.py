@@ -417,3 +417,16 @@ def test_the_training_databases_mask_map_is_exported_when_they_agree():
     assert train_unet._training_mask_map([built({"255": 1}), built({"255": 1})]) == {"255": 1}
     assert train_unet._training_mask_map([built({"255": 1}), built({})]) is None  # disagree: inference needs the flag
     assert train_unet._training_mask_map([{}, built({})]) == {}  # databases without build metadata count as none
+
+
+def test_first_signal_asks_the_loop_to_stop_a_second_interrupts_at_once():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = train_unet.StopRequest()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        assert stop.signal_name == "SIGTERM"  # noted, nothing raised: the loop stops at the next step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert {s: signal.getsignal(s) for s in before} == before
