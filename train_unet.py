@@ -1135,7 +1135,7 @@ def _run(argv: Sequence[str] | None) -> int:
     config = resolve_config(args)
     resume = check_resume(config, require=args.resume)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:  # SIGTERM (Slurm pre-emption) arrives as KeyboardInterrupt: see cliutil.run_cli
+    try:  # Ctrl-C / SIGTERM: train() stops between steps, saves, raises KeyboardInterrupt (exit 130 in run_cli)
         outcome = train(config, resume=resume)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
