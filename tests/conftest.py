@@ -7,3 +7,32 @@ if ROOT not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+
+
+def signal_group_when_ready(cmd, ready, *, sig=None, timeout=120.0, settle=0.0, stop_timeout=60.0, **popen):
+    """Start ``cmd`` in a session of its own (stderr captured), wait until ``ready(proc)`` (the process
+    must still be running, within ``timeout`` s), let it run ``settle`` s more, then send ``sig``
+    (default SIGTERM) to its whole process group, as Slurm and a terminal do; returns (proc, stderr).
+    The group is SIGKILLed if anything on the way fails, so no test leaves processes behind."""
+    import signal
+    import subprocess
+    import time
+
+    sig = signal.SIGTERM if sig is None else sig
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen)
+    try:
+        deadline = time.time() + timeout
+        while not ready(proc):
+            assert proc.poll() is None, f"{os.path.basename(cmd[1])} ended before it could be signalled"
+            assert time.time() < deadline, f"{os.path.basename(cmd[1])} was not ready within {timeout} s"
+            time.sleep(0.02)
+        time.sleep(settle)
+        assert proc.poll() is None, f"{os.path.basename(cmd[1])} ended before it could be signalled"
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=stop_timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, err

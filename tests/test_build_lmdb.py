@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import build_lmdb
 import cliutil
 import image_io
 import lmdb_format
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, signal_group_when_ready
 
 EXAMPLE = os.path.join(ROOT, "data")
 PY = sys.executable
@@ -382,6 +381,16 @@ def _dead_pid():
     return proc.pid
 
 
+def _signal_slow_overwrite(images, masks, out, sig):
+    """An --overwrite build slowed down (BUILD_LMDB_TEST_DELAY), signalled as a group once records are being
+    written to its temporary database; returns (proc, stderr)."""
+    cmd = [PY, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", images, "--mask_folder", masks,
+           "--output_folder", str(out), "--dataset_name", "ds", "--overwrite", "1", "--workers", "2"]
+    return signal_group_when_ready(
+        cmd, lambda proc: any(n.startswith(".train-ds.lmdb.tmp-") for n in os.listdir(out)), sig=sig, timeout=20,
+        settle=0.7, stop_timeout=30, env=dict(os.environ, **{build_lmdb.TEST_DELAY_ENV: "0.5"}))  # settle: some records
+
+
 def test_kill_9_mid_build_leaves_old_database_intact(tmp_path):
     images, masks = os.path.join(EXAMPLE, "images"), os.path.join(EXAMPLE, "masks")
     out = tmp_path / "out"
@@ -389,20 +398,7 @@ def test_kill_9_mid_build_leaves_old_database_intact(tmp_path):
     old = {s: str(out / f"{s}-ds.lmdb") for s in ("train", "test")}
     old_sha = {s: _sha(p) for s, p in old.items()}
     old_id = lmdb_format.read_metadata(old["train"])["build"]["id"]
-    env = dict(os.environ, **{build_lmdb.TEST_DELAY_ENV: "0.5"})
-    cmd = [PY, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", images, "--mask_folder", masks,
-           "--output_folder", str(out), "--dataset_name", "ds", "--overwrite", "1", "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 20
-        while not any(n.startswith(".train-ds.lmdb.tmp-") for n in os.listdir(out)):
-            assert proc.poll() is None and time.time() < deadline, "build ended before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.7)  # some records written
-        assert proc.poll() is None
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc, _ = _signal_slow_overwrite(images, masks, out, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     for split, path in old.items():
         assert _sha(path) == old_sha[split]
@@ -434,24 +430,7 @@ def test_sigterm_mid_build_exits_130_and_leaves_no_temporaries(tmp_path):
     out = tmp_path / "out"
     build(tmp_path, images, masks)
     old_sha = {s: _sha(str(out / f"{s}-ds.lmdb")) for s in ("train", "test")}
-    env = dict(os.environ, **{build_lmdb.TEST_DELAY_ENV: "0.5"})
-    cmd = [PY, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", images, "--mask_folder", masks,
-           "--output_folder", str(out), "--dataset_name", "ds", "--overwrite", "1", "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 20
-        while not any(n.startswith(".train-ds.lmdb.tmp-") for n in os.listdir(out)):
-            assert proc.poll() is None and time.time() < deadline, "build ended before it could be stopped"
-            time.sleep(0.05)
-        time.sleep(0.7)  # some records written
-        assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, err = _signal_slow_overwrite(images, masks, out, signal.SIGTERM)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert "Traceback" not in err, err
     assert sorted(os.listdir(out)) == ["test-ds.lmdb", "train-ds.lmdb"]  # removed on the spot, not by a next run

@@ -6,12 +6,10 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ import inference_unet as inf
 import metrics
 import model_metadata
 import tiling
-from conftest import ROOT
+from conftest import ROOT, signal_group_when_ready
 from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
                                 export_keras, export_pointwise, export_savedmodel, tiny_unet_radius, train_steps)
 
@@ -293,21 +291,8 @@ def test_sigterm_mid_image_exits_130_removes_its_temporary_and_a_rerun_finishes(
     cmd = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", models["unet"],
            "--image_folder", str(tmp_path / "images"), "--output_folder", str(out), "--tile_size", "128",
            "--tta", "1", "--memory_limit_mb", "16"]  # out of core: the mask temporary grows tile by tile
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    try:
-        deadline = time.time() + 120
-        while not (os.path.isdir(out) and any(n.startswith(".b_big.tif.") for n in os.listdir(out))):
-            assert proc.poll() is None and time.time() < deadline, "inference ended before the big image started"
-            time.sleep(0.02)
-        time.sleep(0.3)
-        assert proc.poll() is None, "the big image finished before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    big_started = lambda proc: os.path.isdir(out) and any(n.startswith(".b_big.tif.") for n in os.listdir(out))  # noqa: E731
+    proc, err = signal_group_when_ready(cmd, big_started, settle=0.3, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert sorted(os.listdir(out)) == ["a_small.tif"]  # the finished image stays; no temporary is left

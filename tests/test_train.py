@@ -13,7 +13,7 @@ import pytest
 
 import build_lmdb
 import train_unet
-from conftest import ROOT
+from conftest import ROOT, signal_group_when_ready
 
 TINY = ["--depth", "2", "--base_filters", "4", "--crop_size", "32", "--batch_size", "2", "--seed", "3"]
 
@@ -287,20 +287,16 @@ def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
 
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 2, "--max_steps", 100000)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (out / "checkpoints" / "checkpoint.json").exists():
-            time.sleep(0.05)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert children, "the reader workers should be running"
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    children = []
+
+    def checkpointed(proc):  # the first test pass has saved; note the reader workers before signalling
+        if not (out / "checkpoints" / "checkpoint.json").exists():
+            return False
+        children.extend(psutil.Process(proc.pid).children(recursive=True))
+        return True
+
+    proc, err = signal_group_when_ready(cmd, checkpointed, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert children, "the reader workers should be running"
     assert proc.returncode == 130 and "interrupted" in err, f"exit {proc.returncode}; stderr:\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
     gone, alive = psutil.wait_procs(children, timeout=10)
@@ -314,22 +310,18 @@ def test_sigterm_between_test_passes_saves_a_latest_checkpoint_and_the_run_resum
 
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 100000)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen = []
-    try:
-        deadline = time.time() + 180
-        while not any(" step 100 " in line for line in seen):  # the progress line every 100 steps
-            assert time.time() < deadline and proc.poll() is None, "".join(seen[-20:])
-            if select.select([proc.stderr], [], [], 1.0)[0]:
-                seen.append(proc.stderr.readline())
-        assert not (out / "checkpoints" / "checkpoint.json").exists()  # no test pass yet
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+    def at_step_100(proc):  # the progress line every 100 steps
+        if select.select([proc.stderr], [], [], 1.0)[0]:
+            seen.append(proc.stderr.readline())
+        if not any(" step 100 " in line for line in seen):
+            return False
+        assert not (out / "checkpoints" / "checkpoint.json").exists(), "".join(seen[-20:])  # no test pass yet
+        return True
+
+    proc, err = signal_group_when_ready(cmd, at_step_100, timeout=180, cwd=ROOT,
+                                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     saved = pointer(out)
     assert saved["step"] >= 100 and saved["latest"] and saved["best"] is None
