@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 EXIT_BAD_INPUT = 2
+log = logging.getLogger(__name__)
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
 
@@ -59,27 +60,36 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; Slurm's pre-emption, time limit and scancel
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def signals_handled(handler, signums: Sequence[int] = INTERRUPTS) -> Iterator[None]:
+    """Within the block ``handler`` (a function, or ``signal.SIG_IGN``) handles ``signums``; the previous
+    handlers come back after it. Outside the main thread (where handlers cannot be set) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def sigterm_as_interrupt():
     """Within the block, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does.
 
     SIGTERM is what Slurm sends on pre-emption, at the time limit (SIGKILL follows after its
     KillWait, 30 s by default) and on ``scancel``; Python's default would end the process on
     the spot, skipping the ``finally`` blocks that close readers and remove temporaries.
-    Outside the main thread (where signal handlers cannot be set) this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signals_handled(_raise_interrupt, (signal.SIGTERM,))
 
 
 def ignore_interrupts() -> None:
@@ -88,12 +98,11 @@ def ignore_interrupts() -> None:
     A terminal's Ctrl-C and Slurm's SIGTERM reach every process of the job, workers included;
     workers that died of them first would turn a clean interrupt into a worker failure.
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in INTERRUPTS:
         signal.signal(signum, signal.SIG_IGN)
 
 
-@contextmanager
-def interrupts_ignored() -> Iterator[None]:
+def interrupts_ignored():
     """Ignore SIGINT and SIGTERM in this process for the block (main thread only; else no effect).
 
     Start worker processes inside it: they inherit the ignored dispositions from their first
@@ -101,15 +110,7 @@ def interrupts_ignored() -> Iterator[None]:
     worker still imports cannot kill it with a traceback. A signal during the block is lost;
     keep the block short.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return signals_handled(signal.SIG_IGN)
 
 
 def run_cli(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -169,30 +170,32 @@ def make_temp(final_path: str, suffix: str = "", directory: bool = False) -> str
     return tmp
 
 
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporaries (:func:`make_temp`'s names) in ``folder`` of processes that died on this
-    machine without cleaning up (kill -9, out of memory); returns their paths.
+def remove_stale_temporaries(*folders: str) -> list[str]:
+    """Remove the temporaries (:func:`make_temp`'s names) in ``folders`` of processes that died on this
+    machine without cleaning up (kill -9, out of memory); logs and returns their paths.
 
     Temporaries of live processes, and of other machines (a job array writing one shared folder),
     are left alone: from here it cannot be told whether those still write.
     """
     removed = []
     host = socket.gethostname()
-    try:
-        entries = sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        match = _TEMP_NAME.match(entry)
-        if not match or match["host"] != host or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+    for folder in folders:
+        try:
+            entries = sorted(os.listdir(folder))
+        except FileNotFoundError:
             continue
-        path = os.path.join(folder, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        removed.append(path)
+        for entry in entries:
+            match = _TEMP_NAME.match(entry)
+            if not match or match["host"] != host or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+                continue
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            log.info("removed %s (temporary of a run that was killed)", path)
+            removed.append(path)
     return removed
 
 

@@ -890,7 +890,7 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
                                                         settings.mask_map)
                 summary.confusion[name] = cm
                 if outside:
-                    hint = image_io.mask_values_hint(ids | {0}) if ids == {255} else None
+                    hint = image_io.mask_values_hint({0} | ids)  # outside ids {255}: a 0/255 mask
                     log.warning("%s: %d ground-truth pixels have class ids outside 0..%d (%s) and are not scored%s",
                                 settings.masks[name], outside, settings.number_classes - 1,
                                 ", ".join(map(str, sorted(ids)[:8])), f"; {hint}" if hint else "")
@@ -915,9 +915,8 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     if count > 1:
         log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))
     os.makedirs(settings.output_folder, exist_ok=True)
-    for folder in (settings.output_folder, *(os.path.join(settings.output_folder, sub) for sub in OUTPUT_SUBFOLDERS)):
-        for path in cliutil.remove_stale_temporaries(folder):
-            log.info("removed %s (temporary of a run that was killed)", path)
+    cliutil.remove_stale_temporaries(settings.output_folder,
+                                     *(os.path.join(settings.output_folder, sub) for sub in OUTPUT_SUBFOLDERS))
     predictor: list[Callable] = []
 
     def predict() -> Callable:  # load TensorFlow and the model only if some image needs them

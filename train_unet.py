@@ -34,7 +34,6 @@ TensorFlow is imported only after the arguments and databases have been checked.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import gc
 import io
@@ -46,7 +45,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -393,9 +391,7 @@ class CheckpointStore:
         self.is_chief = is_chief
         os.makedirs(self.folder, exist_ok=True)
         if is_chief:  # temporaries of a killed run (checkpoint, pointer, export): see cliutil.make_temp
-            for folder in (self.folder, output_dir):
-                for path in cliutil.remove_stale_temporaries(folder):
-                    log.info("removed %s (temporary of a run that was killed)", path)
+            cliutil.remove_stale_temporaries(self.folder, output_dir)
 
     def pointer(self) -> dict[str, Any] | None:
         try:
@@ -1057,17 +1053,9 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: stopping after the current step (again to stop at once)", self.signal_name)
 
-    @contextlib.contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        """The block in which Ctrl-C / SIGTERM come here (cliutil.signals_handled)."""
+        return cliutil.signals_handled(self._handle)
 
 
 def _check_same_precision(output_dir: str, mixed: bool) -> None:
