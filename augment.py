@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-import image_io
+from segkit import image_io
 
 # ---- Augmentation settings: edit these ---------------------------------------------------------
 REFLECTION = True          # mirror along x and along y, each with probability 0.5

@@ -51,11 +51,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-import cliutil
-import image_io
-import lmdb_format
-import tiling
-from cliutil import InputError
+from segkit import cliutil
+from segkit import image_io
+from segkit import lmdb_format
+from segkit import tiling
+from segkit.cliutil import InputError
 
 log = logging.getLogger("build_lmdb")
 

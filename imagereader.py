@@ -59,9 +59,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import augment as augmentation
-import cliutil
-import image_io
-import lmdb_format
+from segkit import cliutil
+from segkit import image_io
+from segkit import lmdb_format
 
 log = logging.getLogger(__name__)
 

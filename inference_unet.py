@@ -69,12 +69,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-import cliutil
-import image_io
-import metrics
-import model_metadata
-import tiling
-from cliutil import InputError
+from segkit import cliutil
+from segkit import image_io
+from segkit import metrics
+from segkit import model_metadata
+from segkit import tiling
+from segkit.cliutil import InputError
 
 log = logging.getLogger("inference_unet")
 

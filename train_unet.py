@@ -16,7 +16,7 @@ Outputs in --output_dir: config.json (every resolved setting), metrics.csv (one 
 logs/ (TensorBoard: train/ and test/ scalars, test images with prediction overlays),
 checkpoints/ (latest and best, switched atomically by checkpoints/checkpoint.json), saved_model/
 (best weights; serving_default: "images" float32 NHWC -> "probabilities" float32 NHWC, plus
-assets/segmentation_metadata.json, see model_metadata.py).
+assets/segmentation_metadata.json, see segkit/model_metadata.py).
 
 Resume: rerun the same command. A checkpoint in --output_dir whose run-defining settings equal the
 new ones is continued from its step with its best-loss history; different settings are refused
@@ -51,11 +51,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import cliutil
-import image_io
-import lmdb_format
-import metrics
-import model_metadata
+from segkit import cliutil
+from segkit import image_io
+from segkit import lmdb_format
+from segkit import metrics
+from segkit import model_metadata
 import models
 
 log = logging.getLogger("train_unet")

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import build_lmdb  # noqa: E402
-import image_io  # noqa: E402
+from segkit import image_io  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
 

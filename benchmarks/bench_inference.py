@@ -71,7 +71,7 @@ class TimedPredictor:
 
 def export_default_unet(path: str) -> str:
     """The registry's default UNet with random weights, softmax on top, exported per the contract."""
-    import model_metadata
+    from segkit import model_metadata
     import models
 
     name, config = "unet", models.model_config("unet")
@@ -133,9 +133,9 @@ def write_big_tiff(path: str, size: int, tile: int = 512) -> float:
 def part_a(args: argparse.Namespace) -> dict:
     import tifffile
 
-    import image_io
+    from segkit import image_io
     import inference_unet as inf
-    import tiling
+    from segkit import tiling
 
     model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
     folder = os.path.join(args.work_dir, "a_images")
@@ -179,7 +179,7 @@ def part_a(args: argparse.Namespace) -> dict:
 
 
 def part_b(args: argparse.Namespace) -> dict:
-    import cliutil
+    from segkit import cliutil
     import inference_unet as inf
 
     model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))

@@ -75,7 +75,7 @@ def build_nist(work: str) -> str | None:
                         "--output_folder", work, "--dataset_name", "nist", "--train_fraction", "0.8"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return os.path.join(work, "train-nist.lmdb")
-    import image_io
+    from segkit import image_io
     from lmdb_helpers import write_database
 
     names = image_io.list_images(images, "tif")

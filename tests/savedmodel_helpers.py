@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-import model_metadata
+from segkit import model_metadata
 
 # --- metadata -----------------------------------------------------------------
 

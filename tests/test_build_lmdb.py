@@ -10,9 +10,9 @@ import pytest
 import tifffile
 
 import build_lmdb
-import cliutil
-import image_io
-import lmdb_format
+from segkit import cliutil
+from segkit import image_io
+from segkit import lmdb_format
 from conftest import ROOT, SHARED_DATA, signal_group_when_ready
 
 EXAMPLE = os.path.join(ROOT, "data")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-import cliutil
+from segkit import cliutil
 
 
 def test_run_cli_turns_sigterm_into_exit_130_and_restores_the_handler(capsys):

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-import image_io
+from segkit import image_io
 from conftest import ROOT
 
 DATA = os.path.join(ROOT, "data")

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-import image_io
-import lmdb_format
-import metrics
-import tiling
+from segkit import image_io
+from segkit import lmdb_format
+from segkit import metrics
+from segkit import tiling
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32", "float32"])
@@ -96,7 +96,7 @@ def test_stem_clashes_and_the_no_images_message(tmp_path):
 
 
 def test_metadata_names_the_missing_keys(tmp_path):
-    import model_metadata
+    from segkit import model_metadata
 
     with pytest.raises(ValueError, match="metadata lacks channels, size_factor"):
         model_metadata.make_metadata(model="unet", number_classes=2, normalization={}, receptive_field_radius=3)

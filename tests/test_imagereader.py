@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-import image_io
+from segkit import image_io
 import imagereader
 from imagereader import ImageReader, RandomSampler, ReaderWorkerError, ShuffleOrder
 from lmdb_helpers import id_samples, unit_sources, write_database

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tifffile
 
-import image_io
+from segkit import image_io
 import inference_unet as inf
-import metrics
-import model_metadata
-import tiling
+from segkit import metrics
+from segkit import model_metadata
+from segkit import tiling
 from conftest import ROOT, signal_group_when_ready
 from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
                                 export_keras, export_pointwise, export_savedmodel, tiny_unet_radius, train_steps)
@@ -79,12 +79,12 @@ def test_cli_tiled_equals_untiled(models, tmp_path, model):
         p_tiled = tifffile.imread(tmp_path / "tiled" / "probabilities" / name)
         p_whole = tifffile.imread(tmp_path / "whole" / "probabilities" / name)
         assert tiled.dtype == np.uint8 and tiled.shape == p_tiled.shape[:2] == tifffile.imread(tmp_path / "images" / name).shape
-        if model == "pointwise":  # radius 0: bit for bit
-            assert np.array_equal(p_tiled, p_whole) and np.array_equal(tiled, whole)
-        else:
-            np.testing.assert_allclose(p_tiled, p_whole, atol=2e-5)
-            ties = _near_tie(p_whole)
-            assert np.array_equal(tiled[~ties], whole[~ties])
+        # Same arithmetic, but oneDNN picks its kernel blocking by input shape, so the last bit of a
+        # float32 sum can differ between a 16-pixel tile and the whole image (seen on AMD EPYC for the
+        # pointwise model): equality up to float rounding, classes equal away from near-ties.
+        np.testing.assert_allclose(p_tiled, p_whole, atol=1e-6 if model == "pointwise" else 2e-5, rtol=0)
+        ties = _near_tie(p_whole)
+        assert np.array_equal(tiled[~ties], whole[~ties])
 
 
 def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path):

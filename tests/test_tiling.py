@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-import image_io
-import tiling
+from segkit import image_io
+from segkit import tiling
 from savedmodel_helpers import chain_numpy, chain_radius, chain_size_factor, pointwise_numpy
 
 CHAIN_F4 = [("conv", 3), ("pool", 2), ("conv", 3), ("pool", 2), ("conv", 3), ("up", 2), ("conv", 3), ("up", 2),

@@ -262,7 +262,7 @@ TWO_REPLICAS = textwrap.dedent("""
 
 
 def test_two_replica_mirrored_strategy_on_two_logical_cpus(dbs, tmp_path):
-    import lmdb_format
+    from segkit import lmdb_format
 
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", TWO_REPLICAS, ROOT, *argv(dbs, out, "--max_steps", 4,
