@@ -1,21 +1,31 @@
 # One command each: `make demo` (set up + run the demo pipeline), `make test` (set up + run the tests).
+# `make setup GPU=1` installs TensorFlow's CUDA build (requirements-gpu.txt) instead of the CPU one.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+GPU ?= 0
+REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test bench data clean
+.PHONY: setup demo test test-fast lint bench data clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(GPU)
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed-$(GPU): requirements.txt requirements-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r $(REQUIREMENTS)
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup  # the inner loop: everything but the tests marked slow
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(PY) -m ruff check .
 
 demo: setup
 	bash scripts/demo.sh

@@ -36,7 +36,8 @@ echo "== 3/3 inference_unet.py: held-out images -> ${OUT}/masks (scored against 
 echo
 echo "Demo finished. Outputs:"
 echo "  databases      ${OUT}/lmdb/"
-echo "  trained model  ${OUT}/model/saved_model/   (TensorBoard: tensorboard --logdir ${OUT}/model)"
+echo "  trained model  ${OUT}/model/saved_model/"
+echo "  TensorBoard    $(dirname "${PY}")/tensorboard --logdir ${OUT}/model/logs   (then open http://localhost:6006)"
 echo "  masks          ${OUT}/masks/"
 echo "  overlays       ${OUT}/masks/overlays/"
 echo "  metrics        ${OUT}/masks/metrics.csv"
