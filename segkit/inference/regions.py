@@ -115,7 +115,7 @@ def open_source(path: str, settings: Settings) -> Source:
 
     Raises ImageReadError / ValueError (wrong channel count or pixel type) for this image.
     """
-    channels, classes = int(settings.meta["channels"]), settings.number_classes
+    channels, classes = settings.meta.channels, settings.number_classes
     is_tiff = os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS
     if is_tiff:
         view, close = open_lazy(path)

@@ -8,11 +8,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from segkit import image_io
 from segkit import model_metadata
 from segkit.cliutil import InputError
+from segkit.model_metadata import ModelMetadata
 
 log = logging.getLogger("inference_unet.settings")
 
@@ -32,7 +33,7 @@ class Settings:
     image_folder: str
     output_folder: str
     names: tuple[str, ...]                 # this shard's images
-    meta: dict[str, Any]
+    meta: ModelMetadata
     tile_size: int
     halo: int
     batch_size: int
@@ -49,14 +50,14 @@ class Settings:
 
     @property
     def size_factor(self) -> int:
-        return int(self.meta["size_factor"])
+        return self.meta.size_factor
 
     @property
     def number_classes(self) -> int:
-        return int(self.meta["number_classes"])
+        return self.meta.number_classes
 
 
-def resolve_halo(halo: str | int | None, meta: dict[str, Any]) -> int:
+def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]) -> int:
     """'exact' (default): theoretical radius; 'erf': measured effective radius; or pixels.
 
     Rounded up to a multiple of the size factor so tiles align with the model's pooling grid.
@@ -175,10 +176,10 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     try:
-        meta = model_metadata.read_metadata(saved_model_filepath)
+        meta = model_metadata.load(saved_model_filepath)
     except ValueError as exc:
         raise InputError(f"--saved_model_filepath: {exc}") from None
-    method = (meta.get("normalization") or {}).get("method")
+    method = meta.normalization.get("method")
     if method != image_io.NORMALIZATION_METHOD:
         raise InputError(f"{saved_model_filepath}: the model was trained with normalization {method!r}, this toolkit "
                          f"applies {image_io.NORMALIZATION_METHOD!r}; re-export the model with this toolkit")
@@ -196,7 +197,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
     truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
-    tile, halo_px = resolve_tile_size(tile_size, int(meta["size_factor"])), resolve_halo(halo, meta)
+    tile, halo_px = resolve_tile_size(tile_size, meta.size_factor), resolve_halo(halo, meta)
     overhead = ((tile + 2 * halo_px) / tile) ** 2
     if overhead > 4:
         log.warning("each %d px tile computes %.1fx its zone because of the %d px halo: a larger --tile_size is "
@@ -209,7 +210,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
         working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))
 
 
-def resolve_mask_map(mask_map: str | None, meta: dict[str, Any]) -> dict[int, int]:
+def resolve_mask_map(mask_map: str | None, meta: ModelMetadata | Mapping[str, Any]) -> dict[int, int]:
     """The ground-truth value -> class map: ``--mask_map`` when given (``none`` = as is), else the one the
     model's training databases were built with (metadata ``mask_map``), else none."""
     if mask_map is not None:
@@ -220,7 +221,7 @@ def resolve_mask_map(mask_map: str | None, meta: dict[str, Any]) -> dict[int, in
         except ValueError as exc:
             raise InputError(str(exc)) from None
     try:
-        mapping = image_io.parse_mask_map(meta.get("mask_map") or {})
+        mapping = image_io.parse_mask_map(dict(meta.get("mask_map") or {}))
     except ValueError:
         raise InputError(f"the model's metadata has an invalid mask_map {meta.get('mask_map')!r}; pass --mask_map "
                          "yourself (e.g. 255:1, or none)") from None
