@@ -76,7 +76,7 @@ def export_default_unet(path: str) -> str:
 
     name, config = "unet", models.model_config("unet")
     try:
-        if model_metadata.read_metadata(path)["model_config"] == config:
+        if dict(model_metadata.load(path).model_config) == config:
             return path  # exported by an earlier run, same default configuration
     except ValueError:
         pass
@@ -149,7 +149,7 @@ def part_a(args: argparse.Namespace) -> dict:
 
     # The same tiles, batches and shapes as inference uses, prepared beforehand.
     mean, std = image_io.image_stats(image[..., None])
-    plan = tiling.plan_tiles(args.size, args.size, settings.tile_size, settings.halo, settings.size_factor)
+    plan = tiling.plan_tiles((args.size, args.size), settings.tile_size, settings.halo, settings.size_factor)
     tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, z), mean, std) for z in plan.zones]
     batches = [np.stack(tiles[i : i + args.batch_size]) for i in range(0, len(tiles), args.batch_size)]
     predictor(batches[0])  # warm-up: first call of this shape builds the kernels (both runs below get it warm)

@@ -1,78 +1,214 @@
-"""The metadata a trained SavedModel carries, so inference needs nothing else.
+"""The metadata a trained SavedModel carries, as one typed, frozen, validated object (:class:`ModelMetadata`).
 
-Written by ``train_unet.py`` into ``saved_model/assets/`` (a tracked
-``tf.saved_model.Asset``, so copies of the folder keep it) and read here
-without importing TensorFlow. Keys (all required unless noted)::
-
-    format              "segmentation-savedmodel"
-    format_version      1
-    model               registry name, e.g. "unet", "fcdensenet56"
-    model_config        the model's get_config()-style dict
-    channels            input channels C
-    number_classes      output classes K
-    image_dtype         pixel type of the training images (informational)
-    normalization       {"method": "zscore_per_channel_whole_image", "epsilon": 1e-6}
-    size_factor         input H and W must be multiples of this
-    receptive_field_radius            theoretical radius in pixels (exact halo)
-    effective_receptive_field_radius  measured by a gradient probe (pixels)
-    training_tile_size  [H, W] of the training crops
-    final_metrics       best test-pass metrics (dict)
-    mask_map            optional: {"VALUE": CLASS} the training masks were remapped with
-                        (build_lmdb.py --mask_map; {} none, null when the databases disagreed);
-                        inference applies it to --mask_folder ground truth unless told otherwise
-    signature           {"name": "serving_default", "input": "images", "output": "probabilities"}
-
-The serving signature takes float32 NHWC images, already normalized with the
-method above (statistics of the WHOLE image, see ``image_io``), with H and W
-multiples of ``size_factor``, and returns float32 NHWC per-class probabilities.
+Stored as ``saved_model/assets/segmentation_metadata.json`` (written by ``train_unet.py``'s export
+through :func:`make_metadata`, read by inference without TensorFlow). Each field documents itself
+(``ModelMetadata.describe()``); README.md, "What the SavedModel carries", says how stages use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import numbers
 import os
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from segkit import cliutil
+from segkit import image_io
 
 FORMAT = "segmentation-savedmodel"
 FORMAT_VERSION = 1
 METADATA_FILENAME = "segmentation_metadata.json"
 SIGNATURE = {"name": "serving_default", "input": "images", "output": "probabilities"}
 REQUIRED_KEYS = ("model", "channels", "number_classes", "normalization", "size_factor", "receptive_field_radius")
+RE_EXPORT = "; re-export the model with train_unet.py of this toolkit"
+
+
+class MetadataError(cliutil.InputError, ValueError):
+    """Bad or missing metadata: one line naming the file and the field (exit 2 at the command line)."""
+
+
+def _field(doc: str, kind: str, default: Any = dataclasses.MISSING, **check: Any) -> Any:
+    """A dataclass field whose metadata carries its documentation and how it is validated."""
+    meta = {"doc": doc, "kind": kind, **check}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: MappingProxyType(dict(default)), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetadata:
+    """What inference needs to know about a trained model; see each field's ``doc`` (``describe()``)."""
+
+    model: str = _field("registry name of the network, e.g. 'unet', 'fcdensenet56'", "str")
+    channels: int = _field("input channels C of the images the model was trained on", "int", minimum=1)
+    number_classes: int = _field("output classes K (class 0 = background)", "int", minimum=1)
+    normalization: Mapping[str, Any] = _field(
+        "{'method': ..., 'epsilon': ...}: how images are normalized before the model (image_io)", "mapping")
+    size_factor: int = _field("input spatial sizes must be multiples of this (pooling depth)", "int", minimum=1)
+    receptive_field_radius: float = _field("theoretical receptive-field radius in pixels: the exact halo", "number")
+    model_config: Mapping[str, Any] = _field("the network's get_config()-style keyword arguments", "mapping", {})
+    image_dtype: str | None = _field("pixel type of the training images (informational)", "str?", None)
+    effective_receptive_field_radius: float | None = _field(
+        "radius measured by a gradient probe, rounded up to the size factor (--halo erf)", "number?", None)
+    effective_receptive_field: Mapping[str, Any] | None = _field("details of the gradient probe", "mapping?", None)
+    training_tile_size: tuple[int, ...] | None = _field("spatial size of the training crops", "sizes?", None)
+    final_metrics: Mapping[str, Any] | None = _field("best test-pass metrics of the training run", "mapping?", {})
+    mask_map: Mapping[str, int] | None = _field(
+        "{'VALUE': CLASS} the training masks were remapped with (build_lmdb.py --mask_map; {} none, null when "
+        "the training databases disagreed); inference applies it to --mask_folder ground truth", "mask_map?", None)
+    training: Mapping[str, Any] | None = _field("training settings (loss, learning rate, batch size, seed, ...)",
+                                                "mapping?", None)
+    signature: Mapping[str, str] = _field("serving signature: name, input and output tensor names", "mapping",
+                                          SIGNATURE)
+    format: str = _field(f"always {FORMAT!r}", "str", FORMAT)
+    format_version: int = _field(f"version of this layout ({FORMAT_VERSION})", "int", FORMAT_VERSION, minimum=1)
+    extra: Mapping[str, Any] = _field("keys this version does not know, kept as they are", "mapping", {})
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            object.__setattr__(self, spec.name, _checked(spec, getattr(self, spec.name)))
+        if self.format != FORMAT or self.format_version != FORMAT_VERSION:
+            raise MetadataError(f"unsupported metadata format {self.format!r} v{self.format_version}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelMetadata":
+        """From the JSON dict; unknown keys go to ``extra``. MetadataError names the first bad field."""
+        check_required(data)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON dict (the layout of ``segmentation_metadata.json``), extra keys included."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**data, **_plain(self.extra)}
+
+    def write(self, saved_model_dir: str) -> str:
+        """Write ``assets/segmentation_metadata.json`` atomically; returns its path."""
+        path = metadata_path(saved_model_dir)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cliutil.atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        return path
+
+    # Read access by key, for code written against the metadata dict (``meta["size_factor"]``).
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, dataclasses.MISSING)
+        if value is dataclasses.MISSING:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key != "extra" and key in self.__dataclass_fields__:
+            return getattr(self, key)
+        return self.extra.get(key, default)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per field: name and documentation."""
+        return "\n".join(f"{f.name}: {f.metadata['doc']}" for f in dataclasses.fields(cls))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: read-only mappings -> dicts, tuples -> lists (recursively)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked(spec: dataclasses.Field, value: Any) -> Any:
+    """``value`` validated against the field's kind (read-only when a mapping); MetadataError otherwise."""
+    kind, name = spec.metadata["kind"], spec.name
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    problem = _problem(kind, value, spec.metadata.get("minimum", 0))
+    if problem:
+        raise MetadataError(f"metadata field {name} must be {problem}, got {value!r}")
+    if kind == "int":
+        return int(value)
+    if kind == "sizes":
+        return tuple(int(v) for v in value)
+    if kind in ("mapping", "mask_map"):
+        return MappingProxyType(dict(value))
+    return value
+
+
+def _problem(kind: str, value: Any, minimum: int) -> str | None:
+    """What ``value`` should be, or None when it is fine."""
+    if kind == "str":
+        return None if isinstance(value, str) and value else "a non-empty string"
+    if kind == "int":
+        return None if _is_int(value) and value >= minimum else f"an integer >= {minimum}"
+    if kind == "number":
+        return None if _is_number(value) and value >= 0 else "a finite number >= 0"
+    if kind == "sizes":
+        ok = isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(_is_int(v) and v > 0 for v in value)
+        return None if ok else "a list of 2 or 3 positive integers (one per spatial axis)"
+    if not isinstance(value, Mapping):
+        return "a JSON object"
+    if kind == "mask_map":
+        try:
+            image_io.parse_mask_map(dict(value))
+        except ValueError:
+            return "an object of VALUE: CLASS pairs (non-negative integers)"
+    return None
 
 
 def metadata_path(saved_model_dir: str) -> str:
     return os.path.join(saved_model_dir, "assets", METADATA_FILENAME)
 
 
-def read_metadata(saved_model_dir: str) -> dict[str, Any]:
-    """Read and check a SavedModel's metadata; raises ValueError with a user-facing message."""
+def load(saved_model_dir: str) -> ModelMetadata:
+    """Read and validate a SavedModel's metadata; MetadataError naming the file (and field) otherwise."""
     if not os.path.isfile(os.path.join(saved_model_dir, "saved_model.pb")):
-        raise ValueError(f"{saved_model_dir}: not a SavedModel folder (no saved_model.pb); pass the saved_model/ folder that train_unet.py wrote")
+        raise MetadataError(f"{saved_model_dir}: not a SavedModel folder (no saved_model.pb); pass the saved_model/ "
+                            "folder that train_unet.py wrote")
     path = metadata_path(saved_model_dir)
     try:
         with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except FileNotFoundError as exc:
-        raise ValueError(f"{saved_model_dir}: SavedModel has no {METADATA_FILENAME}; export it with train_unet.py of this toolkit") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: metadata is not valid JSON ({exc}); re-export the model") from exc
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported metadata format {meta.get('format')!r} v{meta.get('format_version')}; re-export the model")
-    check_required(meta, f"{path}: ", "; re-export the model")
-    return meta
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise MetadataError(f"{saved_model_dir}: SavedModel has no {METADATA_FILENAME}; export it with "
+                            "train_unet.py of this toolkit") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{path}: metadata is not valid JSON ({exc}){RE_EXPORT}") from None
+    if not isinstance(data, dict):
+        raise MetadataError(f"{path}: metadata must be a JSON object, got {type(data).__name__}{RE_EXPORT}")
+    try:
+        return ModelMetadata.from_dict(data)
+    except MetadataError as exc:
+        raise MetadataError(f"{path}: {exc}{RE_EXPORT}") from None
 
 
-def check_required(meta: dict[str, Any], where: str = "", fix: str = "") -> None:
-    """ValueError naming the REQUIRED_KEYS that ``meta`` lacks."""
+def read_metadata(saved_model_dir: str) -> ModelMetadata:
+    """:func:`load` (the name callers used when the metadata was a dict; indexing by key still works)."""
+    return load(saved_model_dir)
+
+
+def check_required(meta: Mapping[str, Any], where: str = "", fix: str = "") -> None:
+    """MetadataError naming the REQUIRED_KEYS that ``meta`` lacks."""
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{where}metadata lacks {', '.join(missing)}{fix}")
+        raise MetadataError(f"{where}metadata lacks {', '.join(missing)}{fix}")
 
 
 def make_metadata(**fields: Any) -> dict[str, Any]:
-    """A complete metadata dict: ``fields`` plus format, version and signature; checks the required keys.
+    """A complete, validated metadata dict: ``fields`` plus format, version and signature (train_unet's export).
 
     Extra keys are kept (readers ignore what they do not know).
     """
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": dict(SIGNATURE), **fields}
-    check_required(meta)
-    return meta
+    return ModelMetadata.from_dict(meta).to_dict()

@@ -1,20 +1,32 @@
-"""Tiling geometry: one home for how images are cut into tiles.
+"""Tiling geometry for any number of spatial axes: one home for how images and volumes are cut.
 
-* :func:`tile_starts` / :func:`tile_grid`: the build-time grid (the original's
-  behaviour: tiles stride across the image and the last tile in each row and
-  column slides inward to end at the border, so every pixel is covered).
-* :func:`plan_tiles` / :func:`predict_tiled`: inference's zone-of-responsibility
-  tiling (see the section below), equal to whole-image prediction.
-No TensorFlow here.
+Arrays are spatial axes then channels last (``image_hwc``, ``volume_zyxc``); tile size, stride,
+halo and size factor are one int for every axis or one value per axis. The build-time grid
+(:func:`tile_origins`) and inference's exact zone-of-responsibility tiling (:func:`plan_tiles`,
+:func:`predict_tiled`) are described in README.md ("Exact tiling"). No TensorFlow here.
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
+
+PerAxis = Union[int, Sequence[int]]  # one value for every spatial axis, or one per axis
+
+
+def per_axis(value: PerAxis, ndim: int, name: str) -> tuple[int, ...]:
+    """``value`` as one int per spatial axis; ValueError when a sequence has the wrong length."""
+    values = (value,) * ndim if np.isscalar(value) else tuple(value)
+    if len(values) != ndim:
+        raise ValueError(f"{name} must be one int or {ndim} (one per spatial axis), got {value!r}")
+    for v in values:
+        if int(v) != v:
+            raise ValueError(f"{name} must be whole numbers, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def tile_starts(length: int, tile: int, stride: int | None = None) -> list[int]:
@@ -37,26 +49,33 @@ def tile_starts(length: int, tile: int, stride: int | None = None) -> list[int]:
     return starts
 
 
+def tile_origins(shape: Sequence[int], tile: PerAxis, stride: PerAxis | None = None) -> list[tuple[int, ...]]:
+    """First pixel of every tile of a grid covering an array of spatial ``shape`` (raster order)."""
+    tiles = per_axis(tile, len(shape), "tile")
+    strides = tiles if stride is None else per_axis(stride, len(shape), "tile stride")
+    return list(itertools.product(*(tile_starts(n, t, s) for n, t, s in zip(shape, tiles, strides))))
+
+
 def tile_grid(height: int, width: int, tile: int, stride: int | None = None) -> list[tuple[int, int]]:
-    """(y, x) top-left corners of a tile grid covering a height x width image."""
-    return [(y, x) for y in tile_starts(height, tile, stride) for x in tile_starts(width, tile, stride)]
+    """(y, x) top-left corners of a tile grid covering a height x width image (build_lmdb's 2D call)."""
+    return tile_origins((height, width), tile, stride)
 
 
 # --- Inference: zone-of-responsibility tiling --------------------------------
 #
-# The image is seen as its infinite mirror extension (image_io.mirror_pad's
+# The array is seen as its infinite mirror extension (image_io.mirror_pad's
 # rule). Output pixels are split into zones on a regular grid of step ``tile``;
 # each zone is predicted from a tile = window + ``halo`` on every side, where
-# the window is the zone slid inward to fit the image rounded up to the size
-# factor, so every tile of an image has one shape. Window origins are
+# the window is the zone slid inward to fit the array rounded up to the size
+# factor, so every tile of an array has one shape. Window origins are
 # multiples of the size factor and the halo is too, so every tile's pooling
-# grid agrees with the whole image's. "Untiled" is the same function with one
-# tile covering the whole image: with halo >= the model's receptive-field
+# grid agrees with the whole array's. "Untiled" is the same function with one
+# tile covering the whole array: with halo >= the model's receptive-field
 # radius, both give the same result (exactly for pointwise models, within
-# float tolerance for convolutional ones).
+# float tolerance for convolutional ones). Every axis is handled alike.
 
 def reflect_index(positions: np.ndarray | Sequence[int], length: int) -> np.ndarray:
-    """Indices into [0, length) of positions on the image's infinite mirror extension.
+    """Indices into [0, length) of positions on the array's infinite mirror extension.
 
     Same rule as ``image_io.mirror_pad`` (reflect without repeating the edge,
     repeatedly for positions far outside): for length 4, positions -2..5 map to
@@ -74,39 +93,41 @@ def reflect_index(positions: np.ndarray | Sequence[int], length: int) -> np.ndar
 
 @dataclass(frozen=True)
 class Zone:
-    """One zone of responsibility, in image coordinates.
+    """One zone of responsibility, in array coordinates, one entry per spatial axis.
 
-    The zone's output pixels are rows ``y0:y1`` and columns ``x0:x1``; they are
-    predicted from the tile whose top-left corner is ``(tile_y, tile_x)``
-    (negative or past the border where the tile reaches into the mirror
-    padding). ``row``/``col`` is the zone's place on the grid.
+    The zone's output pixels are ``start[i]:stop[i]`` on each axis; they are predicted
+    from the tile whose first pixel is ``tile_start`` (negative or past the border where
+    the tile reaches into the mirror padding). ``index`` is the zone's place on the grid.
     """
 
-    row: int
-    col: int
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    tile_y: int
-    tile_x: int
+    index: tuple[int, ...]
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    tile_start: tuple[int, ...]
 
-    def crop(self) -> tuple[slice, slice]:
+    def region(self) -> tuple[slice, ...]:
+        """The zone in the array (array coordinates)."""
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def crop(self) -> tuple[slice, ...]:
         """The zone inside its tile's prediction (tile coordinates)."""
-        return (slice(self.y0 - self.tile_y, self.y1 - self.tile_y), slice(self.x0 - self.tile_x, self.x1 - self.tile_x))
+        return tuple(slice(a - t, b - t) for a, b, t in zip(self.start, self.stop, self.tile_start))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Zones (raster order) of an ``height`` x ``width`` image and the shape every tile has."""
+    """Zones (raster order) of an array of spatial ``shape`` and the one shape every tile has."""
 
-    height: int
-    width: int
-    zone_size: tuple[int, int]
-    tile_shape: tuple[int, int]
-    halo: int
-    size_factor: int
-    grid_shape: tuple[int, int]
+    shape: tuple[int, ...]
+    zone_size: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    halo: tuple[int, ...]
+    size_factor: tuple[int, ...]
+    grid_shape: tuple[int, ...]
     zones: tuple[Zone, ...]
 
 
@@ -121,46 +142,58 @@ def _axis_zones(length: int, tile: int, halo: int, size_factor: int) -> tuple[in
     return window + 2 * halo, zones
 
 
-def plan_tiles(height: int, width: int, tile: int | tuple[int, int], halo: int, size_factor: int) -> TilePlan:
-    """Zone-of-responsibility tiling of a ``height`` x ``width`` image; see :func:`predict_tiled`."""
-    tile_yx = (tile, tile) if np.isscalar(tile) else tuple(tile)
-    if size_factor < 1:
-        raise ValueError(f"size_factor must be >= 1, got {size_factor}")
-    for name, value in (("tile", tile_yx[0]), ("tile", tile_yx[1]), ("halo", halo)):
-        if int(value) != value or value < (1 if name == "tile" else 0) or value % size_factor:
-            raise ValueError(f"{name} must be a {'positive' if name == 'tile' else 'non-negative'} multiple of the size factor {size_factor}, got {value}")
-    if height < 1 or width < 1:
-        raise ValueError(f"image must have at least one pixel, got {height}x{width}")
-    tile_h, rows = _axis_zones(height, int(tile_yx[0]), int(halo), size_factor)
-    tile_w, cols = _axis_zones(width, int(tile_yx[1]), int(halo), size_factor)
+def _check_geometry(shape: tuple[int, ...], tiles: tuple[int, ...], halos: tuple[int, ...],
+                    factors: tuple[int, ...]) -> None:
+    if any(f < 1 for f in factors):
+        raise ValueError(f"size_factor must be >= 1, got {factors}")
+    for t, f in zip(tiles, factors):
+        if t < 1 or t % f:
+            raise ValueError(f"tile must be a positive multiple of the size factor {f}, got {t}")
+    for h, f in zip(halos, factors):
+        if h < 0 or h % f:
+            raise ValueError(f"halo must be a non-negative multiple of the size factor {f}, got {h}")
+    if any(n < 1 for n in shape):
+        raise ValueError(f"array must have at least one pixel, got shape {'x'.join(map(str, shape))}")
+
+
+def plan_tiles(shape: Sequence[int], tile: PerAxis, halo: PerAxis, size_factor: PerAxis) -> TilePlan:
+    """Zone-of-responsibility tiling of an array of spatial ``shape``; see :func:`predict_tiled`."""
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    tiles, halos = per_axis(tile, ndim, "tile"), per_axis(halo, ndim, "halo")
+    factors = per_axis(size_factor, ndim, "size_factor")
+    _check_geometry(shape, tiles, halos, factors)
+    axes = [_axis_zones(*args) for args in zip(shape, tiles, halos, factors)]
     zones = tuple(
-        Zone(r, c, y0, y1, x0, x1, ty, tx) for r, (y0, y1, ty) in enumerate(rows) for c, (x0, x1, tx) in enumerate(cols)
+        Zone(index=tuple(i for i, _ in picked), start=tuple(z[0] for _, z in picked),
+             stop=tuple(z[1] for _, z in picked), tile_start=tuple(z[2] for _, z in picked))
+        for picked in itertools.product(*(list(enumerate(axis_zones)) for _, axis_zones in axes))
     )
-    return TilePlan(height, width, (int(tile_yx[0]), int(tile_yx[1])), (tile_h, tile_w), int(halo), size_factor,
-                    (len(rows), len(cols)), zones)
+    return TilePlan(shape, tiles, tuple(t for t, _ in axes), halos, factors,
+                    tuple(len(z) for _, z in axes), zones)
 
 
-def read_tile(image_hwc: Any, plan: TilePlan, zone: Zone) -> np.ndarray:
-    """The tile of ``zone`` as HWC in the image's dtype, mirror-padded where it leaves the image.
+def read_tile(array: Any, plan: TilePlan, zone: Zone) -> np.ndarray:
+    """The tile of ``zone`` (spatial axes then channels) in the array's dtype, mirror-padded outside it.
 
     Reads one region: the bounding box of the pixels the tile needs (never
     larger than the tile), so on-disk arrays are read region by region.
     """
-    rows = reflect_index(np.arange(zone.tile_y, zone.tile_y + plan.tile_shape[0]), plan.height)
-    cols = reflect_index(np.arange(zone.tile_x, zone.tile_x + plan.tile_shape[1]), plan.width)
-    y_lo, y_hi, x_lo, x_hi = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    region = np.asarray(image_hwc[y_lo:y_hi, x_lo:x_hi])
-    if region.shape[:2] == plan.tile_shape and zone.tile_y >= 0 and zone.tile_x >= 0:
-        return region  # entirely inside the image: no padding needed
-    return region[(rows - y_lo)[:, None], (cols - x_lo)[None, :]]
+    indices = [reflect_index(np.arange(t, t + n), length)
+               for t, n, length in zip(zone.tile_start, plan.tile_shape, plan.shape)]
+    lows = [int(i.min()) for i in indices]
+    region = np.asarray(array[tuple(slice(lo, int(i.max()) + 1) for lo, i in zip(lows, indices))])
+    if region.shape[: len(indices)] == plan.tile_shape and min(zone.tile_start) >= 0:
+        return region  # entirely inside the array: no padding needed
+    return region[np.ix_(*(i - lo for i, lo in zip(indices, lows)))]
 
 
-def _batches(image_hwc: Any, plan: TilePlan, preprocess: Callable[[np.ndarray], np.ndarray],
+def _batches(array: Any, plan: TilePlan, preprocess: Callable[[np.ndarray], np.ndarray],
              batch_size: int) -> Iterator[tuple[list[Zone], np.ndarray]]:
-    """(zones, batch_nhwc float32) in raster order; the last batch may be shorter."""
+    """(zones, batch float32: N, spatial..., C) in raster order; the last batch may be shorter."""
     for first in range(0, len(plan.zones), batch_size):
         zones = list(plan.zones[first : first + batch_size])
-        yield zones, np.stack([np.asarray(preprocess(read_tile(image_hwc, plan, z)), np.float32) for z in zones])
+        yield zones, np.stack([np.asarray(preprocess(read_tile(array, plan, z)), np.float32) for z in zones])
 
 
 class _Failure:
@@ -216,11 +249,11 @@ def prefetched(iterable: Iterable[Any], depth: int, name: str = "prefetch") -> I
 
 
 def predict_tiled(
-    image_hwc: Any,
+    array: Any,
     predict_fn: Callable[[np.ndarray], Any],
-    tile: int | tuple[int, int],
-    halo: int,
-    size_factor: int,
+    tile: PerAxis,
+    halo: PerAxis,
+    size_factor: PerAxis,
     *,
     batch_size: int = 1,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -228,57 +261,54 @@ def predict_tiled(
     prefetch: int = 2,
     progress: Callable[[int], Any] | None = None,
 ) -> np.ndarray | None:
-    """Predict an image of any size tile by tile; the result does not depend on the tiling.
+    """Predict an array of any size tile by tile; the result does not depend on the tiling.
 
     Args:
-        image_hwc: the image, H x W x C, as anything with ``.shape`` and
-            ``[y0:y1, x0:x1]`` slicing -- a numpy array, a ``np.memmap``, or a
-            lazy on-disk view (the region reader: only the regions the tiles
-            need are read).
-        predict_fn: ``batch_nhwc`` float32 -> per-class ``probabilities_nhwk``
-            (same N, H, W). Called with tiles of one constant shape per image.
-        tile: zone of responsibility (int or (h, w)), a multiple of ``size_factor``.
-            Images (after rounding up to the size factor) smaller than a tile
-            get one smaller tile.
-        halo: context added on every side of a zone, a multiple of ``size_factor``.
-            The result is guaranteed to equal whole-image prediction when
-            ``halo`` is at least the model's receptive-field radius (the
-            farthest input pixel that can change an output pixel); with less,
-            pixels near zone borders can differ (seams).
-        size_factor: model inputs must have H and W multiples of this; tile
-            origins are aligned to it so pooling grids agree with the whole image.
+        array: spatial axes then channels (``image_hwc``, ``volume_zyxc``), as anything
+            with ``.shape`` and slicing by a tuple of slices -- a numpy array, a
+            ``np.memmap``, or a lazy on-disk view (only the regions the tiles need are read).
+        predict_fn: float32 ``batch`` (N, spatial..., C) -> per-class ``probabilities``
+            (same N and spatial shape, K last). Called with tiles of one shape per array.
+        tile: zone of responsibility (one int, or one per spatial axis), a multiple of
+            ``size_factor``. Axes (rounded up to the size factor) shorter than a tile get
+            one shorter tile.
+        halo: context added on both sides of a zone (int or per axis), a multiple of
+            ``size_factor``. The result equals whole-array prediction when ``halo`` is
+            at least the model's receptive-field radius (the farthest input pixel that
+            can change an output pixel); with less, pixels near zone borders can differ.
+        size_factor: model inputs must have spatial sizes multiple of this (int or per
+            axis); tile origins are aligned to it so pooling grids agree with the whole array.
         batch_size: tiles per ``predict_fn`` call.
-        preprocess: raw ``tile_hwc`` -> float32 ``tile_hwc`` (e.g. ``image_io.normalize``
-            with WHOLE-image statistics); runs in the prefetch thread. Default:
-            cast to float32.
-        sink: ``sink(zone, probabilities_hwk)`` receives each zone's prediction
-            (cropped to the zone) in raster order -- the writer for out-of-core
-            outputs. Without a sink the stitched H x W x K float32 array is returned.
-        prefetch: batches read and preprocessed ahead in a background thread
-            (0: no thread).
+        preprocess: raw tile -> float32 tile (e.g. ``image_io.normalize`` with WHOLE-image
+            statistics); runs in the prefetch thread. Default: cast to float32.
+        sink: ``sink(zone, probabilities)`` receives each zone's prediction (cropped to the
+            zone) in raster order -- the writer for out-of-core outputs. Without a sink the
+            stitched (spatial..., K) float32 array is returned.
+        prefetch: batches read and preprocessed ahead in a background thread (0: no thread).
         progress: called with the number of tiles finished after each batch.
 
-    Geometry: the image is mirror-padded at its borders (``image_io.mirror_pad``'s
-    rule) by the halo and up to a multiple of the size factor; see :func:`plan_tiles`.
+    Geometry: the array is mirror-padded at its borders (``image_io.mirror_pad``'s rule)
+    by the halo and up to a multiple of the size factor; see :func:`plan_tiles`.
     """
-    height, width, _ = image_hwc.shape
-    plan = plan_tiles(height, width, tile, halo, size_factor)
+    spatial = tuple(array.shape[:-1])
+    plan = plan_tiles(spatial, tile, halo, size_factor)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     preprocess = preprocess or (lambda t: t.astype(np.float32))
     stitched: np.ndarray | None = None
-    for zones, batch in prefetched(_batches(image_hwc, plan, preprocess, batch_size), prefetch, "tile-prefetch"):
+    for zones, batch in prefetched(_batches(array, plan, preprocess, batch_size), prefetch, "tile-prefetch"):
         probs = np.asarray(predict_fn(batch))
-        if probs.ndim != 4 or probs.shape[:3] != batch.shape[:3]:
-            raise ValueError(f"predict_fn returned shape {probs.shape} for input {batch.shape}; expected (N, H, W, K) with the input's N, H, W")
+        if probs.ndim != batch.ndim or probs.shape[:-1] != batch.shape[:-1]:
+            raise ValueError(f"predict_fn returned shape {probs.shape} for input {batch.shape}; expected "
+                             "(N, spatial..., K) with the input's N and spatial shape")
         for zone, tile_probs in zip(zones, probs):
             part = tile_probs[zone.crop()]
             if sink is not None:
                 sink(zone, part)
                 continue
             if stitched is None:
-                stitched = np.empty((height, width, probs.shape[3]), np.float32)
-            stitched[zone.y0 : zone.y1, zone.x0 : zone.x1] = part
+                stitched = np.empty(spatial + (probs.shape[-1],), np.float32)
+            stitched[zone.region()] = part
         if progress is not None:
             progress(len(zones))
     return stitched

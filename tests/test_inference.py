@@ -20,6 +20,7 @@ import inference_unet as inf
 from segkit import metrics
 from segkit import model_metadata
 from segkit import tiling
+from segkit.inference import regions
 from conftest import ROOT, signal_group_when_ready
 from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
                                 export_keras, export_pointwise, export_savedmodel, tiny_unet_radius, train_steps)
@@ -486,7 +487,7 @@ def test_huge_compressed_blocks_are_read_whole_not_per_tile(models, tmp_path, mo
     os.makedirs(tmp_path / "images")
     image = (np.random.default_rng(2).random((100, 120)) * 3000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "images" / "strip.tif", image, compression="zlib", rowsperstrip=100)
-    monkeypatch.setattr(inf, "MAX_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(regions, "MAX_BLOCK_BYTES", 1000)
     assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--memory_limit_mb", 0.001) == 0
     assert any("reading it whole" in r.getMessage() for r in caplog.records)
     assert any("in memory" in r.getMessage() for r in caplog.records)

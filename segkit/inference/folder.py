@@ -1,0 +1,238 @@
+"""Inference over a folder: one image (predict, score, overlay), the folder loop and its Summary.
+
+See README.md, "Stage 3".
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from segkit import cliutil
+from segkit import image_io
+from segkit import metrics
+from segkit import tiling
+from segkit.inference.predictor import SavedModelPredictor, with_tta
+from segkit.inference.regions import open_source, opened, stats_blocks
+from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
+from segkit.inference.writers import open_outputs
+
+log = logging.getLogger("inference_unet.folder")
+
+OVERLAY_MAX_SIDE = 2048
+TILE_PROGRESS_MIN_TILES = 16
+
+
+def _bar_interval() -> float:
+    """Seconds between progress updates: live on a terminal, sparse in batch-job log files."""
+    return 0.1 if sys.stderr.isatty() else 30.0
+
+
+# --- one image --------------------------------------------------------------------------------
+
+
+def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, settings: Settings) -> str:
+    """Predict one image and write the requested outputs; returns a one-line description."""
+    source = open_source(path, settings)
+    try:
+        image = source.image_hwc
+        spatial = tuple(image.shape[:-1])
+        mean, std = image_io.image_stats(image, **stats_blocks(image))
+        if not np.all(np.isfinite(mean + std)):
+            raise ValueError(f"{path}: image contains NaN or infinite pixels; replace them first")
+        plan = tiling.plan_tiles(spatial, settings.tile_size, settings.halo, settings.size_factor)
+        # A tile bar for large images, on a terminal only (batch logs get the per-image line).
+        show_bar = (source.out_of_core or len(plan.zones) >= TILE_PROGRESS_MIN_TILES) and sys.stderr.isatty()
+        from tqdm import tqdm
+
+        with contextlib.ExitStack() as stack:
+            outputs = open_outputs(stack, todo, spatial, source.out_of_core, settings)
+            bar = stack.enter_context(tqdm(total=len(plan.zones), desc=os.path.basename(path), unit="tile",
+                                           leave=False, disable=not show_bar))
+
+            def sink(zone: tiling.Zone, probs_hwk: np.ndarray) -> None:
+                for out in outputs:
+                    out.put(zone, probs_hwk)
+
+            tiling.predict_tiled(image, predict_fn, settings.tile_size, settings.halo, settings.size_factor,
+                                 batch_size=settings.batch_size, preprocess=lambda t: image_io.normalize(t, mean, std),
+                                 sink=sink, progress=bar.update)
+    finally:
+        source.close()
+    where = "out of core" if source.out_of_core else "in memory"
+    return (f"{_size(spatial)}, {len(plan.zones)} tile(s) of {_size(plan.tile_shape)} "
+            f"(halo {settings.halo}), {where}")
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def confusion_from_files(pred_path: str, truth_path: str, number_classes: int,
+                         mask_map: dict[int, int] | None = None) -> tuple[np.ndarray, int, set[int]]:
+    """Confusion matrix of a written mask against ground truth (values remapped by ``mask_map``
+    first), row block by row block.
+
+    Returns (cm, pixels of the truth with a class id outside [0, number_classes), those ids).
+    """
+    with opened(pred_path) as pred, opened(truth_path) as truth:
+        if truth.shape[2] != 1:
+            raise ValueError(f"{truth_path}: ground-truth mask has {truth.shape[2]} channels; masks are single-channel")
+        if tuple(truth.shape[:2]) != tuple(pred.shape[:2]):
+            raise ValueError(f"{truth_path}: ground-truth mask is {truth.shape[0]}x{truth.shape[1]} but the image is "
+                             f"{pred.shape[0]}x{pred.shape[1]}; they must match pixel for pixel")
+        cm = np.zeros((number_classes, number_classes), np.int64)
+        outside, outside_ids = 0, set()
+        rows = max(1, (16 * 2**20) // max(1, pred.shape[1]))
+        for y in range(0, pred.shape[0], rows):
+            t = np.asarray(truth[y : y + rows])[..., 0].astype(np.int64)
+            if mask_map:
+                valid = t >= 0  # negative ids are outside whatever the map says
+                t = np.where(valid, image_io.apply_mask_map(np.where(valid, t, 0), mask_map), t)
+            cm += metrics.confusion_matrix(t, np.asarray(pred[y : y + rows])[..., 0], number_classes)
+            bad = (t < 0) | (t >= number_classes)
+            if bad.any():
+                outside += int(np.count_nonzero(bad))
+                outside_ids.update(np.unique(t[bad]).tolist())
+        return cm, outside, outside_ids
+
+
+def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
+    """uint8 RGB for display: 3+ channels as RGB, else the first channel; 1-99.5 percentile stretch."""
+    img = image_hwc[..., :3] if image_hwc.shape[2] >= 3 else image_hwc[..., :1]
+    img = img.astype(np.float32)
+    lo = np.percentile(img, 1, axis=(0, 1))
+    hi = np.percentile(img, 99.5, axis=(0, 1))
+    img = np.clip((img - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * 255
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = image_io.OVERLAY_ALPHA) -> None:
+    """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side."""
+    with opened(image_path) as image, opened(mask_path) as mask:
+        step = max(1, -(-max(image.shape[0], image.shape[1]) // OVERLAY_MAX_SIDE))
+        rgb = _display_rgb(np.asarray(image[::step, ::step]))
+        classes = np.asarray(mask[::step, ::step])[..., 0]
+    out = image_io.tint(rgb, classes, alpha)
+    import imageio.v3 as iio
+
+    os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
+    with cliutil.atomic_path(overlay_path, suffix=".png") as tmp:
+        iio.imwrite(tmp, np.rint(out).astype(np.uint8))
+
+
+# --- the folder -------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    segmented: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)      # outputs existed already
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics_path: str | None = None
+
+    def line(self) -> str:
+        text = f"{len(self.segmented)} segmented, {len(self.skipped)} already done (skipped), {len(self.failed)} failed"
+        if self.failed:
+            text += ": " + ", ".join(name for name, _ in self.failed[:10]) + (" ..." if len(self.failed) > 10 else "")
+        return text
+
+
+def _write_metrics(summary: Summary, settings: Settings) -> str:
+    index, count = settings.shard
+    name = "metrics.csv" if count == 1 else f"metrics_shard{index}_of_{count}.csv"
+    path = os.path.join(settings.output_folder, name)
+    rows = [metrics.flat_row({"image": n}, metrics.scores(cm)) for n, cm in sorted(summary.confusion.items())]
+    total = sum(summary.confusion.values(), np.zeros((settings.number_classes,) * 2, np.int64))
+    rows.append(metrics.flat_row({"image": "ALL"}, metrics.scores(total)))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[-1]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    cliutil.atomic_write_text(path, text.getvalue())
+    overall = metrics.scores(total)
+    log.info("metrics over %d image(s): pixel accuracy %.4f, mean IoU %.4f, mean Dice %.4f -> %s", len(summary.confusion),
+             overall["pixel_accuracy"], overall["mean_iou"], overall["mean_dice"], path)
+    return path
+
+
+def _process(name: str, predict: Callable[[], Callable], settings: Settings, summary: Summary) -> None:
+    """Predict (if needed), overlay, score one image; per-image faults go to ``summary.failed``."""
+    path = os.path.join(settings.image_folder, name)
+    paths = output_paths(name, settings)
+    todo = paths.todo(settings.overwrite)
+    start = time.perf_counter()
+    try:
+        if "mask" in todo or "probabilities" in todo:
+            detail = predict_image(path, todo, predict(), settings)
+            summary.segmented.append(name)
+            log.info("%s: %s, %.1f s", name, detail, time.perf_counter() - start)
+        else:
+            summary.skipped.append(name)
+            log.debug("%s: outputs exist, skipped", name)
+        if "overlay" in todo:
+            write_overlay(path, paths.mask, paths.overlay)
+        if settings.masks is not None:
+            if name not in settings.masks:
+                log.warning("%s: no ground-truth mask with this stem in the mask folder; not scored", name)
+            else:
+                cm, outside, ids = confusion_from_files(paths.mask, settings.masks[name], settings.number_classes,
+                                                        settings.mask_map)
+                summary.confusion[name] = cm
+                if outside:
+                    hint = image_io.mask_values_hint({0} | ids)  # outside ids {255}: a 0/255 mask
+                    log.warning("%s: %d ground-truth pixels have class ids outside 0..%d (%s) and are not scored%s",
+                                settings.masks[name], outside, settings.number_classes - 1,
+                                ", ".join(map(str, sorted(ids)[:8])), f"; {hint}" if hint else "")
+    except (image_io.ImageReadError, ValueError) as exc:
+        message = str(exc).replace("\n", " ")
+        log.error("%s: skipped: %s", name, message)
+        log.debug("details", exc_info=True)
+        summary.failed.append((name, message))
+    summary.seconds[name] = time.perf_counter() - start
+
+
+def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any) -> Summary:
+    """Segment this shard's images of a folder; keyword arguments as :func:`resolve_settings`.
+
+    Per-image faults are collected in the returned summary; bad settings raise InputError
+    before anything is written or TensorFlow is imported. ``predict_fn``: an already loaded
+    :class:`SavedModelPredictor` of the same SavedModel (benchmarks reuse one; TTA is still
+    applied per ``tta``); by default the model is loaded when the first image needs it.
+    """
+    settings = resolve_settings(**kwargs)
+    index, count = settings.shard
+    if count > 1:
+        log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))
+    os.makedirs(settings.output_folder, exist_ok=True)
+    cliutil.remove_stale_temporaries(settings.output_folder,
+                                     *(os.path.join(settings.output_folder, sub) for sub in OUTPUT_SUBFOLDERS))
+    predictor: list[Callable] = []
+
+    def predict() -> Callable:  # load TensorFlow and the model only if some image needs them
+        if not predictor:
+            fn = predict_fn or SavedModelPredictor(settings.saved_model_filepath)
+            predictor.append(with_tta(fn) if settings.tta else fn)
+        return predictor[0]
+
+    summary = Summary()
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        for name in tqdm(settings.names, desc="images", unit="image", mininterval=_bar_interval()):
+            _process(name, predict, settings, summary)
+    if settings.masks is not None and summary.confusion:
+        summary.metrics_path = _write_metrics(summary, settings)
+    (log.error if summary.failed else log.info)("done: %s", summary.line())
+    return summary
