@@ -1,0 +1,98 @@
+"""SavedModel export of a run's best weights: float32 serving_default ("images" NHWC -> "probabilities"
+NHWC) with the metadata asset of segkit/model_metadata.py. README.md, "What the SavedModel carries".
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Any
+
+from segkit import cliutil
+from segkit import image_io
+from segkit import model_metadata
+from segkit.training.checkpoints import json_default
+from segkit.training.config import RunConfig
+from segkit.training.trainer import build_model, evaluated_weights
+import models
+
+log = logging.getLogger(__name__)
+
+TRAINING_FIELDS = ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay", "batch_size", "seed")
+
+
+def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, final_metrics: dict[str, Any]) -> str:
+    """Export the weights at ``weights_prefix`` as saved_model/ (float32, serving_default + metadata asset)."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(config)
+    status = tf.train.Checkpoint(**{evaluated_weights(config): model}).read(weights_prefix)
+    status.assert_existing_objects_matched()  # never export initial weights because a name did not match
+    status.expect_partial()  # the optimizer and the other model stay in the checkpoint
+    meta = _metadata(config, model, final_metrics)
+    final = os.path.join(output_dir, "saved_model")
+    staging = cliutil.make_temp(os.path.join(output_dir, "saved_model"), directory=True)
+    try:
+        asset_dir = os.path.join(staging, "asset_source")
+        os.makedirs(asset_dir)
+        with open(os.path.join(asset_dir, model_metadata.METADATA_FILENAME), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1, default=json_default)
+        module = _serving_module(model, config.channels, os.path.join(asset_dir, model_metadata.METADATA_FILENAME))
+        tf.saved_model.save(module, os.path.join(staging, "saved_model"), signatures={"serving_default": module.serve})
+        _swap_in(os.path.join(staging, "saved_model"), final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s (theoretical radius %d px, effective %d px)", final, meta["receptive_field_radius"],
+             meta["effective_receptive_field_radius"])
+    return final
+
+
+def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the SavedModel carries, including the receptive field measured on the trained weights."""
+    from models.receptive_field import effective_receptive_field
+
+    radius = models.receptive_field_radius(config.model, **config.model_config)
+    # Probe no larger than one training batch's pixels: export then needs no more memory than training.
+    probe = int(math.sqrt(config.batch_size * config.crop_size[0] * config.crop_size[1]))
+    erf = effective_receptive_field(model, size_factor=config.size_factor, theoretical_radius=radius,
+                                    max_probe=max(probe, 2 * config.size_factor))
+    return model_metadata.make_metadata(
+        model=config.model, model_config=config.model_config, channels=config.channels,
+        number_classes=config.number_classes, image_dtype=config.image_dtype,
+        normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": image_io.NORMALIZATION_EPSILON},
+        size_factor=config.size_factor, receptive_field_radius=radius,
+        effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
+        training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS})
+
+
+def _serving_module(model, channels: int, metadata_file: str):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.model = model
+    module.metadata = tf.saved_model.Asset(metadata_file)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")],
+                 autograph=False)
+    def serve(images):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return {"probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    module.serve = serve
+    return module
+
+
+def _swap_in(new_dir: str, final: str) -> None:
+    """Replace folder ``final`` by ``new_dir``; at every moment one complete version exists on disk."""
+    old = None
+    if os.path.exists(final):
+        old = final + f".old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(new_dir, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""The training run: :func:`train` wires a :class:`Run` (trainer, readers, checkpoints, logs) and drives
+its :class:`Loop` (steps, test passes, stop reasons, NaN guard, Ctrl-C / SIGTERM between steps), then
+exports the best weights. README.md, "Stage 2", describes schedule, outputs, resume and exit codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from segkit import cliutil
+from segkit import metrics
+from segkit.training.checkpoints import CheckpointStore, MetricsCsv, RunState, check_same_precision
+from segkit.training.config import CONFIG_FILENAME, RunConfig, config_view
+from segkit.training.export import export_saved_model
+from segkit.training.summaries import Summaries
+from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_readers, make_strategy, set_precision
+
+log = logging.getLogger(__name__)
+logging.getLogger("absl").setLevel(logging.WARNING)  # per-checkpoint "Sharding callback" chatter
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a gradient) became NaN/Inf."""
+
+
+@dataclass
+class Outcome:
+    step: int
+    stopped: str
+    best_loss: float
+    best_step: int
+    saved_model: str | None
+    history: list[dict[str, Any]]
+
+
+def stop_reason(state: RunState, config: RunConfig | Mapping[str, Any]) -> str | None:
+    """Why the run stops now (--max_steps reached, early stopping), or None. ``config``: a RunConfig,
+    or a mapping with max_steps and early_stopping."""
+    c = config_view(config)
+    if c.max_steps is not None and state.step >= c.max_steps:
+        return f"reached --max_steps {c.max_steps}"
+    if c.early_stopping and state.evals_without_improvement >= c.early_stopping:
+        return (f"early stopping: no test-loss improvement in {state.evals_without_improvement} test passes "
+                f"(best {state.best_loss:.5f} at step {state.best_step})")
+    return None
+
+
+def train(config: RunConfig | Mapping[str, Any], *, resume: bool, strategy=None, worker_index: int = 0,
+          worker_count: int = 1, is_chief: bool = True, reader_factory=None) -> Outcome:
+    """Train (or continue) the run described by ``config`` (see ``resolve_config``); export on success.
+
+    ``config``: a RunConfig, or its config.json form as a dict. ``strategy``: a tf.distribute strategy
+    (default: :func:`make_strategy`). ``reader_factory``: ImageReader-compatible class (tests).
+    Raises TrainingDiverged on NaN/Inf, KeyboardInterrupt after a Ctrl-C / SIGTERM has been handled.
+    """
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_dict(config, source="train(config)")
+    if strategy is None:
+        strategy, worker_index, worker_count, is_chief = make_strategy()
+    mixed = set_precision(config.mixed_precision)
+    config = dataclasses.replace(config, replicas=strategy.num_replicas_in_sync, workers=worker_count,
+                                 global_batch_size=config.batch_size * strategy.num_replicas_in_sync,
+                                 mixed_precision_active=mixed)
+    if resume:
+        check_same_precision(config.output_dir, mixed)
+    if is_chief:
+        os.makedirs(config.output_dir, exist_ok=True)
+        config.save(os.path.join(config.output_dir, CONFIG_FILENAME))
+    log.info("%s on %d replica(s) x %d worker(s), global batch %d, crop %s", config.model, config.replicas,
+             worker_count, config.global_batch_size, list(config.crop_size))
+    run = Run(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory)
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            reason = Loop(run).until_stopped(stop)
+        if stop.signal_name:
+            run.save_interrupted(stop.signal_name)
+    finally:
+        run.close()
+    if stop.signal_name:
+        raise KeyboardInterrupt  # exit 130 (cliutil.run_cli); nothing is exported
+    run.release()
+    log.info("stopped at step %d: %s", run.state.step, reason)
+    saved = None
+    pointer = run.store.pointer() if is_chief else None
+    if pointer and pointer.get("best"):
+        saved = export_saved_model(config, run.store.prefix(pointer["best"]), config.output_dir, run.state.best_metrics)
+    return Outcome(run.state.step, reason, run.state.best_loss, run.state.best_step, saved, run.state.history)
+
+
+class Run:
+    """What one training run holds: trainer, readers, checkpoint store, state, metrics.csv, TensorBoard."""
+
+    def __init__(self, config: RunConfig, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory):
+        self.config, self.strategy, self.is_chief = config, strategy, is_chief
+        out = config.output_dir
+        self.trainer = Trainer(config, strategy, mixed)
+        self.store = CheckpointStore(out, is_chief)
+        self.state = RunState()
+        if resume:
+            self._restore(CheckpointStore(out, True))
+        self.csv = MetricsCsv(os.path.join(out, "metrics.csv"), self.state.step if resume else None, is_chief)
+        self.summaries = Summaries(out, is_chief)
+        self.test_data = None
+        try:
+            local_replicas = len(strategy.extended.worker_devices)  # this machine's share of the replicas
+            self.readers = make_readers(config, local_replicas, worker_index, worker_count,
+                                        self.state.step, reader_factory)
+        except ValueError as exc:  # e.g. fewer test batches than workers
+            raise cliutil.InputError(str(exc)) from None
+
+    def _restore(self, chief_store: CheckpointStore) -> None:
+        pointer = chief_store.pointer()
+        self.trainer.checkpoint.read(chief_store.prefix(pointer["latest"])).assert_existing_objects_matched()
+        self.state = chief_store.load_state(pointer["latest"])
+        log.info("resuming from step %d (best test loss %.5f at step %d, %d test passes so far)",
+                 self.state.step, self.state.best_loss, self.state.best_step, len(self.state.history))
+
+    def last_saved_step(self) -> str:
+        pointer = self.store.pointer()
+        return str(pointer["step"]) if pointer else "none yet"
+
+    def save_interrupted(self, signal_name: str) -> None:
+        """Ctrl-C / SIGTERM (pre-emption): keep the steps since the last test pass as the 'latest' checkpoint,
+        so a resubmitted job loses nothing finished, not up to --test_every_n_steps. It is not a test pass:
+        'best', the history and early stopping are unchanged. A second signal aborts it (the write is
+        atomic; the previous checkpoint stays). Single worker only: under the multi-worker strategy a save
+        is a collective step the other workers may never reach."""
+        if self.config.workers > 1 or not self.is_chief or self.state.step == 0:
+            return
+        if (self.store.pointer() or {}).get("step") == self.state.step:
+            return  # saved by the test pass of this very step
+        self.trainer.step.assign(self.state.step)
+        started = time.perf_counter()
+        self.store.save(self.trainer.checkpoint, self.state, best=False)
+        log.info("%s: saved the checkpoint of step %d (%.1f s); rerun the same command to continue",
+                 signal_name, self.state.step, time.perf_counter() - started)
+
+    def close(self) -> None:
+        for reader in getattr(self, "readers", ()):
+            reader.close()
+        if hasattr(self, "summaries"):
+            self.summaries.flush()
+        if not self.is_chief:
+            shutil.rmtree(self.store.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        """Drop the input pipelines so the closed readers (and their semaphores) are freed now, not at exit."""
+        self.readers = ()
+        self.test_data = None
+        gc.collect()
+
+
+class Loop:
+    """The steps of a :class:`Run`: learning rate, train step, NaN guard, progress, test passes."""
+
+    def __init__(self, run: Run):
+        self.run, self.config, self.trainer = run, run.config, run.trainer
+        self.state = run.state
+        self.last_train_loss = float("nan")
+        self.started = time.perf_counter()
+
+    def until_stopped(self, stop: "StopRequest | None" = None) -> str:
+        """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
+        self.started = time.perf_counter()
+        train_reader, test_reader = self.run.readers
+        self.run.test_data = distribute(self.run.strategy, test_reader)
+        iterator = iter(distribute(self.run.strategy, train_reader))
+        meter = Meter(train_reader)
+        every = self.config.test_every_n_steps
+        lr = None
+        while (reason := stop_reason(self.state, self.config)) is None:
+            if stop is not None and stop.signal_name:
+                return f"interrupted by {stop.signal_name}"
+            if learning_rate_at(self.state.step, self.config) != lr:
+                lr = learning_rate_at(self.state.step, self.config)
+                self.trainer.set_learning_rate(lr)
+            asked = time.perf_counter()
+            batch = next(iterator)
+            started = time.perf_counter()
+            out = {k: float(v) for k, v in self.trainer.train_step(batch).items()}
+            meter.add(out, started - asked, time.perf_counter() - started)
+            self._check_finite(out)
+            self.state.step += 1
+            self.trainer.step.assign(self.state.step)
+            if self.state.step % min(100, every) == 0:
+                self._log_train(meter, lr)
+            if self.state.step % every == 0 or self._last_step():
+                self._test_pass()
+        return reason
+
+    def _last_step(self) -> bool:
+        return self.config.max_steps is not None and self.state.step >= self.config.max_steps
+
+    def _check_finite(self, out: dict[str, float]) -> None:
+        if not math.isfinite(out["loss"]) or out["finite_grads"] < 0.999:
+            what = "loss" if not math.isfinite(out["loss"]) else "gradient"
+            raise TrainingDiverged(
+                f"the training {what} became NaN/Inf at step {self.state.step + 1}; stopped without saving. "
+                f"The last good checkpoint (step {self.run.last_saved_step()}) is kept in {self.run.store.folder}; "
+                "lower --learning_rate, try --loss ce, or check the databases for NaN/Inf pixels")
+
+    def _log_train(self, meter: "Meter", lr: float) -> None:
+        summary = meter.flush()
+        self.run.summaries.train(self.state.step, summary, lr)
+        log.info("step %d  loss %.4f  acc %.4f  lr %.2g  %.3f s/step (input %.1f ms)  reader starved on %.0f%% of batches",
+                 self.state.step, summary["loss"], summary["accuracy"], lr, summary["step_seconds"],
+                 1000 * summary["fetch_seconds"], 100 * summary["starved_fraction"])
+        self.last_train_loss = summary["loss"]
+
+    def _test_pass(self) -> None:
+        started = time.perf_counter()
+        loss, result, first = self.trainer.evaluate(self.run.test_data)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the test loss became NaN/Inf at step {self.state.step}; stopped without saving. "
+                                   f"The last good checkpoint (step {self.run.last_saved_step()}) is kept; lower --learning_rate")
+        improved = self.state.record(self.state.step, loss, result)
+        self.run.store.save(self.trainer.checkpoint, self.state, best=improved)
+        row = metrics.flat_row({"step": self.state.step, "train_loss": self.last_train_loss,
+                                "test_loss": loss, "best": int(improved), "test_pixels": result["pixels"],
+                                "elapsed_s": round(time.perf_counter() - self.started, 1)}, result)
+        self.run.csv.append(row)
+        self.run.summaries.test(self.state.step, loss, result, first, self.trainer.predict)
+        log.info("test pass at step %d: loss %.5f%s, pixel accuracy %.4f, IoU %s, Dice %s (%.1f s)",
+                 self.state.step, loss, " (best)" if improved else f" (best {self.state.best_loss:.5f})",
+                 result["pixel_accuracy"], _fmt(result["iou"]), _fmt(result["dice"]), time.perf_counter() - started)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+class Meter:
+    """Running means between train log lines: loss, accuracy, seconds per step, input fetch time, and
+    the fraction of the reader's batches that found no batch ready (its ``batches_starved`` counter)."""
+
+    def __init__(self, reader=None):
+        self.reader = reader
+        self.reset()
+
+    def _reader_counts(self) -> tuple[int, int]:
+        return (getattr(self.reader, "batches_delivered", 0), getattr(self.reader, "batches_starved", 0))
+
+    def reset(self):
+        self.steps = 0
+        self.loss = self.correct = self.pixels = self.compute = self.fetch = 0.0
+        self.counts = self._reader_counts()
+
+    def add(self, out: dict[str, float], fetch: float, compute: float) -> None:
+        self.steps += 1
+        self.loss += out["loss"]
+        self.correct += out["correct"]
+        self.pixels += out["pixels"]
+        self.compute += compute + fetch
+        self.fetch += fetch
+
+    def flush(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        delivered, starved = (now - before for now, before in zip(self._reader_counts(), self.counts))
+        summary = {"loss": self.loss / steps, "accuracy": self.correct / max(self.pixels, 1.0),
+                   "step_seconds": self.compute / steps, "fetch_seconds": self.fetch / steps,
+                   "starved_fraction": starved / max(delivered, 1)}
+        self.reset()
+        return summary
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: the first one asks the loop to stop at the next step boundary
+    (then the run saves, closes its readers and exits 130); a second one raises KeyboardInterrupt at once.
+
+    Raising from a signal handler in the middle of a TensorFlow call can leave native state half
+    updated (a crash in free() was seen); stopping between steps never does.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def _handle(self, signum, frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: stopping after the current step (again to stop at once)", self.signal_name)
+
+    def installed(self):
+        """The block in which Ctrl-C / SIGTERM come here (cliutil.signals_handled)."""
+        return cliutil.signals_handled(self._handle)

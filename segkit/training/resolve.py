@@ -1,0 +1,158 @@
+"""Command-line arguments and databases -> a validated RunConfig, before TensorFlow is imported.
+
+Every check that can fail on user input is here, so a bad flag or database exits 2 with nothing written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from segkit import cliutil
+from segkit import lmdb_format
+from segkit.training.config import WARMUP_MAX_STEPS, RunConfig
+import models
+
+# Flags range-checked by their RunConfig field's rule, in this order (messages "--flag must be ...").
+CHECKED_FLAGS = ("batch_size", "number_classes", "learning_rate", "ema_decay", "test_every_n_steps",
+                 "early_stopping", "reader_count", "max_steps")
+
+
+def resolve_config(args) -> RunConfig:
+    """Check every argument and database; return the run's configuration. Raises InputError."""
+    _check_numbers(args)
+    train_meta = [_read_database(p) for p in args.train_database]
+    test_meta = _read_database(args.test_database)
+    model_config, size_factor = _model_settings(args)
+    channels = _check_databases(train_meta, test_meta, args)
+    counts: dict[int, int] = {}
+    for meta in train_meta:
+        for c, n in meta["class_pixel_counts"].items():
+            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    config = RunConfig(
+        model=args.model, model_config=model_config, size_factor=size_factor,
+        channels=channels, number_classes=args.number_classes, image_dtype=train_meta[0]["image_dtype"],
+        train_database=tuple(os.path.abspath(p) for p in args.train_database),
+        test_database=os.path.abspath(args.test_database), output_dir=os.path.abspath(args.output_dir),
+        batch_size=args.batch_size, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+        ema_decay=args.ema_decay, test_every_n_steps=args.test_every_n_steps,
+        warmup_steps=min(WARMUP_MAX_STEPS, args.test_every_n_steps),
+        balance_classes=bool(args.balance_classes), use_augmentation=bool(args.use_augmentation),
+        early_stopping=args.early_stopping, reader_count=args.reader_count, seed=args.seed,
+        max_steps=args.max_steps, mixed_precision=bool(args.mixed_precision), loss=args.loss,
+        class_weights=args.class_weights,
+        class_weight_values=tuple(parse_class_weights(args.class_weights, args.number_classes, counts)),
+        crop_size=tuple(_resolve_crop(args, size_factor)),
+        train_data=tuple(_fingerprint(m) for m in train_meta), test_data=_fingerprint(test_meta),
+        mask_map=_training_mask_map(train_meta))
+    _check_output_dir(config.output_dir)
+    return config
+
+
+def _check_numbers(args) -> None:
+    rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(RunConfig)}
+    for name in CHECKED_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not rules[name].test(value):
+            raise cliutil.InputError(f"--{name} {rules[name].text}")
+    if args.lr_schedule == "cosine" and args.max_steps is None:
+        raise cliutil.InputError("--lr_schedule cosine decays to --max_steps; pass --max_steps N")
+
+
+def _read_database(path: str) -> dict[str, Any]:
+    try:
+        return lmdb_format.read_metadata(path)
+    except ValueError as exc:
+        raise cliutil.InputError(str(exc)) from None
+    except OSError as exc:
+        raise cliutil.InputError(f"{path}: cannot read the database ({exc}); check the path and permissions") from None
+
+
+def _fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a database's content independent of where it lies (copies to node-local disk resume)."""
+    return {"num_records": meta["num_records"], "channels": meta["channels"], "tile_size": meta.get("tile_size"),
+            "class_pixel_counts": {str(c): n for c, n in sorted(meta["class_pixel_counts"].items())}}
+
+
+def parse_class_weights(text: str, number_classes: int, class_pixel_counts: dict[int, int]) -> list[float]:
+    """'none' -> ones; 'auto' -> total / (classes present x count_c), pixel-weighted mean 1; or explicit list."""
+    text = text.strip().lower()
+    if text == "none":
+        return [1.0] * number_classes
+    if text == "auto":
+        present = {c: n for c, n in class_pixel_counts.items() if n > 0 and c < number_classes}
+        total = sum(present.values())
+        return [total / (len(present) * present[c]) if c in present else 1.0 for c in range(number_classes)]
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise cliutil.InputError(f"--class_weights {text!r}: expected 'none', 'auto' or {number_classes} numbers like 1,5") from None
+    if len(weights) != number_classes or min(weights) < 0 or max(weights) <= 0 or not all(map(math.isfinite, weights)):
+        raise cliutil.InputError(f"--class_weights {text!r}: need {number_classes} non-negative numbers (one per class, "
+                                 "not all zero), e.g. " + ",".join(["1"] * number_classes))
+    return weights
+
+
+def _model_settings(args) -> tuple[dict[str, Any], int]:
+    overrides = {"dropout": args.dropout}
+    if args.model == "unet":
+        overrides.update(depth=args.depth, base_filters=args.base_filters)
+    elif args.depth is not None or args.base_filters is not None:
+        raise cliutil.InputError(f"--depth and --base_filters apply to --model unet only, not {args.model}")
+    try:
+        config = models.model_config(args.model, **overrides)
+    except ValueError as exc:
+        raise cliutil.InputError(f"--model {args.model}: {exc}") from None
+    return config, models.size_factor(args.model, **config)
+
+
+def _check_databases(train_meta: list[dict], test_meta: dict, args) -> int:
+    """Channels equal everywhere, classes seen within --number_classes; returns the channel count."""
+    real = [os.path.realpath(p) for p in args.train_database]
+    for path in args.train_database:
+        if real.count(os.path.realpath(path)) > 1:
+            raise cliutil.InputError(f"--train_database lists {path} more than once; pass each database once")
+    named = list(zip(args.train_database, train_meta)) + [(args.test_database, test_meta)]
+    channels = {m["channels"] for _, m in named}
+    if len(channels) > 1:
+        listing = ", ".join(f"{p}: {m['channels']}" for p, m in named)
+        raise cliutil.InputError(f"the databases have different channel counts ({listing}); train and test on images with the same channels")
+    for path, meta in named:
+        seen = meta.get("classes_seen") or [c for c, n in meta["class_pixel_counts"].items() if n > 0]
+        if seen and max(seen) >= args.number_classes:
+            raise cliutil.InputError(f"{path}: masks contain class {max(seen)} but --number_classes is {args.number_classes}; "
+                                     f"pass --number_classes {max(seen) + 1} (or remap the masks with build_lmdb.py --mask_map)")
+    return channels.pop()
+
+
+def _resolve_crop(args, size_factor: int) -> list[int]:
+    """Let the reader (without starting it) resolve the crop and check both databases' records."""
+    from imagereader import ImageReader
+
+    try:
+        train = ImageReader(args.train_database, batch_size=args.batch_size, crop_size=args.crop_size,
+                            size_factor=size_factor, sampling="balanced" if args.balance_classes else "shuffle")
+        ImageReader(args.test_database, batch_size=args.batch_size, mode="eval", size_factor=size_factor).close()
+    except ValueError as exc:
+        raise cliutil.InputError(str(exc)) from None
+    train.close()
+    return list(train.crop_hw)
+
+
+def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:
+    """The mask value -> class map the training databases were built with (``build_lmdb.py --mask_map``),
+    JSON-style ({"255": 1}; {} = none); None when the databases disagree. Exported with the model, so
+    inference scores ground truth in the same encoding without being told."""
+    maps = [(meta.get("build") or {}).get("mask_map") or {} for meta in train_meta]
+    return maps[0] if all(m == maps[0] for m in maps) else None
+
+
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise cliutil.InputError(f"--output_dir {path} is a file; pass a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise cliutil.InputError(f"--output_dir {path}: {parent} is not writable; choose another folder")

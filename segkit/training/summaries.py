@@ -1,0 +1,92 @@
+"""TensorBoard output of a run (logs/train and logs/test): scalars and test images with prediction
+overlays, written without the tensorboard package. README.md, "Stage 2" (Outputs).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from segkit import image_io
+
+OVERLAY_IMAGES = 3
+
+
+def _plugin_metadata(plugin: str, content: bytes = b""):
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin, content=content))
+
+
+def summary_scalar(name: str, value: float) -> None:
+    """tf.summary.scalar without the tensorboard package (same event format; step from the writer)."""
+    import tensorflow as tf
+
+    tf.summary.write(name, tf.constant(float(value), tf.float32), metadata=_plugin_metadata("scalars"))
+
+
+def summary_images(name: str, images_nhw3: np.ndarray) -> None:
+    """tf.summary.image without the tensorboard package: [width, height, png, png, ...] strings."""
+    import tensorflow as tf
+
+    height, width = images_nhw3.shape[1:3]
+    pngs = [tf.io.encode_png(image) for image in images_nhw3]
+    tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height))] + pngs)
+    # ImagePluginData{max_images_per_step: n} as a protobuf: field 2, varint
+    tf.summary.write(name, tensor, metadata=_plugin_metadata("images", bytes([0x10, len(pngs)])))
+
+
+def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.ndarray) -> np.ndarray:
+    """uint8 NHW3 panels [image | truth overlay | prediction overlay]; class 0 is left uncoloured."""
+    image = images_nhwc[..., :3] if images_nhwc.shape[-1] >= 3 else np.repeat(images_nhwc[..., :1], 3, axis=-1)
+    lo = image.min(axis=(1, 2, 3), keepdims=True)
+    hi = image.max(axis=(1, 2, 3), keepdims=True)
+    gray = (image - lo) / np.maximum(hi - lo, 1e-6) * 255.0
+    panels = [gray, image_io.tint(gray, truth_nhw), image_io.tint(gray, pred_nhw)]
+    return np.concatenate(panels, axis=2).clip(0, 255).astype(np.uint8)
+
+
+class Summaries:
+    """The run's two event writers; on workers other than the chief they write nothing."""
+
+    def __init__(self, output_dir: str, is_chief: bool):
+        import tensorflow as tf
+
+        self.is_chief = is_chief
+        if is_chief:
+            self.train_writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "train"))
+            self.test_writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "test"))
+        else:
+            self.train_writer = self.test_writer = tf.summary.create_noop_writer()
+
+    def train(self, step: int, summary: dict[str, float], learning_rate: float) -> None:
+        """The running means of :class:`segkit.training.loop.Meter` since the last call."""
+        with self.train_writer.as_default(step=step):
+            summary_scalar("loss", summary["loss"])
+            summary_scalar("pixel_accuracy", summary["accuracy"])
+            summary_scalar("learning_rate", learning_rate)
+            summary_scalar("seconds_per_step", summary["step_seconds"])
+            summary_scalar("input_fetch_seconds", summary["fetch_seconds"])
+            summary_scalar("reader_starved_fraction", summary["starved_fraction"])
+
+    def test(self, step: int, loss: float, result: dict[str, Any], first, predict: Callable) -> None:
+        """A test pass's scores; ``first``: its first (images, labels) batch, shown with ``predict``'s classes."""
+        with self.test_writer.as_default(step=step):
+            summary_scalar("loss", loss)
+            summary_scalar("pixel_accuracy", result["pixel_accuracy"])
+            summary_scalar("mean_iou", result["mean_iou"])
+            for c, (iou, dice) in enumerate(zip(result["iou"], result["dice"])):
+                if math.isfinite(iou):
+                    summary_scalar(f"iou_class_{c}", iou)
+                    summary_scalar(f"dice_class_{c}", dice)
+            if first is not None and self.is_chief:
+                images, labels = (t[:OVERLAY_IMAGES] for t in first)
+                pred = predict(images).numpy()
+                summary_images("image_truth_prediction", overlay_panels(images.numpy(), labels.numpy(), pred))
+        self.flush()
+
+    def flush(self) -> None:
+        self.test_writer.flush()
+        self.train_writer.flush()
