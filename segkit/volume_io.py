@@ -3,7 +3,7 @@
 One home for: which axes a file declares, which of its metadata gives the voxel size (in micrometres,
 (z, y, x) order), and the ``--voxel_size z,y,x`` flag value. Zarr and HDF5 volumes are read lazily
 (:class:`ZYXCView` reads only the region asked for); TIFF stacks are read whole. Bad input raises
-:class:`segkit.cliutil.InputError` in one line. No TensorFlow here. See the README (volumes).
+:class:`segkit.cliutil.InputError` in one line. No TensorFlow here.
 """
 from __future__ import annotations
 
@@ -60,20 +60,26 @@ class Volume:
 class ZYXCView:
     """Lazy (Z, Y, X, C) view of a stored array with other axis order: ``view[z0:z1, y0:y1]`` reads
     only that region. ``order`` gives, for each of z, y, x, c, the stored axis (None: a new axis);
-    stored singleton axes not in ``order`` are indexed at 0."""
+    stored singleton axes not in ``order`` are indexed at 0. :meth:`zyx` is the (Z, Y, X) view of a
+    single-channel volume (a mask)."""
 
     def __init__(self, array, order: tuple[int | None, ...]):
-        self.array, self.order = array, order
+        self.array, self.order = array, tuple(order)
         self.dtype = np.dtype(array.dtype)
-        self.shape = tuple(1 if a is None else int(array.shape[a]) for a in order)
-        self.ndim = 4
+        self.shape = tuple(1 if a is None else int(array.shape[a]) for a in self.order)
+        self.ndim = len(self.order)
+
+    def zyx(self, where: str = "volume") -> "ZYXCView":
+        if self.ndim == 4 and self.shape[3] != 1:
+            raise InputError(f"{where}: {self.shape[3]} channels where a single-channel volume (a mask) is expected")
+        return ZYXCView(self.array, self.order[:3])
 
     def __getitem__(self, key) -> np.ndarray:
         """Slices or integers in (z, y, x, c) order, numpy's meaning (an integer drops its axis)."""
         key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis or k is None for k in key) or len(key) > 4:
-            raise IndexError("ZYXCView takes up to four slices or integers (z, y, x, c)")
-        key = tuple(key) + (slice(None),) * (4 - len(key))
+        if any(k is Ellipsis or k is None for k in key) or len(key) > self.ndim:
+            raise IndexError(f"ZYXCView takes up to {self.ndim} slices or integers (z, y, x[, c])")
+        key = tuple(key) + (slice(None),) * (self.ndim - len(key))
         dropped = tuple(i for i, k in enumerate(key) if isinstance(k, (int, np.integer)))
         key = tuple(slice(k, k + 1 if k != -1 else None) if i in dropped else k for i, k in enumerate(key))
         stored = [0] * self.array.ndim

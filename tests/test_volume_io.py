@@ -192,3 +192,22 @@ def test_unknown_format_and_missing_file(tmp_path):
         volume_io.open_volume(str(tmp_path / "x.png"))
     with pytest.raises(InputError, match="no such"):
         volume_io.open_volume(str(tmp_path / "x.tif"))
+
+
+def test_lazy_hdf5_volume_feeds_3d_augmentation(tmp_path):
+    import augment3d
+
+    zyx = _volume((10, 30, 30))
+    path = tmp_path / "pair.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("raw", data=zyx)
+        handle.create_dataset("labels", data=(zyx % 3).astype(np.uint8))
+    spacing = (0.04, 0.008, 0.008)
+    with volume_io.open_volume(f"{path}/raw") as image, volume_io.open_volume(f"{path}/labels") as labels:
+        mask_view = labels.data_zyxc.zyx(str(path))
+        assert mask_view.shape == (10, 30, 30)
+        np.testing.assert_array_equal(mask_view[3, 4:6], (zyx % 3)[3, 4:6])
+        crop, mask = augment3d.make_sample_3d(image.data_zyxc, mask_view, np.random.default_rng(0), (4, 16, 16), spacing)
+    assert crop.shape == (4, 16, 16, 1) and set(np.unique(mask)) <= {0, 1, 2}
+    with pytest.raises(InputError, match="single-channel"):
+        volume_io.ZYXCView(np.zeros((2, 3, 3, 2)), (0, 1, 2, 3)).zyx()
