@@ -281,22 +281,24 @@ def _region(array, lo, hi) -> np.ndarray:
     return inner
 
 
-def _input_coordinates(geometry: Geometry3D, centre_in: np.ndarray) -> list[np.ndarray]:
-    """Input positions (z, y, x) of every output voxel, each (Z, Y, X) float32 (z is (Z, 1, 1) when
-    :attr:`Geometry3D.keeps_sections`)."""
+def _input_coordinates(geometry: Geometry3D, centre_in: np.ndarray, region_zyx) -> list[np.ndarray]:
+    """Input positions (z, y, x) of every output voxel, clipped to the region: float32 (Z, Y, X) arrays,
+    z (Z, 1, 1) when :attr:`Geometry3D.keeps_sections`. Each is allocated once and built in place."""
     size = geometry.out_zyx
     offsets = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) for n in size]
     grids = [offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]]
     linear = geometry.linear.astype(np.float32)
     coords = []
     for axis in range(3):
-        terms = [linear[axis, k] * grids[k] for k in range(3) if linear[axis, k] != 0]
-        value = functools.reduce(np.add, terms, np.float32(centre_in[axis]))
+        value = np.full((size[0], 1, 1) if axis == 0 and geometry.keeps_sections else size, centre_in[axis], np.float32)
+        for k in range(3):
+            if linear[axis, k] != 0:
+                value += linear[axis, k] * grids[k]
         if geometry.displacement is not None and geometry.displacement[axis] is not None:
-            value = value + geometry.displacement[axis]
+            value += geometry.displacement[axis]
         if geometry.section_offsets_yx is not None and axis:
-            value = value + geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
-        coords.append(np.broadcast_to(value, size) if axis else value)
+            value += geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
+        coords.append(np.clip(value, 0, region_zyx[axis] - 1, out=value))  # float fuzz only: the region has margin
     return coords
 
 
@@ -317,7 +319,8 @@ def _sample_cv2(region, region_mask, coords, keeps_sections):
     zr, yr = region.shape[:2]
     z, y, x = coords
     if keeps_sections:  # one input section per output section: exact rows, 2D interpolation only
-        rows = (np.rint(z).astype(np.float32) * yr) + y
+        rows = y  # owned by this call: built in place
+        rows += np.rint(z) * np.float32(yr)
         return _remap_stacked(region, rows, x, cv2.INTER_LINEAR), _remap_stacked(region_mask, rows, x, cv2.INTER_NEAREST)
     z0 = np.minimum(np.floor(z), zr - 2).astype(np.float32) if zr > 1 else np.zeros_like(z)
     weight = (z - z0)[..., None]
@@ -353,7 +356,7 @@ def warp_3d(image_zyxc, mask_zyx, geometry: Geometry3D, origin_zyx, float_dtype=
     stop = np.ceil(centre + hi - 1e-6).astype(int) + 1 + margin
     region = _region(image_zyxc, start, stop).astype(float_dtype)
     region_mask = _region(mask_zyx, start, stop)
-    coords = [np.clip(c, 0, n - 1) for c, n in zip(_input_coordinates(geometry, centre - start), region.shape)]
+    coords = _input_coordinates(geometry, centre - start, region.shape)
     if region.shape[0] * region.shape[1] <= CV_MAX_ROWS:
         image, mask = _sample_cv2(region, region_mask, coords, geometry.keeps_sections)
     else:
