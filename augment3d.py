@@ -103,8 +103,8 @@ class Geometry3D:
 
     ``permutation[i]`` is the output axis read for input-frame axis i; ``mirror_zyx`` is +-1 per axis;
     ``rotation`` a 3x3 rotation; ``scale_zyx`` the zoom per axis; ``displacement`` None or, per axis,
-    None or a (Z, Y, X) float32 field in input voxels; ``section_offsets_yx`` None or (Z, 2) integer in-plane offsets per output
-    section. See the module docstring for the composition.
+    None or a (Z, Y, X) float32 field in input voxels; ``section_offsets_yx`` None or (Z, 2) integer
+    in-plane offsets per output section. See the module docstring for the composition.
     """
 
     out_zyx: tuple[int, int, int]
@@ -112,7 +112,7 @@ class Geometry3D:
     mirror_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
     rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3))
     scale_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    displacement: np.ndarray | None = None
+    displacement: tuple | None = None
     section_offsets_yx: np.ndarray | None = None
 
     @functools.cached_property
