@@ -26,6 +26,7 @@ in voxels of the input. The voxel size (``spacing_zyx_um``) is required: anisotr
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
@@ -41,6 +42,22 @@ from segkit.volume_io import is_anisotropic
 MIN_ELASTIC_SPACING_VOXELS = 4   # a control grid finer than this folds the volume
 ELASTIC_CLIP_SIGMAS = 3.0        # control-point displacements are clipped to +-this many std (bounded context)
 CV_MAX_ROWS = 32000              # cv2.remap's fixed-point coordinates must stay below 32767
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: arrays below it come from the heap, not fresh mmap pages
+TRIM_THRESHOLD_BYTES = 128 << 20  # free heap kept for the next sample instead of returned to the OS
+
+
+def tune_allocator() -> bool:
+    """Let this process reuse the memory of freed large arrays (glibc ``mallopt``); True if applied.
+
+    By default glibc gives every array above 128 KiB fresh pages from the OS and returns them on free, so
+    each 1-4 MB temporary of a 3D sample pays page faults again: half of the CPU time per sample on the
+    development machine (see benchmarks/bench_augment3d.py). Call once at the start of a reader worker.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES)) and bool(libc.mallopt(-1, TRIM_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the default allocator stays
+        return False
 
 
 @dataclass(frozen=True)

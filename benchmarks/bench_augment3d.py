@@ -5,7 +5,8 @@
 
 For each case it makes samples from an in-memory uint8 record (with room for the context the crop
 needs, ``context_margin_3d``) with OpenCV on one thread (``cv2.setNumThreads(1)``, as in the reader's
-workers), default 3D augmentation and geometry only, and prints samples/s of wall-clock time and per
+workers) and, unless --tune_allocator 0, glibc keeping freed arrays for reuse
+(``augment3d.tune_allocator``), default 3D augmentation and geometry only, and prints samples/s of wall-clock time and per
 CPU second of this process (what one worker on a core of its own gives), with the load average (the
 machine is shared: compare figures taken together).
 """
@@ -58,8 +59,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the default augmentation")
+    parser.add_argument("--tune_allocator", type=int, default=1, choices=(0, 1),
+                        help="1 = augment3d.tune_allocator() first, as a reader worker should")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
+    if args.tune_allocator:
+        print(f"augment3d.tune_allocator(): {'applied' if augment3d.tune_allocator() else 'not available'}")
     for name, (out_zyx, spacing) in CASES.items():
         image, mask = make_record(out_zyx, spacing)
         for label, params in (("default", AugmentParams3D()), ("geometry only", GEOMETRY_ONLY)):

@@ -198,3 +198,23 @@ def test_deterministic_for_a_fixed_seed_and_pure():
 def test_voxel_size_is_required():
     with pytest.raises(ValueError, match="voxel size"):
         augment3d.volume_augmenter(None)
+
+
+def test_tune_allocator_applies_on_glibc():
+    import platform
+
+    assert augment3d.tune_allocator() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_benchmark_script_runs(capsys):
+    import importlib.util
+    import os
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_augment3d", os.path.join(ROOT, "benchmarks", "bench_augment3d.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seconds", "0.01"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
+    assert len(lines) == 4 and all("per CPU second" in line for line in lines)
