@@ -277,6 +277,8 @@ def _attribute_spacing(attrs, where: str) -> tuple[tuple | None, str]:
 def _default_axes(shape, where: str) -> str:
     if len(shape) == 3:
         return "zyx"  # C order of CREMI, ilastik, BigDataViewer and zarr/HDF5 exports
+    if len(shape) < 3:
+        raise InputError(f"{where}: 2D data {tuple(shape)} where a volume (Z, Y, X) is expected; give a z-stack")
     raise InputError(f"{where}: unknown axes for a {len(shape)}-D dataset {tuple(shape)}; add an 'axes' attribute "
                      f"(e.g. 'zyxc') or name the axes explicitly")
 
@@ -374,9 +376,11 @@ def read_zarr_volume(address: str, axes: str | None = None) -> Volume:
     if not os.path.isdir(store):
         raise InputError(f"{store}: no such Zarr store")
     try:
-        node = zarr.open(store, mode="r")
+        node = zarr.open_group(store, mode="r")
         if inner:
             node = node[inner]
+    except zarr.errors.ContainsArrayError:  # the store itself is one array
+        node = zarr.open_array(store, mode="r")
     except (KeyError, FileNotFoundError, ValueError) as error:
         raise InputError(f"{address}: cannot open Zarr ({error}); address an array as STORE.zarr/ARRAY") from None
     if isinstance(node, zarr.Group):

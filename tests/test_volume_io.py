@@ -211,3 +211,20 @@ def test_lazy_hdf5_volume_feeds_3d_augmentation(tmp_path):
     assert crop.shape == (4, 16, 16, 1) and set(np.unique(mask)) <= {0, 1, 2}
     with pytest.raises(InputError, match="single-channel"):
         volume_io.ZYXCView(np.zeros((2, 3, 3, 2)), (0, 1, 2, 3)).zyx()
+
+
+def test_zarr_missing_array_is_one_line_error(tmp_path):
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array("raw", shape=(2, 4, 4), dtype="uint8")
+    with pytest.raises(InputError, match="cannot open Zarr"):
+        volume_io.open_volume(str(tmp_path / "g.zarr/labels"))
+    with pytest.raises(InputError, match="no such Zarr store"):
+        volume_io.open_volume(str(tmp_path / "none.zarr"))
+
+
+def test_2d_hdf5_and_zarr_datasets_are_refused(tmp_path):
+    with h5py.File(tmp_path / "flat.h5", "w") as handle:
+        handle.create_dataset("image", data=np.zeros((8, 8)))
+    zarr.open_array(str(tmp_path / "flat.zarr"), mode="w", shape=(8, 8), dtype="uint8")
+    for address in (f"{tmp_path}/flat.h5/image", str(tmp_path / "flat.zarr")):
+        with pytest.raises(InputError, match="2D data"):
+            volume_io.open_volume(address)
