@@ -1,7 +1,8 @@
 """Data augmentation for segmentation samples: pure functions, one resampling per sample.
 
 Edit the constants in the block below to change what training sees; the reader
-(``imagereader.py``) reads them through :class:`AugmentParams`. No TensorFlow here.
+(``imagereader.py``) reads them through :class:`AugmentParams`. No TensorFlow here. The 3D settings
+(volumes) are the second block; their code is ``augment3d.py`` (``augment3d.make_sample_3d``).
 
 Axis order: images are ``image_hw`` or ``image_hwc`` (any channel count), masks
 ``mask_hw``. Coordinates follow OpenCV: x is the column, y the row.
@@ -55,6 +56,26 @@ INTENSITY_FRACTION = 0.0   # additive shift up to +-this fraction of the dynamic
 GAMMA_FRACTION = 0.0       # gamma drawn log-uniformly from [1/(1+g), 1+g] (off; 0.2 suggested)
 ELASTIC_SIGMA = 0.0        # elastic deformation: displacement std in pixels at each control point (off; 3 suggested)
 ELASTIC_SPACING = 64       # elastic deformation: control-point spacing in pixels (larger = smoother)
+# -------------------------------------------------------------------------------------------------
+
+# ---- 3D augmentation settings (volumes as (Z, Y, X) crops; the code is in augment3d.py): edit these --
+# An axis is anisotropic when its voxel spacing is > 2x the finest (segkit.volume_io.ANISOTROPY_RATIO):
+# it is mirrored, but never rotated into, transposed, scaled or elastically displaced along.
+MIRROR_3D = True                # mirror each axis with probability 0.5
+TRANSPOSE_3D = True             # random order of the isotropic axes (y, x; all three for an isotropic volume)
+ROTATION_3D = True              # uniform rotation among the isotropic axes (about z; any 3D rotation if isotropic)
+SCALE_FRACTION_3D = 0.1         # zoom per isotropic axis by a factor drawn uniformly from [1 - s, 1 + s]
+ELASTIC_SPACING_UM_3D = (0.16, 0.16, 0.16)  # (z, y, x) control-point spacing, micrometres (at least 4 voxels)
+ELASTIC_JITTER_UM_3D = (0.008, 0.008, 0.008)  # (z, y, x) displacement std at each control point, micrometres (0 = off)
+SLIP_PROBABILITY_3D = 0.05      # per section: it alone moves in-plane
+SHIFT_PROBABILITY_3D = 0.05     # per section: it and all sections after it move in-plane
+MISALIGN_MAX_PIXELS_3D = 25     # slip/shift by up to +-this many pixels per axis (a section's total is clipped to it)
+SECTION_SCALE_FRACTION_3D = 0.1  # per section: intensity scaled about the mean by a factor in [1 - s, 1 + s]
+SECTION_SHIFT_FRACTION_3D = 0.1  # per section: additive shift up to +-this fraction of the dynamic range
+MISSING_SECTION_PROBABILITY_3D = 0.05  # per section: blanked to the crop's minimum (the mask is kept)
+LOW_CONTRAST_PROBABILITY_3D = 0.05     # per section: contrast about the section mean multiplied by ...
+LOW_CONTRAST_FACTOR_3D = 0.1           # ... this factor
+NOISE_FRACTION_3D = NOISE_FRACTION     # Gaussian noise, sigma up to this fraction of the dynamic range
 # -------------------------------------------------------------------------------------------------
 
 MIN_BLUR_SIGMA = 0.3        # below this a Gaussian kernel is practically the identity: skip the blur

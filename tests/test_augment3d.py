@@ -1,0 +1,220 @@
+"""augment3d: the fused 3D warp against a slow reference, labels, sections, anisotropy, determinism."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import augment3d
+from augment3d import AugmentParams3D
+
+ANISOTROPIC = (0.04, 0.008, 0.008)  # z spacing 5x the in-plane spacing (serial-section EM)
+ISOTROPIC = (0.008, 0.008, 0.008)  # FIB-SEM
+GEOMETRY_ONLY = AugmentParams3D().replace(section_scale_fraction=0.0, section_shift_fraction=0.0, noise_fraction=0.0,
+                                          missing_probability=0.0, low_contrast_probability=0.0)
+
+
+def smooth_volume(shape_zyx, seed=0):
+    """A smooth float image (wavelengths >= 12 voxels) so interpolation differences stay small."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape_zyx], indexing="ij")
+    image = sum(np.sin(2 * np.pi * (a * z + b * y + c * x) + phase)
+                for a, b, c, phase in rng.uniform([-1 / 12] * 3 + [0], [1 / 12] * 3 + [6.28], size=(4, 4)))
+    return image[..., None].astype(np.float32)
+
+
+def blob_labels(shape_zyx, ids=(0, 3, 7, 250), seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, len(ids), size=tuple(max(2, n // 6) for n in shape_zyx))
+    index = ndimage.zoom(coarse, [n / c for n, c in zip(shape_zyx, coarse.shape)], order=0)
+    return np.asarray(ids)[index]
+
+
+def reference_coordinates(geometry, centre_in):
+    """The separate transforms composed one after the other, as coordinate maps (slow and plain)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in geometry.out_zyx], indexing="ij"))
+    q = grid[list(geometry.permutation)]                                    # transpose
+    q = q * np.asarray(geometry.mirror_zyx)[:, None, None, None]             # mirror
+    q = q / np.asarray(geometry.scale_zyx)[:, None, None, None]              # scale
+    q = np.einsum("ij,j...->i...", geometry.rotation, q)                     # rotation
+    if geometry.displacement is not None:                                    # elastic
+        q = q + np.stack([np.zeros(geometry.out_zyx) if d is None else d for d in geometry.displacement])
+    if geometry.section_offsets_yx is not None:                              # slip / shift
+        q[1:] += np.moveaxis(geometry.section_offsets_yx, 1, 0)[:, :, None, None]
+    return q + np.asarray(centre_in)[:, None, None, None]
+
+
+@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_warp_equals_reference_composition(spacing, seed):
+    rng = np.random.default_rng(seed)
+    out = (12, 24, 20)
+    record = (40, 70, 70)
+    image, mask = smooth_volume(record, seed), blob_labels(record, seed=seed)
+    params = GEOMETRY_ONLY.replace(slip_probability=0.2, shift_probability=0.2, misalign_max_pixels=4,
+                                   elastic_jitter_um=(0.016, 0.016, 0.016), elastic_spacing_um=(0.08,) * 3)
+    geometry = augment3d.sample_geometry_3d(rng, out, spacing, params)
+    origin = augment3d.choose_origin_3d(rng, record, geometry)
+    fused_image, fused_mask = augment3d.warp_3d(image, mask, geometry, origin)
+    coords = reference_coordinates(geometry, np.asarray(origin) + (np.asarray(out) - 1) / 2)
+    assert coords.min() >= 0 and (coords.max(axis=(1, 2, 3)) <= np.asarray(record) - 1).all()  # real context only
+    reference = ndimage.map_coordinates(image[..., 0].astype(np.float64), coords, order=1)
+    reference_mask = ndimage.map_coordinates(mask, coords, order=0)
+    assert fused_image.shape == out + (1,) and fused_mask.shape == out
+    np.testing.assert_allclose(fused_image[..., 0], reference, atol=0.03)  # image range is about +-4
+    assert np.mean(fused_mask == reference_mask) > 0.99  # only ties at half voxels may round differently
+
+
+def test_exact_transforms_equal_plain_array_operations():
+    """Mirror and transpose alone move voxels without interpolation: equal to np.flip / np.transpose."""
+    rng = np.random.default_rng(3)
+    image, mask = smooth_volume((10, 10, 10)), blob_labels((10, 10, 10))
+    params = AugmentParams3D.none(mirror=True, transpose=True)
+    seen = set()
+    for _ in range(30):
+        geometry = augment3d.sample_geometry_3d(rng, (10, 10, 10), ISOTROPIC, params)
+        out_image, out_mask = augment3d.warp_3d(image, mask, geometry, (0, 0, 0))
+        # input[c_in + mirror * q[permutation]]: flip input axes, then bring input axis i to output axis perm[i]
+        flipped = image[..., 0][tuple(slice(None, None, int(m)) for m in geometry.mirror_zyx)]
+        expected = np.transpose(flipped, np.argsort(geometry.permutation))
+        np.testing.assert_array_equal(out_image[..., 0], expected)
+        flipped_mask = mask[tuple(slice(None, None, int(m)) for m in geometry.mirror_zyx)]
+        np.testing.assert_array_equal(out_mask, np.transpose(flipped_mask, np.argsort(geometry.permutation)))
+        seen.add(geometry.permutation)
+    assert len(seen) > 3  # an isotropic volume gets transposes of all axes
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.uint32, np.int64])
+@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+def test_masks_keep_only_their_own_class_ids(dtype, spacing):
+    rng = np.random.default_rng(5)
+    image, mask = smooth_volume((20, 40, 40)), blob_labels((20, 40, 40)).astype(dtype)
+    for _ in range(5):
+        _, out = augment3d.make_sample_3d(image, mask, rng, (8, 24, 24), spacing)
+        assert out.dtype == dtype and set(np.unique(out)) <= {0, 3, 7, 250}
+
+
+def test_slip_and_shift_move_whole_sections():
+    rng = np.random.default_rng(7)
+    record = (16, 60, 60)
+    image = np.random.default_rng(0).random(record + (2,)).astype(np.float32)  # rough: any resampling would show
+    mask = blob_labels(record)
+    params = AugmentParams3D.none(slip_probability=0.3, shift_probability=0.3, misalign_max_pixels=6)
+    moved = 0
+    for _ in range(10):
+        geometry = augment3d.sample_geometry_3d(rng, (12, 32, 32), ANISOTROPIC, params)
+        oz, oy, ox = augment3d.choose_origin_3d(rng, record, geometry)
+        out_image, out_mask = augment3d.warp_3d(image, mask, geometry, (oz, oy, ox))
+        offsets = np.zeros((12, 2), int) if geometry.section_offsets_yx is None else geometry.section_offsets_yx.astype(int)
+        for z, (dy, dx) in enumerate(offsets):
+            window = (oz + z, slice(oy + dy, oy + dy + 32), slice(ox + dx, ox + dx + 32))
+            np.testing.assert_array_equal(out_image[z], image[window])
+            np.testing.assert_array_equal(out_mask[z], mask[window])
+        moved += int(np.any(offsets))
+    assert moved >= 5
+
+
+def test_shift_moves_all_later_sections_and_slip_only_one():
+    rng = np.random.default_rng(0)
+    shifted = augment3d.section_offsets(rng, 50, AugmentParams3D.none(shift_probability=0.1, misalign_max_pixels=1000))
+    changes = np.flatnonzero(np.any(np.diff(shifted, axis=0), axis=1))
+    assert 1 <= len(changes) <= 15  # piecewise constant: a shift persists to the end
+    slipped = augment3d.section_offsets(rng, 200, AugmentParams3D.none(slip_probability=0.1, misalign_max_pixels=5))
+    assert 0 < np.count_nonzero(np.any(slipped, axis=1)) < 50 and np.abs(slipped).max() <= 5
+
+
+def test_anisotropic_volume_is_never_rotated_out_of_plane_or_z_transposed():
+    rng = np.random.default_rng(11)
+    params = AugmentParams3D()
+    for _ in range(300):
+        geometry = augment3d.sample_geometry_3d(rng, (8, 32, 32), ANISOTROPIC, params)
+        assert geometry.permutation[0] == 0 and geometry.scale_zyx[0] == 1.0
+        assert np.allclose(np.abs(geometry.linear[0]), [1, 0, 0]) and np.allclose(np.abs(geometry.linear[:, 0]), [1, 0, 0])
+        assert geometry.displacement is None or geometry.displacement[0] is None
+        assert geometry.keeps_sections
+    # negative control: an isotropic volume does get out-of-plane rotations
+    tilted = [augment3d.sample_geometry_3d(rng, (8, 32, 32), ISOTROPIC, params).keeps_sections for _ in range(50)]
+    assert not any(tilted)
+
+
+def test_context_margin_bounds_every_draw():
+    rng = np.random.default_rng(2)
+    for spacing, out in [(ANISOTROPIC, (8, 32, 32)), (ISOTROPIC, (16, 16, 16))]:
+        margin = augment3d.context_margin_3d(out, spacing)
+        record = tuple(np.asarray(out) + 2 * margin)
+        for _ in range(100):
+            geometry = augment3d.sample_geometry_3d(rng, out, spacing, AugmentParams3D())
+            origin = augment3d.choose_origin_3d(rng, record, geometry)
+            centre = np.asarray(origin) + (np.asarray(out) - 1) / 2
+            lo, hi = geometry.extent
+            assert np.all(centre + lo >= 0) and np.all(centre + hi <= np.asarray(record) - 1)
+
+
+def test_tall_stacks_fall_back_to_map_coordinates(monkeypatch):
+    image, mask = smooth_volume((24, 48, 48)), blob_labels((24, 48, 48))
+    geometry = augment3d.sample_geometry_3d(np.random.default_rng(4), (12, 20, 20), ISOTROPIC, GEOMETRY_ONLY)
+    origin = augment3d.choose_origin_3d(np.random.default_rng(4), (24, 48, 48), geometry)
+    fast = augment3d.warp_3d(image, mask, geometry, origin)
+    monkeypatch.setattr(augment3d, "CV_MAX_ROWS", 0)
+    slow = augment3d.warp_3d(image, mask, geometry, origin)
+    np.testing.assert_allclose(fast[0], slow[0], atol=0.03)
+    assert np.mean(fast[1] == slow[1]) > 0.99
+
+
+def test_small_records_are_mirror_padded():
+    image, mask = smooth_volume((4, 10, 10)), blob_labels((4, 10, 10))
+    out_image, out_mask = augment3d.make_sample_3d(image, mask, np.random.default_rng(0), (6, 16, 16), ANISOTROPIC)
+    assert out_image.shape == (6, 16, 16, 1) and np.isfinite(out_image).all() and out_mask.shape == (6, 16, 16)
+
+
+def test_section_defects_and_intensity():
+    image = smooth_volume((6, 16, 16)) * 100 + 500
+    rng = np.random.default_rng(0)
+    blank = augment3d.apply_intensity_3d(image.copy(), rng, AugmentParams3D.none(missing_probability=1.0))
+    assert np.all(blank == image.min())
+    low = augment3d.apply_intensity_3d(image.copy(), rng, AugmentParams3D.none(low_contrast_probability=1.0))
+    np.testing.assert_allclose(low.std(axis=(1, 2, 3)), 0.1 * image.std(axis=(1, 2, 3)), rtol=1e-3)
+    np.testing.assert_allclose(low.mean(axis=(1, 2, 3)), image.mean(axis=(1, 2, 3)), rtol=1e-4)
+    scaled = augment3d.apply_intensity_3d(image.copy(), rng, AugmentParams3D.none(section_scale_fraction=0.1))
+    ratio = scaled.std(axis=(1, 2, 3)) / image.std(axis=(1, 2, 3))
+    assert np.all((ratio >= 0.9 - 1e-4) & (ratio <= 1.1 + 1e-4)) and np.ptp(ratio) > 0  # differs per section
+
+
+def test_deterministic_for_a_fixed_seed_and_pure():
+    image = (smooth_volume((12, 40, 40)) * 1000 + 2000).astype(np.uint16)[..., 0]
+    mask = blob_labels((12, 40, 40)).astype(np.uint8)
+    before = image.copy(), mask.copy()
+    first = augment3d.augment_3d(image, mask, np.random.default_rng(42), ANISOTROPIC, out_zyx=(8, 24, 24))
+    second = augment3d.augment_3d(image, mask, np.random.default_rng(42), ANISOTROPIC, out_zyx=(8, 24, 24))
+    other = augment3d.augment_3d(image, mask, np.random.default_rng(43), ANISOTROPIC, out_zyx=(8, 24, 24))
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], other[0])
+    assert first[0].dtype == np.uint16 and first[0].shape == (8, 24, 24)
+    np.testing.assert_array_equal(image, before[0])
+    np.testing.assert_array_equal(mask, before[1])
+    transform = augment3d.volume_augmenter(ANISOTROPIC, out_zyx=(8, 24, 24))
+    np.testing.assert_array_equal(transform(image, mask, np.random.default_rng(42))[0], first[0])
+
+
+def test_voxel_size_is_required():
+    with pytest.raises(ValueError, match="voxel size"):
+        augment3d.volume_augmenter(None)
+
+
+def test_tune_allocator_applies_on_glibc():
+    import platform
+
+    assert augment3d.tune_allocator() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_benchmark_script_runs(capsys):
+    import importlib.util
+    import os
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_augment3d", os.path.join(ROOT, "benchmarks", "bench_augment3d.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seconds", "0.01"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
+    assert len(lines) == 4 and all("per CPU second" in line for line in lines)
