@@ -33,15 +33,20 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--train_database", nargs="+", required=True, help="one or more training databases (*.lmdb)")
     p.add_argument("--test_database", required=True, help="test database (*.lmdb); one full pass per evaluation")
     p.add_argument("--output_dir", required=True, help="checkpoints, logs, metrics.csv, config.json and saved_model/ go here")
-    p.add_argument("--batch_size", type=int, default=4, help="samples per replica (GPU); global batch = batch_size x replicas")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="samples per replica (GPU); global batch = batch_size x replicas (default: chosen from the crop "
+                        "size and the machine; the original's was 4)")
     p.add_argument("--number_classes", type=int, default=2, help="classes the model predicts (mask values 0..N-1)")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (warm-up at a tenth of it)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="Adam learning rate (warm-up at a tenth of it; default: chosen, 1e-3; the original's was 1e-4)")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                    help="after warm-up: 'constant' (the original's) or 'cosine' (decay to a hundredth at --max_steps)")
     p.add_argument("--ema_decay", type=float, default=EMA_DEFAULT_DECAY,
                    help="test, keep and export an exponential moving average of the weights with this decay "
                         "(ramped up as min(decay, (1+step)/(10+step))); 0 = the raw weights, as the original")
-    p.add_argument("--test_every_n_steps", type=int, default=1000, help="steps between test passes (an 'epoch')")
+    p.add_argument("--test_every_n_steps", type=int, default=None,
+                   help="steps between test passes (an 'epoch'; default: chosen from the record count, 50-1000; "
+                        "the original's was 1000)")
     p.add_argument("--balance_classes", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="1 = sample a class uniformly, then a record containing it")
     p.add_argument("--use_augmentation", type=cliutil.str2bool, default=True, metavar="0/1", help="augment training samples")
@@ -54,14 +59,18 @@ def build_parser() -> cliutil.ArgumentParser:
                    help=f"unet only: filters of the first level (default {models.unet.DEFAULTS['base_filters']})")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's, unet 0, fcdensenet 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights initialization and of the sample stream")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (default: early stopping only)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many steps (default: chosen from the data unless --max_minutes is given)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop after this many minutes of training (steps and test passes), then test and export")
     p.add_argument("--mixed_precision", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="mixed_float16 on GPUs (ignored with a notice on CPU)")
     p.add_argument("--loss", choices=LOSSES, default="ce", help="cross-entropy, soft Dice, both, or focal (gamma 2)")
     p.add_argument("--class_weights", default="none",
                    help="'none', 'auto' (inverse class frequency of the training databases) or w0,w1,...")
     p.add_argument("--crop_size", type=int, default=None,
-                   help="training crop edge, a multiple of the model's size factor (default: the records' tile size)")
+                   help="training crop edge, a multiple of the model's size factor (default: chosen from the "
+                        "records' size and the machine)")
     p.add_argument("--resume", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="require a checkpoint to continue (a matching one is continued automatically anyway)")
     p.add_argument("--verbose", type=cliutil.str2bool, default=False, metavar="0/1", help="debug logging")

@@ -43,8 +43,7 @@ def test_a_config_json_of_the_previous_code_loads_and_is_written_back_identicall
     config.save(str(tmp_path / "again.json"))
     assert RunConfig.load(str(tmp_path / "again.json")) == config
     assert config["model"] == "unet" and config["crop_size"] == (32, 32)  # read access as the dict it replaces
-    with pytest.raises(KeyError):
-        config["origins"]
+    assert config["origins"] == {}  # nothing was chosen by self-configuration in that run
 
 
 def test_a_config_json_from_before_lr_schedule_ema_and_mask_map_means_what_those_runs_did(tmp_path):
@@ -105,7 +104,7 @@ def test_frozen_documented_and_run_defining_as_before():
     assert set(config.run_defining()) == PREVIOUS_RUN_DEFINING | {"max_steps"}  # cosine: decays to max_steps
     constant = dataclasses.replace(config, lr_schedule="constant")
     assert set(constant.run_defining()) == PREVIOUS_RUN_DEFINING
-    assert constant.origins == {} and "origins" not in constant.to_dict()  # the place for provenance, unused yet
+    assert constant.origins == {} and "origins" not in constant.to_dict()  # written only when something was chosen
     with pytest.raises(cliutil.InputError, match="RunConfig: the field 'seed' must be an integer"):
         dataclasses.replace(config, seed="3")  # checked on construction too
 

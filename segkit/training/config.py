@@ -45,21 +45,14 @@ def one_of(choices) -> Rule:
 
 
 def setting(doc: str, *, run_defining: bool | Callable[["RunConfig"], bool] = False, rule: Rule | None = None,
-            legacy: Any = dataclasses.MISSING, default: Any = dataclasses.MISSING, serialized: bool = True, **kw):
+            legacy: Any = dataclasses.MISSING, default: Any = dataclasses.MISSING, serialized: bool = True,
+            omit_empty: bool = False, **kw):
     """A RunConfig field. ``legacy``: the value meant when a config.json written before the field existed
-    lacks it (fields without one must be present). ``serialized``: written to config.json."""
-    meta = {"doc": doc, "run_defining": run_defining, "rule": rule, "legacy": legacy, "serialized": serialized}
+    lacks it (fields without one must be present). ``serialized``: written to config.json; ``omit_empty``:
+    left out of it while None or empty (so configurations that do not use it are written as before)."""
+    meta = {"doc": doc, "run_defining": run_defining, "rule": rule, "legacy": legacy, "serialized": serialized,
+            "omit_empty": omit_empty}
     return field(default=default, metadata=meta, **kw)
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a field's value came from: "user" (a flag), "default" (the flag's default), "derived" (computed
-    from other settings) or "data" (chosen from the databases), and why. Not yet filled in: the place
-    for self-configuration from database metadata to record its choices."""
-
-    source: str
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +102,9 @@ class RunConfig:
     test_data: dict = setting("content fingerprint of the test database", run_defining=True)
     mask_map: Optional[dict] = setting("mask value -> class map of the training databases; None = they disagree",
                                        legacy=None)
+    max_minutes: Optional[float] = setting("stop stepping when this many minutes of training (steps and test passes) "
+                                           "have passed in this process, then test and export; None = no time limit",
+                                           rule=POSITIVE, legacy=None, default=None, omit_empty=True)
     # Known once the run starts (train()):
     replicas: Optional[int] = setting("replicas in sync (GPUs over all workers)", default=None, legacy=None,
                                       rule=AT_LEAST_1)
@@ -116,8 +112,11 @@ class RunConfig:
     global_batch_size: Optional[int] = setting("batch_size x replicas", default=None, legacy=None, rule=AT_LEAST_1)
     mixed_precision_active: Optional[bool] = setting("whether mixed_float16 was active (a GPU was visible)",
                                                      default=None, legacy=None)
-    origins: Mapping[str, Origin] = setting("field name -> Origin of its value (not yet recorded)",
-                                            serialized=False, default_factory=dict, compare=False, repr=False)
+    origins: dict = setting("field name -> why the toolkit chose its value (segkit.training.autoconfig); fields "
+                            "not listed were set by a flag or are the flag's default", legacy={}, omit_empty=True,
+                            default_factory=dict, compare=False, repr=False,
+                            rule=Rule(lambda v: all(isinstance(k, str) and isinstance(r, str) for k, r in v.items()),
+                                      "must map field names to reasons"))
 
     def __post_init__(self):
         for f in _fields():
@@ -137,7 +136,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form written to config.json (tuples as lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in _fields() if f.metadata["serialized"]}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in _fields() if f.metadata["serialized"]
+                and not (f.metadata["omit_empty"] and getattr(self, f.name) in (None, {}))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

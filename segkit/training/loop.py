@@ -41,12 +41,14 @@ class Outcome:
     history: list[dict[str, Any]]
 
 
-def stop_reason(state: RunState, config: RunConfig | Mapping[str, Any]) -> str | None:
-    """Why the run stops now (--max_steps reached, early stopping), or None. ``config``: a RunConfig,
-    or a mapping with max_steps and early_stopping."""
+def stop_reason(state: RunState, config: RunConfig | Mapping[str, Any], time_up: bool = False) -> str | None:
+    """Why the run stops now (--max_steps reached, the --max_minutes budget spent, early stopping), or None.
+    ``config``: a RunConfig, or a mapping with max_steps and early_stopping."""
     c = config_view(config)
     if c.max_steps is not None and state.step >= c.max_steps:
         return f"reached --max_steps {c.max_steps}"
+    if time_up:
+        return f"spent the --max_minutes {getattr(c, 'max_minutes', None):g} budget at step {state.step}"
     if c.early_stopping and state.evals_without_improvement >= c.early_stopping:
         return (f"early stopping: no test-loss improvement in {state.evals_without_improvement} test passes "
                 f"(best {state.best_loss:.5f} at step {state.best_step})")
@@ -167,6 +169,8 @@ class Loop:
         self.state = run.state
         self.last_train_loss = float("nan")
         self.started = time.perf_counter()
+        self.time_up = False
+        self.last_test_seconds = 0.0
 
     def until_stopped(self, stop: "StopRequest | None" = None) -> str:
         """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
@@ -177,7 +181,7 @@ class Loop:
         meter = Meter(train_reader)
         every = self.config.test_every_n_steps
         lr = None
-        while (reason := stop_reason(self.state, self.config)) is None:
+        while (reason := stop_reason(self.state, self.config, self.time_up)) is None:
             if stop is not None and stop.signal_name:
                 return f"interrupted by {stop.signal_name}"
             if learning_rate_at(self.state.step, self.config) != lr:
@@ -193,12 +197,27 @@ class Loop:
             self.trainer.step.assign(self.state.step)
             if self.state.step % min(100, every) == 0:
                 self._log_train(meter, lr)
-            if self.state.step % every == 0 or self._last_step():
+            self.time_up = self._budget_spent()
+            if self.state.step % every == 0 or self._last_step() or self.time_up:
                 self._test_pass()
         return reason
 
     def _last_step(self) -> bool:
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
+
+    def _budget_spent(self) -> bool:
+        """--max_minutes: stop once the training time plus one more test pass (the final one, as long as
+        the last one took) would exceed the budget. Every worker must stop at the same step, so under the
+        multi-worker strategy the workers agree (an all-reduce) at each log interval."""
+        budget = self.config.max_minutes
+        if budget is None:
+            return False
+        spent = time.perf_counter() - self.started + self.last_test_seconds
+        if self.config.workers and self.config.workers > 1:
+            if self.state.step % min(100, self.config.test_every_n_steps):
+                return False
+            return self.trainer.any_replica(spent >= 60.0 * budget)
+        return spent >= 60.0 * budget
 
     def _check_finite(self, out: dict[str, float]) -> None:
         if not math.isfinite(out["loss"]) or out["finite_grads"] < 0.999:
@@ -229,6 +248,7 @@ class Loop:
                                 "elapsed_s": round(time.perf_counter() - self.started, 1)}, result)
         self.run.csv.append(row)
         self.run.summaries.test(self.state.step, loss, result, first, self.trainer.predict)
+        self.last_test_seconds = time.perf_counter() - started
         log.info("test pass at step %d: loss %.5f%s, pixel accuracy %.4f, IoU %s, Dice %s (%.1f s)",
                  self.state.step, loss, " (best)" if improved else f" (best {self.state.best_loss:.5f})",
                  result["pixel_accuracy"], _fmt(result["iou"]), _fmt(result["dice"]), time.perf_counter() - started)

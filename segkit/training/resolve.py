@@ -4,19 +4,26 @@ Every check that can fail on user input is here, so a bad flag or database exits
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import math
 import os
 from typing import Any
 
 from segkit import cliutil
 from segkit import lmdb_format
+from segkit.training import autoconfig
 from segkit.training.config import WARMUP_MAX_STEPS, RunConfig
 import models
 
+log = logging.getLogger(__name__)
+
 # Flags range-checked by their RunConfig field's rule, in this order (messages "--flag must be ...").
 CHECKED_FLAGS = ("batch_size", "number_classes", "learning_rate", "ema_decay", "test_every_n_steps",
-                 "early_stopping", "reader_count", "max_steps")
+                 "early_stopping", "reader_count", "max_steps", "max_minutes")
+# Flags the toolkit chooses from the data when they are not passed (segkit.training.autoconfig).
+SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps")
 
 
 def resolve_config(args) -> RunConfig:
@@ -26,6 +33,7 @@ def resolve_config(args) -> RunConfig:
     test_meta = _read_database(args.test_database)
     model_config, size_factor = _model_settings(args)
     channels = _check_databases(train_meta, test_meta, args)
+    args, origins = _self_configure(args, train_meta, size_factor)
     counts: dict[int, int] = {}
     for meta in train_meta:
         for c, n in meta["class_pixel_counts"].items():
@@ -40,7 +48,8 @@ def resolve_config(args) -> RunConfig:
         warmup_steps=min(WARMUP_MAX_STEPS, args.test_every_n_steps),
         balance_classes=bool(args.balance_classes), use_augmentation=bool(args.use_augmentation),
         early_stopping=args.early_stopping, reader_count=args.reader_count, seed=args.seed,
-        max_steps=args.max_steps, mixed_precision=bool(args.mixed_precision), loss=args.loss,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, origins=origins,
+        mixed_precision=bool(args.mixed_precision), loss=args.loss,
         class_weights=args.class_weights,
         class_weight_values=tuple(parse_class_weights(args.class_weights, args.number_classes, counts)),
         crop_size=tuple(_resolve_crop(args, size_factor)),
@@ -48,6 +57,25 @@ def resolve_config(args) -> RunConfig:
         mask_map=_training_mask_map(train_meta))
     _check_output_dir(config.output_dir)
     return config
+
+
+def _self_configure(args, train_meta: list[dict], size_factor: int) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Fill the SELF_CONFIGURED flags the user did not pass; log and return why each was chosen."""
+    user = {name: getattr(args, name) for name in SELF_CONFIGURED + ("max_minutes",)}
+    try:
+        data = autoconfig.DataSummary.from_metadata(train_meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise cliutil.InputError(f"{args.train_database[0]}: its metadata do not describe the records ({exc}); "
+                                 "rebuild it with build_lmdb.py") from None
+    chosen = autoconfig.choose(user, data, size_factor, autoconfig.visible_gpus())
+    args = argparse.Namespace(**{**vars(args), **{name: c.value for name, c in chosen.items()}})
+    for name, c in chosen.items():
+        log.info("chose --%s %s: %s", name, _flag_text(c.value), c.reason)
+    return args, {name: c.reason for name, c in chosen.items()}
+
+
+def _flag_text(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _check_numbers(args) -> None:

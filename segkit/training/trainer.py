@@ -114,6 +114,13 @@ class Trainer:
                                                             output_type=tf.int32), reduce_retracing=True,
                                    autograph=False)
 
+    def any_replica(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any replica of any worker (a collective: every worker must call it)."""
+        import tensorflow as tf
+
+        values = self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, values, axis=None).numpy() > 0)
+
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.learning_rate = value
 

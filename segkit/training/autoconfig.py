@@ -1,0 +1,124 @@
+"""Self-configuration: the training settings a user did not pass, chosen from the databases and the machine.
+
+The original toolkit's defaults (learning rate 1e-4, a test pass every 1000 steps, warm-up at a tenth
+for the first 1000 steps, no step limit) suit week-long GPU runs; a first run of minutes on a user's own
+data needs settings that follow the data, as nnU-Net derives its plans from a dataset fingerprint. Every
+rule below reads the database metadata (record shapes, record count) and the machine (GPUs visible or
+not); a flag the user passes always wins and keeps the original's meaning. Each choice carries a one-line
+reason, written to config.json ("origins") and the log. README.md, "Stage 2", lists the rules. No
+TensorFlow here.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+# Pixels of one training crop, and of one replica's batch, by device kind. CPU: the budget at which the
+# default UNet trains at ~0.3 s per step on the 2-core development machine (README quality section);
+# GPU: 4 crops of 512^2 (a 16 GB card holds FC-DenseNet56 at that size).
+CROP_PIXELS = {"cpu": 256 * 256, "gpu": 512 * 512}
+BATCH_PIXELS = {"cpu": 8 * 256 * 256, "gpu": 4 * 512 * 512}
+BATCH_RANGE = (2, 64)
+LEARNING_RATE = 1e-3           # Adam; the step size the measured recipes used (README quality section)
+TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training records ...
+TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
+BUDGET_TEST_PASSES = 20        # without --max_steps or --max_minutes: 20 test intervals ...
+MIN_AUTO_STEPS = 2000          # ... and at least this many steps
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the rules read from the training databases' metadata."""
+
+    record_shape: tuple[int, ...]  # median spatial shape of a training record (a tile, or a whole image)
+    records: int
+
+    @classmethod
+    def from_metadata(cls, metas: Sequence[Mapping[str, Any]]) -> "DataSummary":
+        shapes = []
+        for meta in metas:
+            tile = meta.get("tile_size")
+            if tile is not None:
+                rank = len(tile) if isinstance(tile, (list, tuple)) else 2
+                shape = tuple(int(t) for t in tile) if isinstance(tile, (list, tuple)) else (int(tile),) * rank
+                shapes += [shape] * int(meta["num_records"])
+            else:
+                shapes += [_source_shape(s) for s in meta.get("sources", ())]
+        if not shapes:
+            raise ValueError("the training databases describe no records")
+        median = tuple(int(v) for v in _median_rows(shapes))
+        return cls(record_shape=median, records=sum(int(m["num_records"]) for m in metas))
+
+
+def _source_shape(source: Mapping[str, Any]) -> tuple[int, ...]:
+    if "shape" in source:  # volumes: the spatial shape
+        return tuple(int(v) for v in source["shape"])
+    return int(source["height"]), int(source["width"])
+
+
+def _median_rows(shapes: list[tuple[int, ...]]) -> list[float]:
+    rank = min(len(s) for s in shapes)
+    columns = [sorted(s[-rank + i] for s in shapes) for i in range(rank)]
+    return [c[(len(c) - 1) // 2] for c in columns]  # the lower median: a shape that exists
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> int:
+    """NVIDIA GPUs this process may use, without importing TensorFlow: the driver's device list
+    (/proc/driver/nvidia/gpus), limited by CUDA_VISIBLE_DEVICES. 0 when there is no driver."""
+    environ = os.environ if environ is None else environ
+    try:
+        present = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    named = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    return min(present, len(named))
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: Any
+    reason: str
+
+
+def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: int) -> dict[str, Choice]:
+    """The settings the user left unset (``user[name] is None``), each with its reason.
+
+    ``user``: the flags as given (None = not passed) for crop_size, batch_size, learning_rate,
+    test_every_n_steps, max_steps and max_minutes. ``size_factor``: the model's (crops are multiples).
+    """
+    kind = "gpu" if gpus > 0 else "cpu"
+    where = f"{gpus} GPU(s)" if gpus else "a CPU"
+    chosen: dict[str, Choice] = {}
+    crop = user.get("crop_size")
+    if crop is None:
+        edge = math.sqrt(CROP_PIXELS[kind])
+        crop = tuple(max(size_factor, min(int(v), int(edge)) // size_factor * size_factor) for v in data.record_shape)
+        chosen["crop_size"] = Choice(crop, f"median training record {'x'.join(map(str, data.record_shape))}, "
+                                           f"at most {int(edge)} px per axis on {where}, a multiple of the size factor "
+                                           f"{size_factor}")
+    crop_pixels = math.prod(crop) if isinstance(crop, (tuple, list)) else int(crop) ** len(data.record_shape)
+    batch = user.get("batch_size")
+    if batch is None:
+        batch = int(min(max(round(BATCH_PIXELS[kind] / crop_pixels), BATCH_RANGE[0]), BATCH_RANGE[1]))
+        chosen["batch_size"] = Choice(batch, f"about {BATCH_PIXELS[kind] // 1024}k pixels per batch on {where} "
+                                             f"({crop_pixels} per crop), within {BATCH_RANGE[0]}-{BATCH_RANGE[1]}")
+    if user.get("learning_rate") is None:
+        chosen["learning_rate"] = Choice(LEARNING_RATE, "Adam at 1e-3 (the original's 1e-4 suits week-long runs)")
+    every = user.get("test_every_n_steps")
+    if every is None:
+        epoch = math.ceil(data.records / (batch * max(gpus, 1)))
+        every = int(min(max(TEST_EVERY_EPOCHS * epoch, TEST_EVERY_RANGE[0]), TEST_EVERY_RANGE[1]))
+        every = every // 10 * 10 or every
+        chosen["test_every_n_steps"] = Choice(every, f"{TEST_EVERY_EPOCHS} passes over the {data.records} training "
+                                                     f"records at this batch ({epoch} step(s) each), within "
+                                                     f"{TEST_EVERY_RANGE[0]}-{TEST_EVERY_RANGE[1]}")
+    if user.get("max_steps") is None and user.get("max_minutes") is None:
+        steps = max(MIN_AUTO_STEPS, BUDGET_TEST_PASSES * every)
+        chosen["max_steps"] = Choice(steps, f"{BUDGET_TEST_PASSES} test intervals, at least {MIN_AUTO_STEPS} steps "
+                                            "(pass --max_steps or --max_minutes to set the budget)")
+    return chosen

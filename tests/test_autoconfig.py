@@ -1,0 +1,129 @@
+"""Self-configuration (segkit.training.autoconfig): unset training flags follow the data; flags always win."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+import build_lmdb
+import train_unet
+from segkit.training import autoconfig
+from segkit.training.resolve import resolve_config
+
+
+def _meta(shape, records, tile=None):
+    sources = [{"height": shape[0], "width": shape[1]}] * records
+    return {"tile_size": tile, "num_records": records, "sources": sources}
+
+
+def test_small_images_get_small_crops_and_large_batches_large_images_the_reverse():
+    small = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((64, 64), 40)]), 16, gpus=0)
+    large = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((1024, 1024), 40)]), 16, gpus=0)
+    assert small["crop_size"].value == (64, 64) and large["crop_size"].value == (256, 256)
+    assert small["batch_size"].value > large["batch_size"].value == 8
+    assert "median training record 64x64" in small["crop_size"].reason
+    on_gpu = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((1024, 1024), 40)]), 16, gpus=2)
+    assert on_gpu["crop_size"].value == (512, 512) and on_gpu["batch_size"].value == 4
+
+
+def test_crop_follows_rectangular_records_and_the_size_factor():
+    chosen = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((100, 700), 3)]), 32, gpus=0)
+    assert chosen["crop_size"].value == (96, 256)  # floor to the size factor, capped per axis
+    tiny = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((20, 20), 3)]), 32, gpus=0)
+    assert tiny["crop_size"].value == (32, 32)  # never below one size factor (the reader mirror-pads)
+
+
+def test_tiled_databases_use_the_tile_size_and_the_median_over_databases():
+    data = autoconfig.DataSummary.from_metadata([_meta((512, 512), 10, tile=128), _meta((64, 64), 1)])
+    assert data.record_shape == (128, 128) and data.records == 11
+
+
+def test_test_interval_and_budget_follow_the_record_count():
+    few = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((256, 256), 80)]), 16, gpus=0)
+    many = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([_meta((256, 256), 50000)]), 16, gpus=0)
+    assert few["test_every_n_steps"].value == 100  # 10 passes over 80 records at batch 8
+    assert many["test_every_n_steps"].value == 1000  # capped at the original's interval
+    assert few["max_steps"].value == 2000 and many["max_steps"].value == 20000
+    assert few["learning_rate"].value == 1e-3
+
+
+def test_every_flag_the_user_passes_wins():
+    user = {"crop_size": 96, "batch_size": 3, "learning_rate": 1e-4, "test_every_n_steps": 1000, "max_steps": 7}
+    assert autoconfig.choose(user, autoconfig.DataSummary.from_metadata([_meta((64, 64), 5)]), 16, gpus=0) == {}
+    budget = autoconfig.choose({"max_minutes": 10}, autoconfig.DataSummary.from_metadata([_meta((64, 64), 5)]), 16, 0)
+    assert "max_steps" not in budget  # a time budget replaces the step budget
+
+
+def test_visible_gpus_without_a_driver_is_zero():
+    if os.path.exists("/proc/driver/nvidia/gpus"):
+        pytest.skip("an NVIDIA driver is present")
+    assert autoconfig.visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == 0
+
+
+@pytest.fixture(scope="module")
+def two_databases(tmp_path_factory):
+    """Databases of 64x64 and of 1024x1024 images (uint8, 2 classes)."""
+    root = tmp_path_factory.mktemp("autodbs")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, size in (("small", 64), ("large", 1024)):
+        images, masks = root / name / "images", root / name / "masks"
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        for i in range(4):
+            tifffile.imwrite(images / f"im{i}.tif", rng.integers(0, 255, (size, size), dtype=np.uint8))
+            tifffile.imwrite(masks / f"im{i}.tif", (rng.random((size, size)) > 0.5).astype(np.uint8))
+        assert build_lmdb.main(["--image_folder", str(images), "--mask_folder", str(masks), "--output_folder",
+                                str(root / name), "--dataset_name", name, "--train_fraction", "0.5"]) == 0
+        paths[name] = (str(root / name / f"train-{name}.lmdb"), str(root / name / f"test-{name}.lmdb"))
+    return paths
+
+
+def _resolve(paths, out, *flags):
+    train, test = paths
+    args = train_unet.build_parser().parse_args(["--train_database", train, "--test_database", test,
+                                                 "--output_dir", str(out), *map(str, flags)])
+    return resolve_config(args)
+
+
+def test_resolved_configuration_follows_the_databases_and_records_why(two_databases, tmp_path):
+    small = _resolve(two_databases["small"], tmp_path / "s")
+    large = _resolve(two_databases["large"], tmp_path / "l")
+    assert small.crop_size[0] < large.crop_size[0] and small.crop_size == (64, 64)
+    assert small.batch_size > large.batch_size
+    assert set(small.origins) == {"crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps"}
+    assert small.warmup_steps == min(1000, small.test_every_n_steps)
+    saved = json.loads(small.to_json())
+    assert saved["origins"]["crop_size"].startswith("median training record 64x64")
+
+
+def test_resolved_configuration_keeps_explicit_flags_with_the_original_meaning(two_databases, tmp_path):
+    config = _resolve(two_databases["large"], tmp_path / "o", "--crop_size", 64, "--batch_size", 4,
+                      "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50)
+    assert (config.crop_size, config.batch_size, config.learning_rate) == ((64, 64), 4, 1e-4)
+    assert (config.test_every_n_steps, config.warmup_steps, config.max_steps) == (1000, 1000, 50)
+    assert config.origins == {} and "origins" not in config.to_dict()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-3"])
+def test_a_bad_time_budget_is_refused(two_databases, tmp_path, capsys, value):
+    train, test = two_databases["small"]
+    assert train_unet.main(["--train_database", train, "--test_database", test, "--output_dir",
+                            str(tmp_path / "x"), "--max_minutes", value]) == 2
+    assert "--max_minutes must be a positive number" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_time_budget_stops_the_run_tests_and_exports(two_databases, tmp_path):
+    train, test = two_databases["small"]
+    out = tmp_path / "budget"
+    assert train_unet.main(["--train_database", train, "--test_database", test, "--output_dir", str(out),
+                            "--depth", "2", "--base_filters", "4", "--test_every_n_steps", "100000",
+                            "--max_minutes", "0.05"]) == 0
+    with open(out / "metrics.csv") as fh:
+        rows = fh.read().splitlines()
+    assert len(rows) == 2  # the header and the final test pass the budget ended with
+    assert os.path.exists(out / "saved_model" / "saved_model.pb")
+    with open(out / "config.json") as fh:
+        assert json.load(fh)["max_minutes"] == 0.05
