@@ -35,15 +35,19 @@ Never imports TensorFlow.
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures as cf
 import ctypes
+import errno
 import logging
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +65,9 @@ log = logging.getLogger("build_lmdb")
 
 SPLITS = ("train", "test")
 TILE_MULTIPLE = 32
+MAX_TILE = 32768          # sizes beyond are typos; a 32768^2 float32 tile is already 4 GB
+MAX_WORKERS = 256
+MAX_CLASSES = 2**31
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
 INITIAL_MAP_SIZE = 64 << 20
 TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
@@ -92,9 +99,21 @@ def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
     return {image_io.stem(name): name for name in names}
 
 
+def warn_dangling_links(folder: str) -> list[str]:
+    """Log (and return) the symbolic links in ``folder`` whose target is missing: they are skipped."""
+    dangling = sorted(n for n in os.listdir(folder)
+                      if os.path.islink(os.path.join(folder, n)) and not os.path.exists(os.path.join(folder, n)))
+    if dangling:
+        log.warning("%s: %d symbolic link(s) point to missing files and are skipped: %s; fix or remove them",
+                    folder, len(dangling), _listing(dangling))
+    return dangling
+
+
 def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
                mask_format: str | None = None) -> list[tuple[str, str]]:
     """(image name, mask name) pairs matched by file stem, sorted by image name."""
+    for folder in dict.fromkeys((image_folder, mask_folder)):
+        warn_dangling_links(folder)
     images = image_io.list_images(image_folder, image_format)
     if not images:
         raise InputError(image_io.no_images_message(image_folder, image_format))
@@ -202,8 +221,13 @@ def _read(path: str) -> np.ndarray:
 
 def load_image(path: str) -> np.ndarray:
     """Read and check an image; returns image_hwc."""
+    array = _read(path)
+    stack = image_io.tiff_stack_hint(path, array)
+    if stack:
+        raise InputError(f"{path}: {stack}; build_lmdb takes 2-D images (HW or HWC): save each slice as its own "
+                         "file, or a multichannel image with its channels last")
     try:
-        image = image_io.to_hwc(_read(path))
+        image = image_io.to_hwc(array)
         image_io.check_dtype(image, path)
     except ValueError as exc:
         raise InputError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from exc
@@ -320,8 +344,20 @@ def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> N
             os.rename(path, final)
             log.warning("restored %s from %s (a previous build was killed while swapping databases)", final, path)
         else:
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s (temporary of an interrupted build)", path)
+            _remove(path)
+            if os.path.lexists(path):
+                log.warning("could not remove %s (temporary of an interrupted build); delete it by hand", path)
+            else:
+                log.info("removed %s (temporary of an interrupted build)", path)
+
+
+def _remove(path: str) -> None:
+    """Remove a folder, a file or a symbolic link; errors are left to the caller to notice."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 class TempDatabase:
@@ -449,6 +485,7 @@ class BuildSummary:
     image_dtype: str
     number_classes: int
     seconds: float
+    split_csv: str | None = None
 
     def format(self) -> str:
         total = sum(s.images for s in self.splits.values())
@@ -459,6 +496,8 @@ class BuildSummary:
             lines.append(f"  {name:5s} {s.images:5d} images -> {s.records:6d} records, {s.nbytes / 1e6:8.1f} MB  "
                          f"{os.path.abspath(s.path)}")
             lines.append(f"        class pixel fractions: {fractions}")
+        if self.split_csv:
+            lines.append(f"  split (file -> train/test): {os.path.abspath(self.split_csv)}")
         return "\n".join(lines)
 
 
@@ -471,7 +510,7 @@ def default_workers() -> int:
 
 
 def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction, use_tiling, tile_size,
-                     tile_stride, number_classes, workers, test_list) -> None:
+                     tile_stride, number_classes, workers, test_list, seed=0) -> None:
     for flag, folder in (("--image_folder", image_folder), ("--mask_folder", mask_folder)):
         if not os.path.isdir(folder):
             raise InputError(f"{flag} {folder}: no such folder")
@@ -480,8 +519,10 @@ def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction,
                          "keep masks in their own folder, named like their images")
     if not dataset_name or os.sep in dataset_name or "/" in dataset_name or dataset_name.startswith("."):
         raise InputError(f"--dataset_name {dataset_name!r}: give a plain name (no '/', not starting with '.')")
-    if not 0.0 < train_fraction < 1.0 and test_list is None:
+    if not math.isfinite(train_fraction) or (not 0.0 < train_fraction < 1.0 and test_list is None):
         raise InputError(f"--train_fraction must be > 0 and < 1, got {train_fraction}; e.g. 0.8 keeps 20% for test")
+    if use_tiling and not TILE_MULTIPLE <= tile_size <= MAX_TILE:
+        raise InputError(f"--tile_size must be between {TILE_MULTIPLE} and {MAX_TILE} pixels, got {tile_size}")
     if use_tiling and (tile_size <= 0 or tile_size % TILE_MULTIPLE):
         raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
                          f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
@@ -489,10 +530,50 @@ def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction,
         raise InputError("--tile_stride only applies with --use_tiling 1")
     if use_tiling and tile_stride is not None and not 1 <= tile_stride <= tile_size:
         raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
-    if number_classes is not None and number_classes < 1:
-        raise InputError(f"--number_classes must be >= 1 (background counts as a class), got {number_classes}")
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+    if number_classes is not None and not 1 <= number_classes <= MAX_CLASSES:
+        raise InputError(f"--number_classes must be between 1 (background counts as a class) and {MAX_CLASSES}, "
+                         f"got {number_classes}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise InputError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}; e.g. {default_workers()}")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"--seed must be a non-negative integer below 2**63, got {seed}")
+
+
+def check_output_folder(output_folder: str) -> None:
+    """Refuse, in one line, an output folder that cannot hold the databases (checked before any work).
+
+    Writability uses ``os.access`` (the effective user; root passes it except on a read-only file
+    system), then a probe file, so a folder root cannot write either (sysfs) is caught too.
+    """
+    flag = f"--output_folder {output_folder}"
+    if os.path.islink(output_folder) and not os.path.exists(output_folder):
+        raise InputError(f"{flag} is a symbolic link to {os.readlink(output_folder)}, which does not exist; "
+                         "create its target or give another folder")
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise InputError(f"{flag} is a file, not a folder; give a folder (it is created if missing)")
+    existing = os.path.abspath(output_folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{flag}: {existing} is a file, so no folder can be created under it; give another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: {existing} is not writable by this user; give a folder you can write to")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError(f"{flag}: cannot write in {existing} ({exc.strerror}); give a folder you can write to") from None
+
+
+def check_database_paths(finals: dict[str, str], overwrite: bool) -> None:
+    """Both databases are replaceable (or absent) before any work: never one installed and not the other."""
+    for path in finals.values():
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            what = "a symbolic link" if os.path.islink(path) else "a file"
+            raise InputError(f"{path} is {what}, not a database folder; remove it or use another --dataset_name")
+        if overwrite and os.path.isdir(path) and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise InputError(f"{path} is a folder but not an LMDB database; --overwrite only replaces databases: "
+                             "move it away or use another --dataset_name")
 
 
 def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
@@ -515,6 +596,11 @@ def _check_consistent(encoded: Encoded, first: Encoded | None) -> None:
                              f"all images of a data set need the same {what}: convert them or build separate databases")
 
 
+def _worker_init(parent_pid: int) -> None:
+    cliutil.ignore_interrupts()
+    cliutil.die_with_parent(parent_pid)
+
+
 class Encoder:
     """Encodes tasks in order, in up to ``workers`` processes with a bounded look-ahead.
 
@@ -529,9 +615,10 @@ class Encoder:
         if workers > 1 and len(tasks) > 1:
             threaded = "tensorflow" in sys.modules or "torch" in sys.modules  # forking those is unsafe
             context = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
-            # Workers ignore Ctrl-C / SIGTERM: the main process handles them and shuts the pool down.
+            # Workers ignore Ctrl-C / SIGTERM (the main process handles them and shuts the pool down) and die
+            # with the main process (kill -9 of it would leave them blocked on the task queue forever).
             self.pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
-                                               initializer=cliutil.ignore_interrupts)
+                                               initializer=_worker_init, initargs=(os.getpid(),))
             self.window = 2 * workers
             self._fill()
 
@@ -540,16 +627,27 @@ class Encoder:
             task = next(self.tasks, None)
             if task is None:
                 return
-            self.pending.append(self.pool.submit(encode_pair, task))
+            self.pending.append((task, self.pool.submit(encode_pair, task)))
 
     def __iter__(self) -> Iterator[Encoded]:
         if self.pool is None:
             yield from map(encode_pair, self.tasks)
             return
         while self.pending:
-            future = self.pending.popleft()
+            task, future = self.pending[0]
+            try:
+                encoded = future.result()
+            except cf.process.BrokenProcessPool:
+                raise cliutil.FaultError(self._died_message()) from None
+            self.pending.popleft()
             self._fill()
-            yield future.result()
+            yield encoded
+
+    def _died_message(self) -> str:
+        names = [os.path.basename(task.image_path) for task, _ in self.pending]
+        others = f" (or one of the {len(names) - 1} images decoded with it: {_listing(names[1:])})" if len(names) > 1 else ""
+        return (f"a build worker process died (killed by the system, most often for lack of memory) while decoding "
+                f"{self.pending[0][0].image_path}{others}; retry with --workers 1, or free memory")
 
     def close(self) -> None:
         if self.pool is not None:
@@ -568,10 +666,13 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
     workers = default_workers() if workers is None else workers
     check_parameters(image_folder=image_folder, mask_folder=mask_folder, dataset_name=dataset_name,
                      train_fraction=train_fraction, use_tiling=use_tiling, tile_size=tile_size,
-                     tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list)
+                     tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list,
+                     seed=seed)
     mapping = parse_mask_map(mask_map)
+    check_output_folder(output_folder)
     finals = database_paths(output_folder, dataset_name)
     clean_stale_temporaries(output_folder, list(finals.values()))
+    check_database_paths(finals, overwrite)
     existing = [p for p in finals.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise InputError(f"{_listing(existing)} already exist(s); use --overwrite to replace, or another "
@@ -608,13 +709,59 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
             databases[name].finish(meta)
         for name in SPLITS:
             install(databases[name].path, finals[name], overwrite)
-    except BaseException:
+        split_csv = write_split_csv(output_folder, dataset_name, split)
+    except BaseException as exc:
+        written = sum(db.nbytes for db in databases.values())
         for db in databases.values():
             db.discard()
         if created_folder and not os.listdir(output_folder):
             os.rmdir(output_folder)
+        fault = write_fault(exc, output_folder, tasks, written)
+        if fault is not None:
+            raise fault from None
         raise
-    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start)
+    log.info("wrote %s (the file -> split of every image)", split_csv)
+    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start, split_csv)
+
+
+def write_split_csv(output_folder: str, dataset_name: str, split: dict[str, list[str]]) -> str:
+    """``split-NAME.csv`` beside the databases (columns file, split; image name order), written atomically."""
+    path = os.path.join(output_folder, f"split-{dataset_name}.csv")
+    rows = sorted((name, s) for s in SPLITS for name in split[s])
+    cliutil.atomic_write_text(path, "file,split\n" + "".join(f"{_csv_field(n)},{s}\n" for n, s in rows))
+    return path
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.abspath(path)
+    device = os.stat(path).st_dev
+    while path != os.path.dirname(path) and os.stat(os.path.dirname(path)).st_dev == device:
+        path = os.path.dirname(path)
+    return path
+
+
+def write_fault(exc: BaseException, output_folder: str, tasks: Sequence[Task], written: int) -> Exception | None:
+    """A one-line error for a full disk (ENOSPC / EDQUOT, or LMDB's bare I/O error), else None."""
+    import lmdb
+
+    space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    io_error = isinstance(exc, lmdb.Error) and ("Input/output error" in text or "No space" in text)
+    if not (space or io_error) or not os.path.isdir(output_folder):
+        return None
+    sources = sum(os.path.getsize(p) for t in tasks for p in (t.image_path, t.mask_path) if os.path.exists(p))
+    needed = max(written, sources) * 1.1 / 1e6
+    free = shutil.disk_usage(output_folder).free / 1e6
+    if space or "No space" in text or free < needed:
+        return cliutil.FaultError(f"no space left on {_mount_point(output_folder)} (writing {output_folder}; needed "
+                                  f"about {needed:.0f} MB, {free:.0f} MB free): free space or use another "
+                                  "--output_folder; nothing was installed")
+    return cliutil.FaultError(f"cannot write the databases in {output_folder} ({' '.join(text.split())}): the disk "
+                              "may be full or failing; nothing was installed")
 
 
 def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, TempDatabase], workers: int,
@@ -640,6 +787,10 @@ def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, T
                 bar.update(1)
                 if delay:
                     time.sleep(delay * len(encoded.records))
+    except BaseException:
+        if progress:
+            cliutil.end_progress_line()  # the error line that follows starts on a fresh line in a log
+        raise
     finally:
         encoder.close()
     return results, first
@@ -672,7 +823,7 @@ def build_parser() -> cliutil.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cliutil.setup_logging()
     summary = build_databases(**vars(args))
@@ -680,5 +831,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: exit 0, 2 for bad input (one line), 1 for a fault, 130 on Ctrl-C / SIGTERM."""
+    return cliutil.run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cliutil.run_cli(main))
+    sys.exit(main())

@@ -78,7 +78,47 @@ def read_image(path: str) -> np.ndarray:
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: file not found") from exc
     except Exception as exc:  # every decoder raises its own types
-        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        if ext in TIFF_EXTENSIONS and _looks_truncated(path, exc):
+            raise ImageReadError(f"{path}: cannot read image: the TIFF file is truncated or corrupt ({_one_line(exc)})") from exc
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _looks_truncated(path: str, exc: Exception) -> bool:
+    """Whether a TIFF decoder error means missing bytes (tifffile raises IndexError, ValueError
+    'failed to read', or TiffFileError 'corrupted IFD' for a cut-off file)."""
+    text = str(exc).lower()
+    return isinstance(exc, (IndexError, EOFError)) or "failed to read" in text or "corrupt" in text
+
+
+STACK_AXES = ("Z", "I", "T")  # tifffile's depth, ImageJ's image-sequence and time axes
+MAX_PLAIN_CHANNELS = 16
+
+
+def tiff_stack_hint(path: str, image: np.ndarray) -> str | None:
+    """Why a 3-D TIFF looks like a z-stack rather than a multichannel image, else None.
+
+    Reads the series axes: an explicit Z / I / T axis, or several YX pages that :func:`to_hwc`
+    would turn into more than ``MAX_PLAIN_CHANNELS`` channels (the pages' width).
+    """
+    if os.path.splitext(path)[1].lower() not in TIFF_EXTENSIONS or image.ndim != 3:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes, pages = tif.series[0].axes, len(tif.pages)
+    except Exception:  # read_image already succeeded; no axes, no hint
+        return None
+    hwc_channels = to_hwc(image).shape[-1]
+    explicit = axes[:1] in STACK_AXES
+    if explicit or (pages == image.shape[0] > 1 and hwc_channels > max(MAX_PLAIN_CHANNELS, pages)):
+        return (f"this looks like a z-stack (TIFF axes {axes}, {image.shape[0]} slices of "
+                f"{image.shape[1]}x{image.shape[2]}), not a {hwc_channels}-channel image")
+    return None
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
