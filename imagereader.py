@@ -18,8 +18,12 @@ The trainer only picks up ready batches; N worker processes make them.
   ``balanced`` = a class uniformly among the classes present, then a record uniformly among the records
   containing it (the metadata's ``class_records``). ``database_weights`` sets the share of samples each
   database contributes (default: proportional to its size; with ``balanced``, the database is drawn first).
+* Geometry for any number of spatial axes: records are 2-D (image HWC, mask HW) or volumes (ZYXC, ZYX);
+  crop sizes, eval crops and the shared-memory slots have one size per spatial axis. 2-D train samples
+  come from ``augment.make_sample``; volumes get plain random crops (``_random_crop``) until augment.py
+  has a pipeline for them.
 * Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
-  ``size_factor``, no augmentation; batches group consecutive records of equal shape. With several shards,
+  ``size_factor`` on every spatial axis, no augmentation; batches group consecutive records of equal shape. With several shards,
   shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
 * Samples: see ``augment.make_sample`` (context crop, one fused warp, intensity transforms on raw values),
   then ``image_io.normalize`` with the record's source-image statistics from the metadata.
@@ -190,12 +194,12 @@ class _Plan:
     seed: int
     shard_index: int
     shard_count: int
-    crop_hw: tuple[int, int] | None
+    crop_shape: tuple[int, ...] | None          # train crop, one size per spatial axis
     params: augmentation.AugmentParams | None   # None: no augmentation
     weights: tuple[float, ...] | None
     class_records: tuple[dict, ...] | None
     eval_batches: np.ndarray | None        # (batches, 2) global [start, stop) per eval batch of this shard
-    eval_hw: np.ndarray | None             # (records, 2) eval shape of every record
+    eval_shapes: np.ndarray | None         # (records, spatial axes) eval shape of every record
     stats: tuple[tuple[np.ndarray, np.ndarray], ...]  # per database: (mean, std) arrays (sources, C)
     channels: int
     mask_dtype: str
@@ -203,12 +207,14 @@ class _Plan:
     slot_bytes: int
 
 
-def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image (n, h, w, C) float32 and label (n, h, w) arrays stored in one slot of a ring."""
+def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int,
+                shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The image (n, *shape, C) float32 and label (n, *shape) arrays stored in one slot of a ring."""
     base = slot * plan.slot_bytes
-    image_count = n * h * w * plan.channels
-    images = np.frombuffer(ring, np.float32, image_count, base).reshape(n, h, w, plan.channels)
-    masks = np.frombuffer(ring, plan.mask_dtype, n * h * w, base + image_count * 4).reshape(n, h, w)
+    shape = tuple(int(v) for v in shape)
+    pixels = n * math.prod(shape)
+    images = np.frombuffer(ring, np.float32, pixels * plan.channels, base).reshape((n,) + shape + (plan.channels,))
+    masks = np.frombuffer(ring, plan.mask_dtype, pixels, base + pixels * plan.channels * 4).reshape((n,) + shape)
     return images, masks
 
 
@@ -261,38 +267,51 @@ class _Producer:
             return self.order.take(stream * self.plan.shard_count + self.plan.shard_index)
         return self.sampler.draw(self.sample_rng, b)
 
-    def fill(self, slot: int, g: int) -> tuple[int, int, int]:
-        """Write batch ``g`` into ``slot``; returns its (n, h, w)."""
+    def fill(self, slot: int, g: int) -> tuple[int, tuple[int, ...]]:
+        """Write batch ``g`` into ``slot``; returns its sample count and spatial shape."""
         plan = self.plan
         if plan.mode == "train":
             indices = self.train_indices(g)
-            h, w = plan.crop_hw
+            shape = plan.crop_shape
         else:
             start, stop = plan.eval_batches[g % len(plan.eval_batches)]
             indices = np.arange(start, stop)
-            h, w = plan.eval_hw[start]
-        images, masks = _slot_views(self.ring, slot, plan, len(indices), int(h), int(w))
+            shape = tuple(int(v) for v in plan.eval_shapes[start])
+        images, masks = _slot_views(self.ring, slot, plan, len(indices), shape)
         for i, index in enumerate(indices):
             record, mean, std = self.record(int(index))
-            if plan.mode == "train":
+            if plan.mode == "eval":
+                image, mask = _crop(record.image_hwc, (0,) * len(shape), shape), _crop(record.mask_hw, (0,) * len(shape), shape)
+            elif len(shape) == 2:  # augment.py's 2-D pipeline, exactly as before volumes existed
                 params = plan.params or augmentation.AugmentParams.none()
-                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, (h, w), params)
+                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, shape, params)
             else:
-                image, mask = _eval_crop(record.image_hwc, h, w), _eval_crop(record.mask_hw, h, w)
+                image, mask = _random_crop(record.image_hwc, record.mask_hw, self.augment_rng, shape)
             images[i] = image_io.normalize(image, mean, std)
             masks[i] = mask
-        return len(indices), int(h), int(w)
+        return len(indices), shape
 
 
-def _eval_hw(h: int, w: int, size_factor: int) -> tuple[int, int]:
-    """Eval shape of an h x w record: cropped down to a multiple of size_factor (padded up to one factor)."""
-    return max(h // size_factor, 1) * size_factor, max(w // size_factor, 1) * size_factor
+def _eval_shape(shape: Sequence[int], size_factor: int) -> tuple[int, ...]:
+    """Eval shape of a record: every spatial axis cropped down to a multiple of size_factor (padded up to one factor)."""
+    return tuple(max(int(v) // size_factor, 1) * size_factor for v in shape)
 
 
-def _eval_crop(array: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Top-left h x w of a record; mirror-padded where the record is smaller (only below one size factor)."""
-    part = array[:h, :w]
-    return image_io.mirror_pad(part, (0, h - part.shape[0]), (0, w - part.shape[1]))
+def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """The region of ``shape`` at ``origin`` of the record's leading (spatial) axes; mirror-padded
+    (``image_io.mirror_pad``) where it reaches outside the record."""
+    inner = array[tuple(slice(max(o, 0), max(o + n, 0)) for o, n in zip(origin, shape))]
+    pads = [(max(-o, 0), max(o + n - size, 0)) for o, n, size in zip(origin, shape, array.shape)]
+    return image_io.mirror_pad(inner, pads)
+
+
+def _random_crop(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A plain random crop of any number of spatial axes (records smaller than the crop: placed at random
+    inside it, mirror-padded around), image as float32 raw values. Volumes take this path until augment.py
+    has a pipeline for them."""
+    origin = [int(rng.integers(min(0, size - n), max(0, size - n) + 1)) for size, n in zip(mask.shape, shape)]
+    return _crop(image, origin, shape).astype(np.float32), _crop(mask, origin, shape)
 
 
 def _wait_for_slot(free, stop) -> bool:
@@ -315,9 +334,9 @@ def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buff
             if not _wait_for_slot(free, stop):
                 return
             slot = n % plan.slots
-            shape = producer.fill(slot, g)
+            count, shape = producer.fill(slot, g)
             produced[worker] += 1
-            conn.send(("batch", g, slot) + shape)
+            conn.send(("batch", g, slot, count, shape))
     except Exception:
         if not stop.is_set():
             try:
@@ -399,26 +418,29 @@ def _main_module_hidden():
 
 
 def _record_shapes(path: str, count: int) -> np.ndarray:
-    """(count, 2) heights and widths of a database's records (headers only; no pixel data is read)."""
+    """(count, spatial axes) sizes of a database's records (headers only; no pixel data is read)."""
     env = lmdb_format.open_readonly(path)
     try:
         with env.begin(buffers=True) as txn:
-            shapes = np.empty((count, 2), np.int64)
+            shapes = []
             for i in range(count):
                 value = txn.get(lmdb_format.record_key(i))
                 if value is None:
                     raise ValueError(f"{path}: record {i} of {count} is missing; rebuild the database with build_lmdb.py")
                 try:
-                    shapes[i] = lmdb_format.decode_record(value).mask_hw.shape
+                    shapes.append(lmdb_format.decode_record(value).mask_hw.shape)
                 except ValueError as exc:
                     raise ValueError(f"{path}: record {i}: {exc}") from None
-            return shapes
     finally:
         env.close()
+    if len({len(shape) for shape in shapes}) > 1:
+        raise ValueError(f"{path}: records have {sorted({len(sh) for sh in shapes})} spatial axes; a database holds "
+                         "2-D images or volumes, not both: rebuild it from one kind")
+    return np.array(shapes, np.int64).reshape(count, -1)
 
 
 class ImageReader:
-    """Batches (images_nhwc float32 normalized, masks_nhw int32 class ids) from LMDB databases.
+    """Batches (images float32 normalized, (n, *spatial, C); masks int32 class ids, (n, *spatial)) from LMDB databases.
 
     Args:
         databases: one path or several (concatenated; they must have the same channel count).
@@ -428,7 +450,8 @@ class ImageReader:
         sampling: ``"shuffle"`` | ``"replacement"`` | ``"balanced"`` (train mode).
         database_weights: share of the samples each database contributes (train mode; default by size).
         augment: apply ``augment.py``'s augmentation (train mode; off = plain random crops).
-        crop_size: train crop (int or (h, w)), a multiple of ``size_factor``. Default: the databases' tile
+        crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
+            ``size_factor``. Default: the databases' tile
             size, else the smallest record, rounded down to the size factor.
         size_factor: the model's size factor; eval records are cropped to a multiple of it.
         seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
@@ -452,32 +475,34 @@ class ImageReader:
         self._check_databases(sampling if mode == "train" else None)
         self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
         sizes = tuple(int(m["num_records"]) for m in self._metadata)
-        eval_hw = eval_batches = None
+        eval_shapes = eval_batches = None
         if mode == "eval":
-            eval_hw = np.concatenate([[_eval_hw(h, w, size_factor) for h, w in _record_shapes(p, n)]
-                                      for p, n in zip(self._paths, sizes)]).astype(np.int64)
-            eval_batches = _eval_batches(eval_hw, batch_size)[shard_index::shard_count]
+            eval_shapes = np.array([_eval_shape(shape, size_factor) for shape in self._all_record_shapes()], np.int64)
+            eval_batches = _eval_batches(eval_shapes, batch_size)[shard_index::shard_count]
             if len(eval_batches) == 0:
                 raise ValueError(f"shard {shard_index} of {shard_count} gets no evaluation batch: "
                                  f"there are fewer batches than shards; use fewer shards or a smaller batch size")
-            shapes = {tuple(hw) for hw in eval_hw}
-            self._crop_hw = shapes.pop() if len(shapes) == 1 else None
+            shapes = {tuple(int(v) for v in shape) for shape in eval_shapes}
+            self._crop_shape = shapes.pop() if len(shapes) == 1 else None
         else:
-            self._crop_hw = self._resolve_crop(crop_size, size_factor)
+            self._crop_shape = self._resolve_crop(crop_size, size_factor)
+            if augment and len(self._crop_shape) != 2:
+                log.warning("augment.py augments 2-D images only; these %d-D records get plain random crops",
+                            len(self._crop_shape))
         mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
             (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
-        max_pixels = int(max(h * w for h, w in eval_hw)) if mode == "eval" else self._crop_hw[0] * self._crop_hw[1]
+        max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(self._crop_shape)
         slot_bytes = -(-batch_size * max_pixels * (4 * self.channels + mask_dtype.itemsize) // 64) * 64
         wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size
         slots = max(2, min(math.ceil(wanted / batch_size), MAX_RING_BYTES // slot_bytes))
         self._plan = _Plan(
             paths=self._paths, sizes=sizes, mode=mode, sampling=sampling, batch_size=self.batch_size,
             workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
-            crop_hw=self._crop_hw if mode == "train" else None,
+            crop_shape=self._crop_shape if mode == "train" else None,
             params=augmentation.AugmentParams() if (augment and mode == "train") else None,
             weights=None if database_weights is None else tuple(float(w) for w in database_weights),
             class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
-            eval_batches=eval_batches, eval_hw=eval_hw,
+            eval_batches=eval_batches, eval_shapes=eval_shapes,
             stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
             channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes))
         self._next_g = 0
@@ -500,20 +525,29 @@ class ImageReader:
             if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
                 raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
 
-    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, int]:
+    def _all_record_shapes(self) -> np.ndarray:
+        """(records, spatial axes) of every database, concatenated; one number of spatial axes for all."""
+        shapes = [_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)]
+        if len({s.shape[1] for s in shapes}) > 1:
+            listing = ", ".join(f"{p}: {s.shape[1]}-D" for p, s in zip(self._paths, shapes))
+            raise ValueError(f"the databases mix 2-D images and volumes ({listing}); train on one kind")
+        return np.concatenate(shapes)
+
+    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, ...]:
+        """The train crop, one size per spatial axis (the records' number of spatial axes)."""
+        tiles = {m.get("tile_size") for m in self._metadata}
+        ndim = _record_shapes(self._paths[0], 1).shape[1]  # the first record tells 2-D from volumes
         if crop_size is None:
-            tiles = {m.get("tile_size") for m in self._metadata}
             if len(tiles) == 1 and None not in tiles:
-                hw = (int(tiles.pop()),) * 2
+                sizes = (int(tiles.pop()),) * ndim
             else:
-                shapes = np.concatenate([_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)])
-                hw = tuple(int(v) for v in shapes.min(axis=0))
-            crop = tuple(max(v // size_factor, 1) * size_factor for v in hw)
-        else:
-            crop = (crop_size, crop_size) if np.isscalar(crop_size) else tuple(crop_size)
-            if len(crop) != 2 or any(int(v) != v or v < 1 or v % size_factor for v in crop):
-                raise ValueError(f"crop size must be one or two positive multiples of the size factor {size_factor}, got {crop_size}")
-        return int(crop[0]), int(crop[1])
+                sizes = tuple(int(v) for v in self._all_record_shapes().min(axis=0))
+            return tuple(max(v // size_factor, 1) * size_factor for v in sizes)
+        crop = (crop_size,) * ndim if np.isscalar(crop_size) else tuple(crop_size)
+        if len(crop) != ndim or any(int(v) != v or v < 1 or v % size_factor for v in crop):
+            raise ValueError(f"crop size must be one or {ndim} positive multiples of the size factor {size_factor} "
+                             f"(the records have {ndim} spatial axes), got {crop_size}")
+        return tuple(int(v) for v in crop)
 
     @property
     def channels(self) -> int:
@@ -528,8 +562,14 @@ class ImageReader:
         return sum(int(m["num_records"]) for m in self._metadata)
 
     @property
-    def crop_hw(self) -> tuple[int, int] | None:
-        return self._crop_hw
+    def crop_shape(self) -> tuple[int, ...] | None:
+        """The batches' spatial shape (train crop; eval: None when records differ), one size per axis."""
+        return self._crop_shape
+
+    @property
+    def crop_hw(self) -> tuple[int, ...] | None:
+        """:attr:`crop_shape` under its 2-D name."""
+        return self._crop_shape
 
     @property
     def image_dtype(self) -> str:
@@ -636,12 +676,12 @@ class ImageReader:
             message = self._recv(w)
             if message[0] == "error":
                 self._fail(f"reader worker {w} (pid {self._procs[w].pid}) failed:\n{message[2]}")
-            _, mg, slot, n, h, width = message
+            _, mg, slot, n, shape = message
             rings = self._rings  # close() from another thread empties the list; this reference stays valid
             if self._closed or not rings:
                 raise _Closed
             if mg == g:
-                images, masks = _slot_views(rings[w], slot, self._plan, n, h, width)
+                images, masks = _slot_views(rings[w], slot, self._plan, n, shape)
                 batch = np.array(images), masks.astype(np.int32)
             self._consumed[w] += 1
             self._free[w].release()
@@ -698,18 +738,18 @@ class ImageReader:
         import tensorflow as tf
 
         n = self.batch_size if self.mode == "train" else None
-        h, w = self._crop_hw if self._crop_hw is not None else (None, None)
-        signature = (tf.TensorSpec([n, h, w, self.channels], tf.float32), tf.TensorSpec([n, h, w], tf.int32))
+        spatial = list(self._crop_shape) if self._crop_shape is not None else [None] * self._plan.eval_shapes.shape[1]
+        signature = (tf.TensorSpec([n, *spatial, self.channels], tf.float32), tf.TensorSpec([n, *spatial], tf.int32))
         return tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
 
 
 
-def _eval_batches(eval_hw: np.ndarray, batch_size: int) -> np.ndarray:
+def _eval_batches(eval_shapes: np.ndarray, batch_size: int) -> np.ndarray:
     """[start, stop) of each eval batch: consecutive records of equal shape, at most batch_size each."""
     batches = []
     start = 0
-    for i in range(1, len(eval_hw) + 1):
-        if i == len(eval_hw) or i - start == batch_size or tuple(eval_hw[i]) != tuple(eval_hw[start]):
+    for i in range(1, len(eval_shapes) + 1):
+        if i == len(eval_shapes) or i - start == batch_size or tuple(eval_shapes[i]) != tuple(eval_shapes[start]):
             batches.append((start, i))
             start = i
     return np.array(batches, np.int64).reshape(-1, 2)
