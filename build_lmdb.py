@@ -16,16 +16,11 @@ writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb
 * Masks are stored in the smallest unsigned type that holds their values (uint8 below 256).
 * Validation happens in the same single pass that encodes; nothing is renamed into place
   unless every file is valid. Bad input: one line on stderr, exit code 2.
-* Crash safety: each database is written under a temporary name in the output folder
-  (``.train-NAME.lmdb.tmp-HOST-PID``), synced, then renamed into place. With ``--overwrite``
-  the complete new database is swapped with the old one atomically (Linux ``renameat2``
-  RENAME_EXCHANGE); where the file system cannot exchange, the old one is renamed aside
-  (``.train-NAME.lmdb.old-HOST-PID``) and the new one renamed in: a kill -9 between those two
-  renames leaves no database under the final name, and the next run restores the old one.
-  Temporaries of killed runs (dead PID on this host) are removed by the next run. Ctrl-C and
-  SIGTERM (Slurm) remove them on the spot (exit code 130).
-  The two databases are installed one after the other: a kill between the two leaves a new
-  train and the old test database; both carry ``build.id`` in their metadata to detect that.
+* Also writes ``OUT/split-NAME.csv`` (columns file, split).
+* Crash safety and write faults (temporary names, atomic install or swap with ``--overwrite``,
+  clean-up after killed runs, full disk): ``segkit/lmdb_store.py``. Workers die with the main
+  process; a killed worker is reported with its file (exit 1). Ctrl-C / SIGTERM: exit 130.
+  Details: README, "Building databases" and "Troubleshooting".
 
 For tests only: environment variable ``BUILD_LMDB_TEST_DELAY`` (seconds) sleeps after each
 record written, so a test can kill a build in progress.
@@ -35,19 +30,12 @@ Never imports TensorFlow.
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures as cf
-import ctypes
-import errno
 import logging
 import math
 import multiprocessing
 import os
-import re
-import shutil
-import socket
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +46,7 @@ import numpy as np
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
+from segkit import lmdb_store
 from segkit import tiling
 from segkit.cliutil import InputError
 
@@ -69,10 +58,8 @@ MAX_TILE = 32768          # sizes beyond are typos; a 32768^2 float32 tile is al
 MAX_WORKERS = 256
 MAX_CLASSES = 2**31
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
-INITIAL_MAP_SIZE = 64 << 20
 TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
 MAX_LISTED = 8
-_TEMP_RE = re.compile(r"^\.(?P<base>.+\.lmdb)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -313,141 +300,6 @@ def encode_pair(task: Task) -> Encoded:
     return Encoded(task, source, image.dtype.name, int(image.shape[2]), records, record_classes, counts)
 
 
-# ----------------------------------------------------------------------------- databases on disk
-
-
-def database_paths(output_folder: str, dataset_name: str) -> dict[str, str]:
-    return {s: os.path.join(output_folder, f"{s}-{dataset_name}.lmdb") for s in SPLITS}
-
-
-def _temp_name(final_path: str, kind: str) -> str:
-    folder, base = os.path.split(final_path)
-    return os.path.join(folder, f".{base}.{kind}-{socket.gethostname()}-{os.getpid()}")
-
-
-def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> None:
-    """Remove temporaries of killed builds of these databases; restore an old one lost mid-swap."""
-    if not os.path.isdir(output_folder):
-        return
-    finals = {os.path.basename(p): p for p in final_paths}
-    host = socket.gethostname()
-    for entry in sorted(os.listdir(output_folder)):
-        match = _TEMP_RE.match(entry)
-        if not match or match["base"] not in finals:
-            continue
-        path, final = os.path.join(output_folder, entry), finals[match["base"]]
-        if match["host"] != host:
-            log.warning("%s was left by a build on host %s; delete it if no build is running there", path, match["host"])
-        elif int(match["pid"]) != os.getpid() and cliutil.pid_alive(int(match["pid"])):
-            log.warning("%s belongs to a running build (pid %s); leaving it alone", path, match["pid"])
-        elif match["kind"] == "old" and not os.path.exists(final):
-            os.rename(path, final)
-            log.warning("restored %s from %s (a previous build was killed while swapping databases)", final, path)
-        else:
-            _remove(path)
-            if os.path.lexists(path):
-                log.warning("could not remove %s (temporary of an interrupted build); delete it by hand", path)
-            else:
-                log.info("removed %s (temporary of an interrupted build)", path)
-
-
-def _remove(path: str) -> None:
-    """Remove a folder, a file or a symbolic link; errors are left to the caller to notice."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-
-
-class TempDatabase:
-    """An LMDB environment under a temporary name, grown on demand, renamed into place by install()."""
-
-    def __init__(self, final_path: str):
-        import lmdb
-
-        self.final_path = final_path
-        self.path = _temp_name(final_path, "tmp")
-        os.mkdir(self.path)
-        self.map_size = INITIAL_MAP_SIZE
-        # No fsync per commit: the temporary is worthless until finish() syncs it once.
-        self.env = lmdb.open(self.path, map_size=self.map_size, subdir=True, sync=False, metasync=False,
-                             readahead=False, meminit=False)
-        self.num_records = 0
-        self.nbytes = 0
-
-    def append(self, values: Sequence[bytes]) -> int:
-        """Write records with the next indices; returns the first index."""
-        import lmdb
-
-        first = self.num_records
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for offset, value in enumerate(values):
-                        txn.put(lmdb_format.record_key(first + offset), value, append=True)
-                break
-            except lmdb.MapFullError:  # the aborted transaction left nothing; grow and retry
-                need = sum(len(v) for v in values)
-                self.map_size = max(2 * self.map_size, self.map_size + 2 * need)
-                self.env.set_mapsize(self.map_size)
-        self.num_records += len(values)
-        self.nbytes += sum(len(v) for v in values)
-        return first
-
-    def finish(self, metadata: dict[str, Any]) -> None:
-        import lmdb
-
-        value = lmdb_format.encode_metadata(metadata)
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    txn.put(lmdb_format.META_KEY, value)
-                break
-            except lmdb.MapFullError:
-                self.map_size += 2 * len(value) + (1 << 20)
-                self.env.set_mapsize(self.map_size)
-        self.env.sync(True)
-        self.env.close()
-        self.env = None
-
-    def discard(self) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _exchange(path_a: str, path_b: str) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(path_a), at_fdcwd, os.fsencode(path_b), rename_exchange)
-    return result == 0
-
-
-def install(temp_path: str, final_path: str, overwrite: bool) -> None:
-    """Move a complete database into place; the old one (if any) is removed only afterwards."""
-    if not os.path.exists(final_path):
-        os.rename(temp_path, final_path)  # fails (directory not empty) if one appeared meanwhile
-    elif not overwrite:
-        raise InputError(f"{final_path} appeared while building; rerun with --overwrite to replace it")
-    else:
-        if not _exchange(temp_path, final_path):
-            aside = _temp_name(final_path, "old")
-            os.rename(final_path, aside)  # a kill -9 right here: the next run restores `aside`
-            os.rename(temp_path, final_path)
-            temp_path = aside
-        shutil.rmtree(temp_path)  # now the old database
-    cliutil.fsync_path(os.path.dirname(os.path.abspath(final_path)))
-
-
 # ----------------------------------------------------------------------------- the build
 
 
@@ -539,43 +391,6 @@ def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction,
         raise InputError(f"--seed must be a non-negative integer below 2**63, got {seed}")
 
 
-def check_output_folder(output_folder: str) -> None:
-    """Refuse, in one line, an output folder that cannot hold the databases (checked before any work).
-
-    Writability uses ``os.access`` (the effective user; root passes it except on a read-only file
-    system), then a probe file, so a folder root cannot write either (sysfs) is caught too.
-    """
-    flag = f"--output_folder {output_folder}"
-    if os.path.islink(output_folder) and not os.path.exists(output_folder):
-        raise InputError(f"{flag} is a symbolic link to {os.readlink(output_folder)}, which does not exist; "
-                         "create its target or give another folder")
-    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
-        raise InputError(f"{flag} is a file, not a folder; give a folder (it is created if missing)")
-    existing = os.path.abspath(output_folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise InputError(f"{flag}: {existing} is a file, so no folder can be created under it; give another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag}: {existing} is not writable by this user; give a folder you can write to")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise InputError(f"{flag}: cannot write in {existing} ({exc.strerror}); give a folder you can write to") from None
-
-
-def check_database_paths(finals: dict[str, str], overwrite: bool) -> None:
-    """Both databases are replaceable (or absent) before any work: never one installed and not the other."""
-    for path in finals.values():
-        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-            what = "a symbolic link" if os.path.islink(path) else "a file"
-            raise InputError(f"{path} is {what}, not a database folder; remove it or use another --dataset_name")
-        if overwrite and os.path.isdir(path) and not os.path.exists(os.path.join(path, "data.mdb")):
-            raise InputError(f"{path} is a folder but not an LMDB database; --overwrite only replaces databases: "
-                             "move it away or use another --dataset_name")
-
-
 def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
     """Refuse a tile larger than every image in both directions: every record would be mostly padding."""
     if any(max(hw) >= tile_size for hw in sizes):
@@ -610,7 +425,7 @@ class Encoder:
 
     def __init__(self, tasks: list[Task], workers: int):
         self.tasks = iter(tasks)
-        self.pending: collections.deque[cf.Future] = collections.deque()
+        self.pending: collections.deque[tuple[Task, cf.Future]] = collections.deque()
         self.pool = None
         if workers > 1 and len(tasks) > 1:
             threaded = "tensorflow" in sys.modules or "torch" in sys.modules  # forking those is unsafe
@@ -627,7 +442,14 @@ class Encoder:
             task = next(self.tasks, None)
             if task is None:
                 return
-            self.pending.append((task, self.pool.submit(encode_pair, task)))
+            try:
+                future = self.pool.submit(encode_pair, task)
+            except cf.process.BrokenProcessPool as exc:  # a worker died: report it in order, never skip the task
+                future = cf.Future()
+                future.set_exception(exc)
+            self.pending.append((task, future))
+            if future.done() and future.exception() is not None:
+                return
 
     def __iter__(self) -> Iterator[Encoded]:
         if self.pool is None:
@@ -669,10 +491,10 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
                      tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list,
                      seed=seed)
     mapping = parse_mask_map(mask_map)
-    check_output_folder(output_folder)
-    finals = database_paths(output_folder, dataset_name)
-    clean_stale_temporaries(output_folder, list(finals.values()))
-    check_database_paths(finals, overwrite)
+    lmdb_store.check_output_folder(output_folder)
+    finals = lmdb_store.database_paths(output_folder, dataset_name)
+    lmdb_store.clean_stale_temporaries(output_folder, list(finals.values()))
+    lmdb_store.check_database_paths(finals, overwrite)
     existing = [p for p in finals.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise InputError(f"{_listing(existing)} already exist(s); use --overwrite to replace, or another "
@@ -688,7 +510,7 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
              for s in SPLITS for index, n in enumerate(split[s])]
     created_folder = not os.path.isdir(output_folder)
     os.makedirs(output_folder, exist_ok=True)
-    databases: dict[str, TempDatabase] = {}
+    databases: dict[str, lmdb_store.TempDatabase] = {}
     try:
         results, first = _write_all(tasks, finals, databases, workers, progress)
         if use_tiling:
@@ -708,7 +530,7 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
             meta["build"] = build
             databases[name].finish(meta)
         for name in SPLITS:
-            install(databases[name].path, finals[name], overwrite)
+            lmdb_store.install(databases[name].path, finals[name], overwrite)
         split_csv = write_split_csv(output_folder, dataset_name, split)
     except BaseException as exc:
         written = sum(db.nbytes for db in databases.values())
@@ -716,7 +538,8 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
             db.discard()
         if created_folder and not os.listdir(output_folder):
             os.rmdir(output_folder)
-        fault = write_fault(exc, output_folder, tasks, written)
+        fault = lmdb_store.write_fault(exc, output_folder, [p for t in tasks for p in (t.image_path, t.mask_path)],
+                                       written)
         if fault is not None:
             raise fault from None
         raise
@@ -736,35 +559,7 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
-def _mount_point(path: str) -> str:
-    path = os.path.abspath(path)
-    device = os.stat(path).st_dev
-    while path != os.path.dirname(path) and os.stat(os.path.dirname(path)).st_dev == device:
-        path = os.path.dirname(path)
-    return path
-
-
-def write_fault(exc: BaseException, output_folder: str, tasks: Sequence[Task], written: int) -> Exception | None:
-    """A one-line error for a full disk (ENOSPC / EDQUOT, or LMDB's bare I/O error), else None."""
-    import lmdb
-
-    space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(exc)
-    io_error = isinstance(exc, lmdb.Error) and ("Input/output error" in text or "No space" in text)
-    if not (space or io_error) or not os.path.isdir(output_folder):
-        return None
-    sources = sum(os.path.getsize(p) for t in tasks for p in (t.image_path, t.mask_path) if os.path.exists(p))
-    needed = max(written, sources) * 1.1 / 1e6
-    free = shutil.disk_usage(output_folder).free / 1e6
-    if space or "No space" in text or free < needed:
-        return cliutil.FaultError(f"no space left on {_mount_point(output_folder)} (writing {output_folder}; needed "
-                                  f"about {needed:.0f} MB, {free:.0f} MB free): free space or use another "
-                                  "--output_folder; nothing was installed")
-    return cliutil.FaultError(f"cannot write the databases in {output_folder} ({' '.join(text.split())}): the disk "
-                              "may be full or failing; nothing was installed")
-
-
-def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, TempDatabase], workers: int,
+def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, lmdb_store.TempDatabase], workers: int,
                progress: bool) -> tuple[dict[str, SplitResult], Encoded]:
     """The single pass: encode every pair (validating it) and append its records to its database."""
     from tqdm import tqdm
@@ -775,7 +570,7 @@ def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, T
     encoder = Encoder(tasks, workers)  # forks before LMDB and tqdm's thread exist
     try:
         for split in SPLITS:
-            databases[split] = TempDatabase(finals[split])
+            databases[split] = lmdb_store.TempDatabase(finals[split])
         with tqdm(total=len(tasks), unit="img", desc="build_lmdb", disable=not progress, dynamic_ncols=True, leave=False,
                   mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
             for encoded in encoder:

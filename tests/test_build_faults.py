@@ -2,7 +2,6 @@
 symlinks, unwritable outputs, a full disk, killed workers and a killed main process, odd inputs."""
 import errno
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,8 +12,9 @@ import tifffile
 
 import build_lmdb
 from segkit import cliutil
+from segkit import lmdb_store
 from conftest import ROOT, signal_group_when_ready
-from test_build_lmdb import EXAMPLE, PY, cli, make_pairs, read_db, write
+from test_build_lmdb import PY, cli, make_pairs, read_db, write
 
 
 def one_error_line(capsys):
@@ -58,9 +58,9 @@ def test_stale_temporary_that_is_a_file_is_removed(tmp_path, caplog):
     out.mkdir()
     proc = subprocess.Popen([PY, "-c", "pass"])
     proc.wait()
-    stale = out / f".train-ds.lmdb.tmp-{build_lmdb.socket.gethostname()}-{proc.pid}"
+    stale = out / f".train-ds.lmdb.tmp-{lmdb_store.socket.gethostname()}-{proc.pid}"
     stale.write_text("the user's file, exchanged in by an old build")
-    build_lmdb.clean_stale_temporaries(str(out), list(build_lmdb.database_paths(str(out), "ds").values()))
+    lmdb_store.clean_stale_temporaries(str(out), list(lmdb_store.database_paths(str(out), "ds").values()))
     assert not stale.exists() and "removed" in caplog.text
 
 
@@ -167,7 +167,7 @@ def test_output_folder_without_write_permission(tmp_path, capsys, monkeypatch):
     """os.access semantics (the effective user; root passes except on read-only file systems), emulated."""
     images, masks = make_pairs(str(tmp_path))
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(build_lmdb.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(lmdb_store.os, "access", lambda path, mode: False)
     assert cli(images, masks, tmp_path / "ro" / "out") == 2
     assert "is not writable by this user" in one_error_line(capsys)
 
@@ -192,14 +192,14 @@ def test_full_disk_is_one_line_and_installs_nothing(tmp_path, capsys, monkeypatc
     assert cli(images, masks, out) == 0
     old = {s: read_db(str(out / f"{s}-ds.lmdb"))[0]["build"]["id"] for s in ("train", "test")}
     calls = []
-    real_append = build_lmdb.TempDatabase.append
+    real_append = lmdb_store.TempDatabase.append
 
     def append(self, values):
         calls.append(1)
         return fault() if len(calls) == 3 else real_append(self, values)
 
-    monkeypatch.setattr(build_lmdb.TempDatabase, "append", append)
-    monkeypatch.setattr(build_lmdb.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
+    monkeypatch.setattr(lmdb_store.TempDatabase, "append", append)
+    monkeypatch.setattr(lmdb_store.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
     assert cli(images, masks, out, "--overwrite", "1") == cliutil.EXIT_FAULT
     line = one_error_line(capsys)
     assert "no space left on " in line and "needed about" in line and "MB" in line, line

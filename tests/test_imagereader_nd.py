@@ -1,7 +1,6 @@
 """imagereader's geometry for any number of spatial axes (issue #19): volumes (ZYXC records) in train and
 eval mode, and 2-D streams bit-identical to the reader before the change."""
 import hashlib
-import os
 
 import numpy as np
 import pytest
