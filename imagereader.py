@@ -13,15 +13,15 @@ The trainer only picks up ready batches; N worker processes make them.
   augmentation, so switching augmentation off does not change which records are drawn). The shuffled
   epoch order is a function of ``(seed, epoch)`` only, shared by every worker and shard. Same seed and
   same worker count -> identical stream.
-* Sampling (train mode): ``shuffle`` = epochs without replacement (default; the epoch is split over the
+* Sampling (train mode; ``reader_sampling``): ``shuffle`` = epochs without replacement (default; the epoch is split over the
   shards by position and over the workers by batch), ``replacement`` = uniform with replacement,
   ``balanced`` = a class uniformly among the classes present, then a record uniformly among the records
   containing it (the metadata's ``class_records``). ``database_weights`` sets the share of samples each
   database contributes (default: proportional to its size; with ``balanced``, the database is drawn first).
 * Geometry for any number of spatial axes: records are 2-D (image HWC, mask HW) or volumes (ZYXC, ZYX);
   crop sizes, eval crops and the shared-memory slots have one size per spatial axis. 2-D train samples
-  come from ``augment.make_sample``; volumes get plain random crops (``_random_crop``) until augment.py
-  has a pipeline for them.
+  come from ``augment.make_sample``; volumes get plain random crops until augment.py has a pipeline
+  for them (``reader_worker``).
 * Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
   ``size_factor`` on every spatial axis, no augmentation; batches group consecutive records of equal shape. With several shards,
   shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
@@ -55,14 +55,14 @@ import os
 import signal
 import sys
 import time
-import traceback
 import weakref
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 import augment as augmentation
+from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
+from reader_worker import _Plan, _Producer, _eval_shape, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
@@ -78,7 +78,6 @@ POLL_SECONDS = 0.25                           # how often a waiting consumer che
 JOIN_SECONDS = 3.0                            # how long close() waits before terminating workers
 MODES = ("train", "eval")
 SAMPLINGS = ("shuffle", "replacement", "balanced")
-_ORDER_KEY = 0x5EED0DE5                       # SeedSequence spawn-key tag of the shuffled epoch orders
 
 
 class ReaderWorkerError(RuntimeError):
@@ -87,266 +86,6 @@ class ReaderWorkerError(RuntimeError):
 
 class _Closed(Exception):
     """The reader was closed while a consumer was waiting."""
-
-
-# ---- Sampling (pure; runs in the workers) --------------------------------------------------------
-
-def _quotas(sizes: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Samples each database contributes to one shuffled epoch of ``sizes.sum()`` samples."""
-    total = int(sizes.sum())
-    if weights is None:
-        return sizes.astype(np.int64)
-    exact = weights / weights.sum() * total
-    quotas = np.floor(exact).astype(np.int64)
-    remainder = total - int(quotas.sum())
-    quotas[np.argsort(quotas - exact, kind="stable")[:remainder]] += 1  # largest remainders
-    return quotas
-
-
-class ShuffleOrder:
-    """Shuffled epochs without replacement over concatenated databases, a pure function of the seed.
-
-    Epoch ``e`` takes, from each database ``d``, the next ``quota[d]`` entries of that database's endless
-    sequence of permutations (so each database is covered without replacement, at its weight), then
-    shuffles the union. ``take(positions)`` maps stream positions to global record indices.
-    """
-
-    def __init__(self, sizes: Sequence[int], seed: int, weights: Sequence[float] | None = None):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.seed = seed
-        self.quotas = _quotas(self.sizes, None if weights is None else np.asarray(weights, np.float64))
-        self.epoch_length = int(self.quotas.sum())
-        self._cache: dict[int, np.ndarray] = {}
-
-    def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_ORDER_KEY,) + key))
-
-    def _database_sequence(self, db: int, start: int, stop: int) -> np.ndarray:
-        n = int(self.sizes[db])
-        cycles = range(start // n, (stop - 1) // n + 1)
-        seq = np.concatenate([self._rng(1, db, c).permutation(n) for c in cycles])
-        first = cycles[0] * n
-        return seq[start - first : stop - first]
-
-    def epoch(self, e: int) -> np.ndarray:
-        if e not in self._cache:
-            parts = [self.offsets[d] + self._database_sequence(d, e * q, (e + 1) * q)
-                     for d, q in enumerate(self.quotas) if q > 0]
-            order = np.concatenate(parts)
-            self._rng(2, e).shuffle(order)
-            if len(self._cache) >= 2:
-                self._cache.pop(min(self._cache))
-            self._cache[e] = order
-        return self._cache[e]
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        epochs, offsets = np.divmod(np.asarray(positions, np.int64), self.epoch_length)
-        return np.array([self.epoch(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
-
-
-class RandomSampler:
-    """With replacement (``balanced=False``) or class-balanced draws of global record indices."""
-
-    def __init__(self, sizes: Sequence[int], class_records: Sequence[dict[int, Sequence[int]]] | None = None,
-                 weights: Sequence[float] | None = None):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
-        self.pools = None  # balanced: per database (or one merged) list of per-class index arrays
-        if class_records is not None:
-            per_db = [{c: self.offsets[d] + np.asarray(idx, np.int64) for c, idx in cr.items() if len(idx)}
-                      for d, cr in enumerate(class_records)]
-            if self.weights is None:
-                merged: dict[int, list[np.ndarray]] = {}
-                for pools in per_db:
-                    for c, idx in pools.items():
-                        merged.setdefault(c, []).append(idx)
-                per_db = [{c: np.concatenate(v) for c, v in merged.items()}]
-            self.pools = [[pools[c] for c in sorted(pools)] for pools in per_db]
-
-    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            db = 0 if self.weights is None else int(rng.choice(len(self.weights), p=self.weights))
-            if self.pools is None:
-                lo, hi = (0, self.offsets[-1]) if self.weights is None else (self.offsets[db], self.offsets[db + 1])
-                out[i] = rng.integers(lo, hi)
-            else:
-                pools = self.pools[db]
-                pool = pools[int(rng.integers(len(pools)))]
-                out[i] = pool[int(rng.integers(len(pool)))]
-        return out
-
-
-# ---- Worker side ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a worker needs; pickled once at spawn."""
-
-    paths: tuple[str, ...]
-    sizes: tuple[int, ...]
-    mode: str
-    sampling: str
-    batch_size: int
-    workers: int
-    seed: int
-    shard_index: int
-    shard_count: int
-    crop_shape: tuple[int, ...] | None          # train crop, one size per spatial axis
-    params: augmentation.AugmentParams | None   # None: no augmentation
-    weights: tuple[float, ...] | None
-    class_records: tuple[dict, ...] | None
-    eval_batches: np.ndarray | None        # (batches, 2) global [start, stop) per eval batch of this shard
-    eval_shapes: np.ndarray | None         # (records, spatial axes) eval shape of every record
-    stats: tuple[tuple[np.ndarray, np.ndarray], ...]  # per database: (mean, std) arrays (sources, C)
-    channels: int
-    mask_dtype: str
-    slots: int
-    slot_bytes: int
-
-
-def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int,
-                shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The image (n, *shape, C) float32 and label (n, *shape) arrays stored in one slot of a ring."""
-    base = slot * plan.slot_bytes
-    shape = tuple(int(v) for v in shape)
-    pixels = n * math.prod(shape)
-    images = np.frombuffer(ring, np.float32, pixels * plan.channels, base).reshape((n,) + shape + (plan.channels,))
-    masks = np.frombuffer(ring, plan.mask_dtype, pixels, base + pixels * plan.channels * 4).reshape((n,) + shape)
-    return images, masks
-
-
-class _Producer:
-    """Makes batch ``g`` into a ring slot, inside a worker process."""
-
-    def __init__(self, plan: _Plan, worker: int, ring):
-        import cv2
-
-        cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
-        self.plan = plan
-        self.ring = ring
-        self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
-        self.envs = [lmdb_format.open_readonly(p) for p in plan.paths]
-        self.txns = [env.begin(buffers=True) for env in self.envs]
-        stream = np.random.SeedSequence(plan.seed).spawn(plan.shard_count)[plan.shard_index].spawn(plan.workers)[worker]
-        sample_seq, augment_seq = stream.spawn(2)
-        self.sample_rng = np.random.default_rng(sample_seq)
-        self.augment_rng = np.random.default_rng(augment_seq)
-        self.order = self.sampler = None
-        if plan.mode == "train" and plan.sampling == "shuffle":
-            self.order = ShuffleOrder(plan.sizes, plan.seed, plan.weights)
-        elif plan.mode == "train":
-            balanced = plan.class_records if plan.sampling == "balanced" else None
-            self.sampler = RandomSampler(plan.sizes, balanced, plan.weights)
-
-    def close(self) -> None:
-        for txn in self.txns:
-            txn.abort()
-        for env in self.envs:
-            env.close()
-
-    def record(self, index: int) -> tuple[lmdb_format.Record, np.ndarray, np.ndarray]:
-        db = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        local = int(index - self.offsets[db])
-        value = self.txns[db].get(lmdb_format.record_key(local))
-        if value is None:
-            raise ValueError(f"{self.plan.paths[db]}: record {local} is missing; rebuild the database with build_lmdb.py")
-        try:
-            record = lmdb_format.decode_record(value)
-        except ValueError as exc:
-            raise ValueError(f"{self.plan.paths[db]}: record {local}: {exc}") from exc
-        means, stds = self.plan.stats[db]
-        return record, means[record.source_index], stds[record.source_index]
-
-    def train_indices(self, g: int) -> np.ndarray:
-        b = self.plan.batch_size
-        if self.order is not None:
-            stream = np.arange(g * b, (g + 1) * b, dtype=np.int64)
-            return self.order.take(stream * self.plan.shard_count + self.plan.shard_index)
-        return self.sampler.draw(self.sample_rng, b)
-
-    def fill(self, slot: int, g: int) -> tuple[int, tuple[int, ...]]:
-        """Write batch ``g`` into ``slot``; returns its sample count and spatial shape."""
-        plan = self.plan
-        if plan.mode == "train":
-            indices = self.train_indices(g)
-            shape = plan.crop_shape
-        else:
-            start, stop = plan.eval_batches[g % len(plan.eval_batches)]
-            indices = np.arange(start, stop)
-            shape = tuple(int(v) for v in plan.eval_shapes[start])
-        images, masks = _slot_views(self.ring, slot, plan, len(indices), shape)
-        for i, index in enumerate(indices):
-            record, mean, std = self.record(int(index))
-            if plan.mode == "eval":
-                image, mask = _crop(record.image_hwc, (0,) * len(shape), shape), _crop(record.mask_hw, (0,) * len(shape), shape)
-            elif len(shape) == 2:  # augment.py's 2-D pipeline, exactly as before volumes existed
-                params = plan.params or augmentation.AugmentParams.none()
-                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, shape, params)
-            else:
-                image, mask = _random_crop(record.image_hwc, record.mask_hw, self.augment_rng, shape)
-            images[i] = image_io.normalize(image, mean, std)
-            masks[i] = mask
-        return len(indices), shape
-
-
-def _eval_shape(shape: Sequence[int], size_factor: int) -> tuple[int, ...]:
-    """Eval shape of a record: every spatial axis cropped down to a multiple of size_factor (padded up to one factor)."""
-    return tuple(max(int(v) // size_factor, 1) * size_factor for v in shape)
-
-
-def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """The region of ``shape`` at ``origin`` of the record's leading (spatial) axes; mirror-padded
-    (``image_io.mirror_pad``) where it reaches outside the record."""
-    inner = array[tuple(slice(max(o, 0), max(o + n, 0)) for o, n in zip(origin, shape))]
-    pads = [(max(-o, 0), max(o + n - size, 0)) for o, n, size in zip(origin, shape, array.shape)]
-    return image_io.mirror_pad(inner, pads)
-
-
-def _random_crop(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-                 shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A plain random crop of any number of spatial axes (records smaller than the crop: placed at random
-    inside it, mirror-padded around), image as float32 raw values. Volumes take this path until augment.py
-    has a pipeline for them."""
-    origin = [int(rng.integers(min(0, size - n), max(0, size - n) + 1)) for size, n in zip(mask.shape, shape)]
-    return _crop(image, origin, shape).astype(np.float32), _crop(mask, origin, shape)
-
-
-def _wait_for_slot(free, stop) -> bool:
-    parent = mp.parent_process()
-    while not free.acquire(timeout=0.1):
-        if stop.is_set() or (parent is not None and not parent.is_alive()):
-            return False
-    return not stop.is_set()
-
-
-def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buffer) -> None:
-    """Worker process entry: make batches g = worker, worker + N, ... until stopped."""
-    cliutil.ignore_interrupts()  # Ctrl-C and SIGTERM are the consumer's to handle; it ends the workers
-    g = None
-    producer = None
-    try:
-        ring = np.frombuffer(ring_buffer, np.uint8)
-        producer = _Producer(plan, worker, ring)
-        for n, g in enumerate(itertools.count(worker, plan.workers)):
-            if not _wait_for_slot(free, stop):
-                return
-            slot = n % plan.slots
-            count, shape = producer.fill(slot, g)
-            produced[worker] += 1
-            conn.send(("batch", g, slot, count, shape))
-    except Exception:
-        if not stop.is_set():
-            try:
-                conn.send(("error", g, traceback.format_exc()))
-            except OSError:
-                pass
-            raise SystemExit(1)
-    finally:
-        if producer is not None:
-            producer.close()
 
 
 # ---- Consumer side -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-import imagereader
+import reader_worker
 from imagereader import ImageReader
 from lmdb_helpers import unit_sources, write_database
 from segkit import tiling
@@ -95,7 +95,7 @@ def test_random_crop_reaches_every_placement_of_a_small_axis():
     rng = np.random.default_rng(0)
     starts = set()
     for _ in range(200):
-        crop_image, crop_mask = imagereader._random_crop(image, mask, rng, (4, 5, 2))
+        crop_image, crop_mask = reader_worker._random_crop(image, mask, rng, (4, 5, 2))
         z, y, x = decode(crop_image)
         assert crop_image.shape == (4, 5, 2, 2) and np.array_equal(crop_mask, (z + y + x) % 3)
         starts.add((int(z[0, 0, 0]), int(x[0, 0, 0])))
