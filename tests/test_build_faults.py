@@ -2,9 +2,11 @@
 symlinks, unwritable outputs, a full disk, killed workers and a killed main process, odd inputs."""
 import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -121,13 +123,45 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
     assert "workers 2 left 0" in err, err
 
 
-def test_die_with_parent_watchdog_fallback(monkeypatch):
-    """Where prctl is missing the watchdog thread ends the process; here: it starts and watches."""
-    import threading
-
-    monkeypatch.setattr(cliutil.sys, "platform", "darwin")
+WATCHED_CHILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from segkit import cliutil
+    sys.platform = "darwin"  # no prctl: the portable watchdog thread
     cliutil.die_with_parent(os.getppid())
-    assert any(t.name == "parent-watchdog" and t.daemon for t in threading.enumerate())
+    open(sys.argv[2], "w").write(str(os.getpid()))
+    time.sleep(120)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_die_with_parent_watchdog_fallback(tmp_path):
+    """Where prctl is missing, a watchdog thread ends the worker once its parent is gone: the parent (the
+    signalled group) starts a child in a session of its own and is killed; the child must follow."""
+    marker = tmp_path / "child.pid"
+    parent = textwrap.dedent(f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {WATCHED_CHILD!r}, {ROOT!r}, {str(marker)!r}], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(120)
+    """)
+    signal_group_when_ready([PY, "-c", parent], lambda p: marker.exists() and marker.read_text(), sig=signal.SIGKILL)
+    child = int(marker.read_text())
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- 3. unwritable output
