@@ -602,26 +602,28 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--dataset_name", required=True, help="NAME in train-NAME.lmdb / test-NAME.lmdb")
     p.add_argument("--train_fraction", type=float, default=0.8, help="fraction of images for training (0 < f < 1)")
     p.add_argument("--image_format", default="tif", help="file extension of the images (tif also matches tiff)")
-    p.add_argument("--mask_format", default=None, help="file extension of the masks; None: any image extension")
+    p.add_argument("--mask_format", default=None, help="file extension of the masks (default: any image extension)")
     p.add_argument("--use_tiling", type=cliutil.str2bool, default=False, metavar="0/1", help="1 = cut images into tiles")
     p.add_argument("--tile_size", type=int, default=512, help="tile edge in pixels (multiple of 32)")
     p.add_argument("--tile_stride", type=int, default=None,
-                   help="tile step in pixels; None: tile_size (the last tile slides inward to the border)")
+                   help="tile step in pixels (default: --tile_size; the last tile slides inward to the border)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--test_list", default=None, help="text file naming the test images, one per line (overrides --train_fraction)")
     p.add_argument("--number_classes", type=int, default=None,
-                   help="check every mask value is below this; None: no check, classes = max value + 1")
+                   help="check every mask value is below this (default: no check, classes = max value + 1)")
     p.add_argument("--mask_map", default=None, help="remap mask values first, e.g. 255:1 or 255:1,128:2")
     p.add_argument("--workers", type=int, default=default_workers(), help="processes decoding images")
     p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="replace existing databases (only once the new ones are complete)")
+    cliutil.add_verbose_flag(p)
     return p
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cliutil.setup_logging()
-    summary = build_databases(**vars(args))
+    options = vars(args)
+    cliutil.setup_logging(options.pop("verbose"))
+    summary = build_databases(**options)
     print(summary.format())
     return 0
 

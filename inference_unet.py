@@ -10,10 +10,13 @@ tests that use ``inference_unet.X``.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
 from segkit import cliutil
+from segkit import model_metadata
+from segkit import tfquiet
 from segkit.cliutil import InputError
 from segkit.inference.folder import (OVERLAY_MAX_SIDE, Summary, confusion_from_files, predict_image,
                                      segment_folder, write_overlay)
@@ -29,7 +32,7 @@ from segkit.inference.writers import atomic_dir
 __all__ = [
     "D4", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
     "MAX_BLOCK_BYTES", "OUTPUT_FORMATS", "OVERLAY_MAX_SIDE", "OutputPaths", "PROBABILITY_DTYPES",
-    "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "confusion_from_files",
+    "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "check_original_flags", "confusion_from_files",
     "main", "open_any", "open_lazy", "open_source", "opened", "output_paths", "pair_masks", "predict_image",
     "resolve_halo", "resolve_mask_map", "resolve_settings", "resolve_shard", "resolve_tile_size",
     "segment_folder", "shard_names", "with_tta", "working_set_bytes", "write_overlay",
@@ -43,7 +46,8 @@ EXIT_IMAGES_FAILED = 1
 
 def build_parser() -> cliutil.ArgumentParser:
     p = cliutil.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--saved_model_filepath", required=True, help="the saved_model/ folder train_unet.py wrote")
+    p.add_argument("--saved_model_filepath", default=None,
+                   help="required: the saved_model/ folder train_unet.py wrote (the original's --checkpoint_filepath)")
     p.add_argument("--image_folder", required=True, help="folder of images to segment")
     p.add_argument("--output_folder", required=True, help="where masks (and the extras) go")
     p.add_argument("--image_format", default="tif", help="file extension of the images (tif also matches tiff)")
@@ -54,40 +58,70 @@ def build_parser() -> cliutil.ArgumentParser:
                    help="context around each zone: 'exact' = the model's theoretical receptive-field radius (tiled == "
                         "whole-image prediction), 'erf' = the measured effective radius (faster, near-identical), or pixels")
     p.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
-    p.add_argument("--save_probabilities", type=cliutil.str2bool, nargs="?", const=True, default=False,
+    p.add_argument("--save_probabilities", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = also write per-class probabilities to probabilities/")
     p.add_argument("--probability_dtype", choices=PROBABILITY_DTYPES, default="float32",
                    help="float32, or uint8 = round(255 * p)")
-    p.add_argument("--tta", type=cliutil.str2bool, nargs="?", const=True, default=False,
+    p.add_argument("--tta", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = average the 8 flip/rot90 predictions (8x slower)")
     p.add_argument("--mask_folder", default=None,
-                   help="ground-truth masks (paired by file stem): write metrics.csv")
+                   help="ground-truth masks (paired by file stem): write metrics.csv (default: no scoring)")
     p.add_argument("--mask_map", default=None,
                    help="ground-truth value -> class before scoring, e.g. 255:1 (build_lmdb.py's syntax); default: "
                         "the map the model's training databases were built with; none = score values as they are")
-    p.add_argument("--overlay", type=cliutil.str2bool, nargs="?", const=True, default=False,
+    p.add_argument("--overlay", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = write overlays/STEM.png, the mask over the image")
     p.add_argument("--shard_index", type=int, default=None,
-                   help="process every shard_count-th image, starting at this one; None = the Slurm array task "
-                        "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN), else 0")
+                   help="process every shard_count-th image, starting at this one (default: the Slurm "
+                        "array task, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)")
     p.add_argument("--shard_count", type=int, default=None,
-                   help="number of shards; None = SLURM_ARRAY_TASK_COUNT, else 1")
-    p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False,
+                   help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = redo images whose outputs exist; 0 = skip them (restart after a failure)")
     p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="tif",
                    help="tif = masks under the image's file name; zarr = OME-Zarr folders")
     p.add_argument("--memory_limit_mb", type=float, default=DEFAULT_MEMORY_LIMIT_MB,
                    help="images whose float32 working set (H*W*(channels+classes)*4 bytes) exceeds this, or a quarter "
                         "of the available memory, are processed out of core (TIFF)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--number_classes", type=int, default=None,
+                   help="the original's flag: checked against the model's metadata (default: the model's)")
+    p.add_argument("--number_channels", type=int, default=None,
+                   help="the original's flag: checked against the model's metadata (default: the model's)")
+    p.add_argument("--checkpoint_filepath", default=None, help=argparse.SUPPRESS)  # the original's; see _main
+    cliutil.add_verbose_flag(p)
     return p
+
+
+def check_original_flags(saved_model_filepath: str | None, checkpoint_filepath: str | None,
+                         number_classes: int | None, number_channels: int | None) -> None:
+    """The original toolkit's inference flags: ``--checkpoint_filepath`` points to ``--saved_model_filepath``;
+    ``--number_classes`` / ``--number_channels`` must agree with the SavedModel's metadata. Raises InputError."""
+    if checkpoint_filepath is not None:
+        raise InputError(f"--checkpoint_filepath {checkpoint_filepath}: this toolkit loads the exported model; pass "
+                         "--saved_model_filepath OUTPUT_DIR/saved_model (the folder train_unet.py wrote) instead")
+    if saved_model_filepath is None:
+        raise InputError("--saved_model_filepath is required: the saved_model/ folder train_unet.py wrote")
+    if number_classes is None and number_channels is None:
+        return
+    try:
+        meta = model_metadata.load(saved_model_filepath)
+    except ValueError as exc:
+        raise InputError(f"--saved_model_filepath: {exc}") from None
+    for flag, given, known in (("--number_classes", number_classes, meta.number_classes),
+                               ("--number_channels", number_channels, meta.channels)):
+        if given is not None and given != known:
+            raise InputError(f"{flag} {given} does not match the model in {saved_model_filepath}, which has {known}; "
+                             f"drop {flag} (the model knows it) or pass the model trained for {given}")
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    cliutil.setup_logging(args.verbose)
     options = vars(args)
-    options.pop("verbose")
+    verbose = options.pop("verbose")
+    cliutil.setup_logging(verbose)
+    tfquiet.configure(verbose)
+    check_original_flags(options["saved_model_filepath"], options.pop("checkpoint_filepath"),
+                         options.pop("number_classes"), options.pop("number_channels"))
     summary = segment_folder(**options)
     return EXIT_IMAGES_FAILED if summary.failed else 0
 

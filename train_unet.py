@@ -16,6 +16,7 @@ import sys
 from typing import Sequence
 
 from segkit import cliutil
+from segkit import tfquiet
 from segkit.training.checkpoints import RunState, check_resume  # noqa: F401  (re-exported)
 from segkit.training.config import EMA_DEFAULT_DECAY, LOSSES, LR_SCHEDULES, RunConfig  # noqa: F401
 from segkit.training.losses import batch_statistics, loss_from_statistics  # noqa: F401
@@ -73,7 +74,7 @@ def build_parser() -> cliutil.ArgumentParser:
                         "records' size and the machine)")
     p.add_argument("--resume", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="require a checkpoint to continue (a matching one is continued automatically anyway)")
-    p.add_argument("--verbose", type=cliutil.str2bool, default=False, metavar="0/1", help="debug logging")
+    cliutil.add_verbose_flag(p)
     return p
 
 
@@ -82,7 +83,7 @@ def _run(argv: Sequence[str] | None) -> int:
     cliutil.setup_logging(args.verbose)
     config = resolve_config(args)
     resume = check_resume(config, require=args.resume)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tfquiet.configure(args.verbose)  # before TensorFlow is imported (by train())
     try:  # Ctrl-C / SIGTERM: train() stops between steps, saves, raises KeyboardInterrupt (exit 130 in run_cli)
         outcome = train(config, resume=resume)
     except TrainingDiverged as exc:

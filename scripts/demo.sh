@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${DEMO_OUTPUT:-demo_output}
 STEPS=${DEMO_STEPS:-400}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# TensorFlow's start-up noise is silenced by the stages themselves (--verbose 1 shows it).
 
 rm -rf "${OUT}"
 mkdir -p "${OUT}/test_images"
@@ -37,7 +37,7 @@ echo
 echo "Demo finished. Outputs:"
 echo "  databases      ${OUT}/lmdb/"
 echo "  trained model  ${OUT}/model/saved_model/"
-echo "  TensorBoard    $(dirname "${PY}")/tensorboard --logdir ${OUT}/model/logs   (then open http://localhost:6006)"
+echo "  TensorBoard    $(cd "$(dirname "${PY}")" && pwd)/tensorboard --logdir $(cd "${OUT}/model/logs" && pwd)   (then open http://localhost:6006)"
 echo "  masks          ${OUT}/masks/"
 echo "  overlays       ${OUT}/masks/overlays/"
 echo "  metrics        ${OUT}/masks/metrics.csv"

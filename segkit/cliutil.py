@@ -50,12 +50,34 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` once, only where there is a default to show: not on required flags, not
+    for None, not when the help text already says its default; booleans as the original's 0/1."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.required or default is None or default is argparse.SUPPRESS or "default" in text
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        shown = int(default) if isinstance(default, bool) else default
+        if isinstance(shown, (list, tuple)):
+            shown = " ".join(map(str, shown))
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and exit code 2 on bad flags."""
+    """argparse with defaults shown in --help (:class:`HelpFormatter`) and exit code 2 on bad flags."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose 0/1`` (a bare ``--verbose`` means 1): debug logging and TensorFlow's start-up messages."""
+    parser.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=False, metavar="0/1",
+                        help="1 = debug logging, and TensorFlow/CUDA start-up messages (silenced otherwise)")
 
 
 def setup_logging(verbose: bool = False) -> None:

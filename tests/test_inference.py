@@ -60,6 +60,11 @@ def _run(model, images, out, *extra):
                      *map(str, extra)])
 
 
+def _read_probs(path):
+    """A probabilities TIFF, stored channel-first (K, H, W) for Fiji, as (H, W, K)."""
+    return np.moveaxis(tifffile.imread(path), 0, -1)
+
+
 def _near_tie(probs, tie=1e-4):
     top2 = np.sort(probs, axis=-1)[..., -2:]
     return (top2[..., 1] - top2[..., 0]) < tie
@@ -77,8 +82,8 @@ def test_cli_tiled_equals_untiled(models, tmp_path, model):
     for name in names:
         tiled = tifffile.imread(tmp_path / "tiled" / name)
         whole = tifffile.imread(tmp_path / "whole" / name)
-        p_tiled = tifffile.imread(tmp_path / "tiled" / "probabilities" / name)
-        p_whole = tifffile.imread(tmp_path / "whole" / "probabilities" / name)
+        p_tiled = _read_probs(tmp_path / "tiled" / "probabilities" / name)
+        p_whole = _read_probs(tmp_path / "whole" / "probabilities" / name)
         assert tiled.dtype == np.uint8 and tiled.shape == p_tiled.shape[:2] == tifffile.imread(tmp_path / "images" / name).shape
         # Same arithmetic, but oneDNN picks its kernel blocking by input shape, so the last bit of a
         # float32 sum can differ between a 16-pixel tile and the whole image (seen on AMD EPYC for the
@@ -98,7 +103,7 @@ def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path):
     assert chain_radius(CHAIN) == 13
     padded = image_io.mirror_pad(image_io.normalize(image, mean, std), (halo, halo + 3), (halo, halo + 3))
     expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
-    np.testing.assert_allclose(tifffile.imread(tmp_path / "out" / "probabilities" / names[0]), expected, atol=2e-5)
+    np.testing.assert_allclose(_read_probs(tmp_path / "out" / "probabilities" / names[0]), expected, atol=2e-5)
 
 
 @pytest.mark.parametrize("size", [(9, 13), (100, 37), (64, 64)])
@@ -153,7 +158,7 @@ def test_tiny_trained_unet_same_masks_tiled_and_untiled(tmp_path):
     assert _run(saved, tmp_path / "images", tmp_path / "whole", "--tile_size", 1024) == 0
     tiled = tifffile.imread(tmp_path / "tiled" / "blobs.tif")
     whole = tifffile.imread(tmp_path / "whole" / "blobs.tif")
-    ties = _near_tie(tifffile.imread(tmp_path / "tiled" / "probabilities" / "blobs.tif"))
+    ties = _near_tie(_read_probs(tmp_path / "tiled" / "probabilities" / "blobs.tif"))
     assert np.array_equal(tiled[~ties], whole[~ties])
     assert ties.mean() < 0.01
     assert metrics.scores(metrics.confusion_matrix(big, whole, 2))["iou"][1] > 0.5  # it did learn the blobs
@@ -233,7 +238,7 @@ def test_out_of_core_writers_equal_in_memory(models, tmp_path, output_format):
     assert _run(models["chain"], tmp_path / "images", tmp_path / "ooc", "--tile_size", 16, "--save_probabilities", 1,
                 "--probability_dtype", "uint8", "--memory_limit_mb", 0.001, "--output_format", output_format) == 0
     mem = tifffile.imread(tmp_path / "mem" / names[0])
-    probs = tifffile.imread(tmp_path / "mem" / "probabilities" / names[0])
+    probs = _read_probs(tmp_path / "mem" / "probabilities" / names[0])
     assert probs.dtype == np.uint8 and probs.shape == (70, 90, 2)
     view, close = inf.open_any(str(tmp_path / "ooc" / (names[0] if output_format == "tif" else "img0.zarr")))
     ooc_probs, close_p = inf.open_any(str(tmp_path / "ooc" / "probabilities" / ("img0." + output_format)))
@@ -500,8 +505,8 @@ def test_tta_through_the_cli(models, tmp_path):
     for out, tile in (("tiled", 8), ("whole", 4096)):
         assert _run(models["chain"], tmp_path / "images", tmp_path / out, "--tile_size", tile, "--tta", "1",
                     "--save_probabilities", "1") == 0
-    np.testing.assert_allclose(tifffile.imread(tmp_path / "tiled" / "probabilities" / names[0]),
-                               tifffile.imread(tmp_path / "whole" / "probabilities" / names[0]), atol=2e-5)
+    np.testing.assert_allclose(_read_probs(tmp_path / "tiled" / "probabilities" / names[0]),
+                               _read_probs(tmp_path / "whole" / "probabilities" / names[0]), atol=2e-5)
 
 
 def test_registry_unet_trained_a_few_steps_same_masks_tiled_and_untiled(tmp_path):
@@ -523,8 +528,8 @@ def test_registry_unet_trained_a_few_steps_same_masks_tiled_and_untiled(tmp_path
     _write_images(tmp_path / "images", sizes=[(90, 70)])
     assert _run(saved, tmp_path / "images", tmp_path / "tiled", "--tile_size", 16, "--save_probabilities", 1) == 0
     assert _run(saved, tmp_path / "images", tmp_path / "whole", "--tile_size", 1024, "--save_probabilities", 1) == 0
-    p_tiled = tifffile.imread(tmp_path / "tiled" / "probabilities" / "img0.tif")
-    p_whole = tifffile.imread(tmp_path / "whole" / "probabilities" / "img0.tif")
+    p_tiled = _read_probs(tmp_path / "tiled" / "probabilities" / "img0.tif")
+    p_whole = _read_probs(tmp_path / "whole" / "probabilities" / "img0.tif")
     np.testing.assert_allclose(p_tiled, p_whole, atol=2e-5)
     ties = _near_tie(p_whole)
     assert np.array_equal(tifffile.imread(tmp_path / "tiled" / "img0.tif")[~ties],

@@ -20,6 +20,7 @@ from segkit import cliutil
 from segkit import image_io
 from segkit import metrics
 from segkit import tiling
+from segkit.calibration import read_calibration
 from segkit.inference.predictor import SavedModelPredictor, with_tta
 from segkit.inference.regions import open_source, opened, stats_blocks
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
@@ -54,7 +55,8 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
         from tqdm import tqdm
 
         with contextlib.ExitStack() as stack:
-            outputs = open_outputs(stack, todo, spatial, source.out_of_core, settings)
+            outputs = open_outputs(stack, todo, spatial, source.out_of_core, settings,
+                                   calibration=read_calibration(path), name=os.path.basename(path))
             bar = stack.enter_context(tqdm(total=len(plan.zones), desc=os.path.basename(path), unit="tile",
                                            leave=False, disable=not show_bar))
 

@@ -18,8 +18,9 @@ class SavedModelPredictor:
     """
 
     def __init__(self, saved_model_dir: str):
-        import tensorflow as tf
+        from segkit import tfquiet
 
+        tf = tfquiet.import_tensorflow()  # without TensorFlow's start-up noise unless --verbose 1
         for gpu in tf.config.list_physical_devices("GPU"):
             with contextlib.suppress(RuntimeError):  # already initialized
                 tf.config.experimental.set_memory_growth(gpu, True)

@@ -1,6 +1,8 @@
 """Inference outputs: in memory then one file, or zone by zone in a writer thread (tiled TIFF, OME-Zarr).
 
-Every output is written under a temporary name and renamed when complete. See README.md, "Stage 3".
+Every output is written under a temporary name and renamed when complete, with the input's calibration
+(:mod:`segkit.calibration`); probabilities are channel-first (C, Y, X), as Fiji and napari expect; OME-Zarr
+outputs get a multiscale pyramid when large. See README.md, "Stage 3" (outputs).
 """
 from __future__ import annotations
 
@@ -15,19 +17,24 @@ import numpy as np
 
 from segkit import cliutil
 from segkit import image_io
+from segkit.calibration import Calibration, ome_zarr_unit, tiff_kwargs
 from segkit import tiling
 from segkit.inference.settings import Settings
 
 WRITE_QUEUE_TILES = 4
+PYRAMID_MAX_SIDE = 1024  # OME-Zarr levels halve the image while its largest side is above this
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # pixel types an ImageJ hyperstack can hold
 
 _END = object()
 
 
 class _ArrayOutput:
-    """Zones pasted into an in-memory array; the file is written on successful exit."""
+    """Zones pasted into an in-memory array (spatial axes, then the class axis for probabilities);
+    the file is written on successful exit, probabilities channel-first."""
 
-    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, encode: Callable):
-        self.tmp_path, self.encode = tmp_path, encode
+    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, encode: Callable,
+                 channels: bool = False, calibration: Calibration | None = None):
+        self.tmp_path, self.encode, self.channels, self.calibration = tmp_path, encode, channels, calibration
         self.array = np.zeros(shape, dtype)
 
     def __enter__(self) -> "_ArrayOutput":
@@ -38,19 +45,33 @@ class _ArrayOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            _write_whole(self.tmp_path, self.array)
+            array = np.moveaxis(self.array, -1, 0) if self.channels else self.array
+            write_whole(self.tmp_path, array, channels=self.channels, calibration=self.calibration)
 
 
-def _write_whole(path: str, array: np.ndarray) -> None:
-    if os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS:
-        import tifffile
+def tiff_axes(ndim: int, channels: bool) -> str:
+    """'YX', 'CYX', 'ZYX' or 'CZYX': channel-first, as ImageJ hyperstacks are stored."""
+    spatial = ndim - 1 if channels else ndim
+    return ("C" if channels else "") + "ZYX"[-spatial:]
 
-        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", metadata=None,
-                         planarconfig="contig" if array.ndim == 3 else None)
-    else:
+
+def write_whole(path: str, array: np.ndarray, channels: bool = False, calibration: Calibration | None = None) -> None:
+    """One output file: an ImageJ TIFF (zlib, calibrated; ``array`` channel-first when ``channels``), else PNG."""
+    if os.path.splitext(path)[1].lower() not in image_io.TIFF_EXTENSIONS:
         import imageio.v3 as iio
 
         iio.imwrite(path, array)
+        return
+    import tifffile
+
+    axes = tiff_axes(array.ndim, channels)
+    if array.dtype in IMAGEJ_DTYPES:
+        extra = tiff_kwargs(calibration, imagej=True)
+        metadata = {"axes": axes, **({"unit": extra.pop("unit")} if "unit" in extra else {})}
+        tifffile.imwrite(path, array, imagej=True, compression="zlib", metadata=metadata, **extra)
+    else:  # e.g. uint32 masks of > 65535 classes: a plain TIFF
+        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", metadata={"axes": axes},
+                         **tiff_kwargs(calibration, imagej=False))
 
 
 class _ThreadedOutput:
@@ -114,57 +135,122 @@ class _ThreadedOutput:
 
 
 class _TiffTileOutput(_ThreadedOutput):
-    """A tiled, zlib-compressed BigTIFF written tile by tile (zones in raster order = TIFF tiles)."""
+    """A tiled, zlib-compressed, calibrated BigTIFF written tile by tile (zones in raster order = TIFF tiles).
 
-    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, tile: int, encode: Callable):
+    Probabilities (``channels``) are stored channel-first, one plane per class; zones arrive with every
+    class at once, so they are gathered in a disk-backed array beside the output first.
+    """
+
+    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, tile: int, encode: Callable,
+                 channels: bool = False, calibration: Calibration | None = None):
         super().__init__(encode)
         self.tmp_path, self.shape, self.dtype, self.tile = tmp_path, shape, np.dtype(dtype), tile
+        self.channels, self.calibration = channels, calibration
 
     def consume(self, items: Iterator[tuple[tiling.Zone, np.ndarray]]) -> None:
         import tifffile
 
-        with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
-            tif.write((data for _, data in items), shape=self.shape, dtype=self.dtype, tile=(self.tile, self.tile),
-                      compression="zlib", photometric="minisblack", metadata=None,
-                      planarconfig="contig" if len(self.shape) == 3 else None)
+        options = dict(tile=(self.tile, self.tile), compression="zlib", photometric="minisblack",
+                       metadata={"axes": tiff_axes(len(self.shape), self.channels)},
+                       **tiff_kwargs(self.calibration, imagej=False))
+        if not self.channels:
+            with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
+                tif.write((data for _, data in items), shape=self.shape, dtype=self.dtype, **options)
+            return
+        spill = cliutil.make_temp(self.tmp_path, suffix=".npy")
+        try:
+            planes = np.lib.format.open_memmap(spill, mode="w+", dtype=self.dtype,
+                                               shape=(self.shape[-1],) + tuple(self.shape[:-1]))
+            for zone, data in items:
+                planes[(slice(None),) + zone.region()] = np.moveaxis(data, -1, 0)
+            planes.flush()
+            with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
+                tif.write(planes, **options)
+            del planes
+        finally:
+            os.remove(spill)
 
 
 class _ZarrOutput(_ThreadedOutput):
-    """OME-Zarr 0.4 (zarr format 2), one level: a mask ([z,] y, x) or probabilities (c, [z,] y, x).
+    """OME-Zarr 0.4 (zarr format 2): a mask ([z,] y, x) or probabilities (c, [z,] y, x), named after the
+    image, scaled by its calibration, with levels halved (nearest neighbour for masks, mean for
+    probabilities) while the largest side exceeds PYRAMID_MAX_SIDE.
 
     ``shape`` is the spatial shape, plus the class axis last when ``channels`` (probabilities).
     """
 
     def __init__(self, tmp_dir: str, shape: tuple[int, ...], dtype: np.dtype, tile: int, encode: Callable,
-                 channels: bool):
+                 channels: bool, name: str = "", calibration: Calibration | None = None):
         super().__init__(encode)
         self.tmp_dir, self.shape, self.dtype, self.tile = tmp_dir, shape, np.dtype(dtype), tile
-        self.channels = channels
+        self.channels, self.name, self.calibration = channels, name, calibration
 
     def consume(self, items: Iterator[tuple[tiling.Zone, np.ndarray]]) -> None:
-        import numcodecs
         import zarr
 
-        channels_first = self.channels
-        spatial = self.shape[:-1] if channels_first else self.shape
-        shape = (self.shape[-1],) + spatial if channels_first else spatial
-        chunks = ((shape[0],) if channels_first else ()) + (self.tile,) * len(spatial)
+        spatial = self.shape[:-1] if self.channels else self.shape
         group = zarr.open_group(self.tmp_dir, mode="w", zarr_format=2)
-        array = group.create_array("0", shape=shape, chunks=chunks, dtype=self.dtype, fill_value=0,
-                                   compressors=numcodecs.Zstd(level=3),
-                                   chunk_key_encoding={"name": "v2", "separator": "/"})
+        array = self._create(group, "0", spatial)
         for zone, data in items:
-            if channels_first:
+            if self.channels:
                 array[(slice(None),) + zone.region()] = np.moveaxis(data, -1, 0)
             else:
                 array[zone.region()] = data
-        axes = [{"name": name, "type": "space"} for name in "zyx"[-len(spatial):]]
-        if channels_first:
-            axes.insert(0, {"name": "c", "type": "channel"})
-        group.attrs["multiscales"] = [{
-            "version": "0.4", "name": os.path.basename(self.tmp_dir), "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(shape)}]}],
-        }]
+        levels = [array]
+        while max(levels[-1].shape[-len(spatial):]) > PYRAMID_MAX_SIDE:
+            levels.append(self._halve(group, levels[-1], len(levels), len(spatial)))
+        group.attrs["multiscales"] = [multiscales_entry(self.name, len(spatial), self.channels, len(levels),
+                                                        self.calibration)]
+
+    def _create(self, group, path: str, spatial: tuple[int, ...]):
+        import numcodecs
+
+        shape = ((self.shape[-1],) if self.channels else ()) + tuple(spatial)
+        chunks = ((shape[0],) if self.channels else ()) + tuple(min(self.tile, n) for n in spatial)
+        return group.create_array(path, shape=shape, chunks=chunks, dtype=self.dtype, fill_value=0,
+                                  compressors=numcodecs.Zstd(level=3),
+                                  chunk_key_encoding={"name": "v2", "separator": "/"})
+
+    def _halve(self, group, source, level: int, spatial_ndim: int):
+        """The next level from ``source``, a band of rows at a time (memory: two bands)."""
+        spatial = tuple(-(-n // 2) for n in source.shape[-spatial_ndim:])
+        target = self._create(group, str(level), spatial)
+        lead = (slice(None),) * (source.ndim - 2)  # class and z axes are read whole per band
+        rows = 2 * self.tile
+        for y in range(0, source.shape[-2], rows):
+            band = np.asarray(source[lead + (slice(y, y + rows),)])
+            target[lead + (slice(y // 2, y // 2 + -(-band.shape[-2] // 2)),)] = downsample2(
+                band, spatial_ndim, mean=self.channels)
+        return target
+
+
+def downsample2(array: np.ndarray, spatial_ndim: int, mean: bool) -> np.ndarray:
+    """Halve the last ``spatial_ndim`` axes (odd sizes round up): nearest neighbour (every other pixel,
+    for class masks), or the mean of each 2x2(x2) block with the border replicated (probabilities)."""
+    axes = tuple(range(array.ndim - spatial_ndim, array.ndim))  # a volume's z halves too (a band holds every z)
+    if not mean:
+        return array[tuple(slice(None, None, 2) if a in axes else slice(None) for a in range(array.ndim))]
+    pad = [(0, array.shape[a] % 2 if a in axes else 0) for a in range(array.ndim)]
+    padded = np.pad(array.astype(np.float32), pad, mode="edge")
+    shape = []
+    for a, n in enumerate(padded.shape):
+        shape += [n // 2, 2] if a in axes else [n]
+    blocks = padded.reshape(shape).mean(axis=tuple(a + k + 1 for k, a in enumerate(axes)))
+    return np.rint(blocks).astype(array.dtype) if np.issubdtype(array.dtype, np.integer) else blocks.astype(array.dtype)
+
+
+def multiscales_entry(name: str, spatial_ndim: int, channels: bool, levels: int,
+                      calibration: Calibration | None) -> dict:
+    """OME-Zarr 0.4 ``multiscales`` metadata: axes with units, one scale transformation per level."""
+    unit = ome_zarr_unit(calibration)
+    axes = [{"name": axis, "type": "space", **({"unit": unit} if unit else {})} for axis in "zyx"[-spatial_ndim:]]
+    if channels:
+        axes.insert(0, {"name": "c", "type": "channel"})
+    size = list(calibration.pixel_size_yx) if calibration else [1.0] * 2
+    size = ([1.0] * (spatial_ndim - len(size)) + size)[-spatial_ndim:]
+    datasets = [{"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": (
+        [1.0] if channels else []) + [s * 2**level for s in size]}]} for level in range(levels)]
+    return {"version": "0.4", "name": name, "axes": axes, "datasets": datasets}
 
 
 @contextlib.contextmanager
@@ -186,37 +272,51 @@ def atomic_dir(final_path: str) -> Iterator[str]:
 
 
 def _encoder(kind: str, settings: Settings) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype]:
+    return encoder(kind, settings.number_classes, settings.probability_dtype)
+
+
+def encoder(kind: str, number_classes: int, probability_dtype: str = "float32"
+            ) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype]:
+    """(probabilities (..., K) -> stored values, their dtype) for ``kind`` 'mask' (the class index in the
+    smallest unsigned type) or 'probabilities' (float32, or uint8 = round(255 p))."""
     if kind == "mask":
-        dtype = image_io.dtype_for_classes(settings.number_classes)
+        dtype = image_io.dtype_for_classes(number_classes)
         return (lambda p: np.argmax(p, axis=-1).astype(dtype)), dtype
-    if settings.probability_dtype == "uint8":
+    if probability_dtype == "uint8":
         return (lambda p: np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)), np.dtype(np.uint8)
     return (lambda p: np.asarray(p, np.float32)), np.dtype(np.float32)
 
 
 def open_outputs(stack: contextlib.ExitStack, todo: dict[str, str], spatial_shape: tuple[int, ...],
-                 out_of_core: bool, settings: Settings) -> list[Any]:
+                 out_of_core: bool, settings: Settings, calibration: Calibration | None = None,
+                 name: str = "") -> list[Any]:
     """One writer per prediction output to (re)write; temporaries are removed on failure.
 
     ``spatial_shape``: the image's (height, width) (or a volume's (z, y, x): zarr or in memory).
+    ``calibration``: the input's pixel size (written into every output); ``name``: the image's name
+    (OME-Zarr ``multiscales.name``).
     """
     outputs = []
     for kind in ("mask", "probabilities"):
-        if kind not in todo:
-            continue
-        path = todo[kind]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        encode, dtype = _encoder(kind, settings)
-        spatial = tuple(spatial_shape)
-        shape = spatial if kind == "mask" else spatial + (settings.number_classes,)
-        if settings.output_format == "zarr":
-            tmp = stack.enter_context(atomic_dir(path))
-            outputs.append(stack.enter_context(
-                _ZarrOutput(tmp, shape, dtype, settings.tile_size, encode, channels=kind != "mask")))
-        elif out_of_core and os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS:
-            tmp = stack.enter_context(cliutil.atomic_path(path, suffix=".tif"))
-            outputs.append(stack.enter_context(_TiffTileOutput(tmp, shape, dtype, settings.tile_size, encode)))
-        else:
-            tmp = stack.enter_context(cliutil.atomic_path(path, suffix=os.path.splitext(path)[1]))
-            outputs.append(stack.enter_context(_ArrayOutput(tmp, shape, dtype, encode)))
+        if kind in todo:
+            os.makedirs(os.path.dirname(todo[kind]), exist_ok=True)
+            outputs.append(_open_output(stack, kind, todo[kind], tuple(spatial_shape), out_of_core, settings,
+                                        calibration, name))
     return outputs
+
+
+def _open_output(stack: contextlib.ExitStack, kind: str, path: str, spatial: tuple[int, ...], out_of_core: bool,
+                 settings: Settings, calibration: Calibration | None, name: str) -> Any:
+    encode, dtype = _encoder(kind, settings)
+    channels = kind != "mask"
+    shape = spatial + (settings.number_classes,) if channels else spatial
+    if settings.output_format == "zarr":
+        tmp = stack.enter_context(atomic_dir(path))
+        return stack.enter_context(_ZarrOutput(tmp, shape, dtype, settings.tile_size, encode, channels=channels,
+                                               name=name, calibration=calibration))
+    if out_of_core and os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS:
+        tmp = stack.enter_context(cliutil.atomic_path(path, suffix=".tif"))
+        return stack.enter_context(_TiffTileOutput(tmp, shape, dtype, settings.tile_size, encode, channels=channels,
+                                                   calibration=calibration))
+    tmp = stack.enter_context(cliutil.atomic_path(path, suffix=os.path.splitext(path)[1]))
+    return stack.enter_context(_ArrayOutput(tmp, shape, dtype, encode, channels=channels, calibration=calibration))

@@ -4,6 +4,7 @@ exports the best weights. README.md, "Stage 2", describes schedule, outputs, res
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -11,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -180,6 +182,10 @@ class Loop:
         iterator = iter(distribute(self.run.strategy, train_reader))
         meter = Meter(train_reader)
         every = self.config.test_every_n_steps
+        with progress_bar(self.state.step, self.config.max_steps) as bar, _logs_above(bar):
+            return self._steps(stop, iterator, meter, every, bar)
+
+    def _steps(self, stop, iterator, meter: "Meter", every: int, bar) -> str:
         lr = None
         while (reason := stop_reason(self.state, self.config, self.time_up)) is None:
             if stop is not None and stop.signal_name:
@@ -195,6 +201,7 @@ class Loop:
             self._check_finite(out)
             self.state.step += 1
             self.trainer.step.assign(self.state.step)
+            bar.update(1)
             if self.state.step % min(100, every) == 0:
                 self._log_train(meter, lr)
             self.time_up = self._budget_spent()
@@ -252,6 +259,29 @@ class Loop:
         log.info("test pass at step %d: loss %.5f%s, pixel accuracy %.4f, IoU %s, Dice %s (%.1f s)",
                  self.state.step, loss, " (best)" if improved else f" (best {self.state.best_loss:.5f})",
                  result["pixel_accuracy"], _fmt(result["iou"]), _fmt(result["dice"]), time.perf_counter() - started)
+
+
+def progress_bar(start_step: int, max_steps: int | None, stream=None):
+    """A tqdm bar of training steps with ETA (to --max_steps, else a rate) on a terminal; disabled (the
+    step log lines only, as in batch-job logs) when ``stream`` (default stderr) is not a terminal."""
+    from tqdm import tqdm
+
+    stream = sys.stderr if stream is None else stream
+    return tqdm(total=max_steps, initial=start_step, desc="training", unit="step", file=stream,
+                dynamic_ncols=True, disable=not _isatty(stream))
+
+
+def _isatty(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _logs_above(bar):
+    """Log lines printed above an active bar instead of through it."""
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _fmt(values: Sequence[float]) -> str:

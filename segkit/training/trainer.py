@@ -12,7 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from segkit import devices
 from segkit import metrics
+from segkit import tfquiet
 from segkit.training.config import RunConfig, config_view
 from segkit.training.losses import batch_statistics, loss_from_statistics, zero_statistics
 import models
@@ -23,9 +25,12 @@ COSINE_FINAL_FRACTION = 0.01  # --lr_schedule cosine ends at learning_rate / 100
 
 
 def make_strategy():
-    """(strategy, worker_index, worker_count, is_chief); MultiWorker when TF_CONFIG / multi-node Slurm."""
-    import tensorflow as tf
+    """(strategy, worker_index, worker_count, is_chief); MultiWorker when TF_CONFIG / multi-node Slurm.
 
+    Logs :func:`segkit.devices.missing_gpu_warning` at WARNING when a GPU was expected but none is visible.
+    """
+    tf = tfquiet.import_tensorflow()
+    warn_if_gpu_missing(len(tf.config.list_physical_devices("GPU")))
     resolver = None
     if os.environ.get("TF_CONFIG"):
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -39,6 +44,14 @@ def make_strategy():
     me = f"{resolver.task_type}:{resolver.task_id}"
     index = workers.index(me)
     return strategy, index, len(workers), index == 0
+
+
+def warn_if_gpu_missing(visible_gpus: int) -> str | None:
+    """Log (WARNING) and return the missing-GPU line when Slurm / CUDA_VISIBLE_DEVICES promised a GPU."""
+    warning = devices.missing_gpu_warning(visible_gpus)
+    if warning:
+        log.warning(warning)
+    return warning
 
 
 def _workers(resolver) -> list[str]:

@@ -1,0 +1,118 @@
+"""An image's physical pixel size and unit: read from the input TIFF, written into every output.
+
+Read: OME-TIFF ``PhysicalSizeX/Y`` (+ units), ImageJ's ``unit`` with the XResolution/YResolution tags,
+or those tags with a centimetre/inch ResolutionUnit. Written: ImageJ-compatible TIFF tags
+(:func:`tiff_kwargs`) and OME-Zarr ``coordinateTransformations`` with axis units (:func:`ome_zarr_unit`).
+README.md, "Stage 3" (outputs). No TensorFlow here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# unit spellings -> (OME-NGFF / UDUNITS name, size in micrometres)
+_UNITS = {
+    "micron": ("micrometer", 1.0), "microns": ("micrometer", 1.0), "um": ("micrometer", 1.0),
+    "\u00b5m": ("micrometer", 1.0), "\u03bcm": ("micrometer", 1.0), "micrometer": ("micrometer", 1.0),
+    "\\u00b5m": ("micrometer", 1.0), "nm": ("nanometer", 1e-3), "nanometer": ("nanometer", 1e-3),
+    "mm": ("millimeter", 1e3), "millimeter": ("millimeter", 1e3), "cm": ("centimeter", 1e4),
+    "centimeter": ("centimeter", 1e4), "m": ("meter", 1e6), "meter": ("meter", 1e6),
+    "inch": ("inch", 25400.0), "in": ("inch", 25400.0),
+}
+_IMAGEJ_UNIT = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
+                "meter": "m", "inch": "inch"}
+_RESUNIT_INCH, _RESUNIT_CM = 2, 3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pixel size per spatial axis (``pixel_size_yx``: y then x) in ``unit`` (an OME-NGFF unit name)."""
+    pixel_size_yx: tuple[float, ...]
+    unit: str
+
+    def micrometres_per_unit(self) -> float:
+        return _UNITS[self.unit][1]
+
+
+def _unit(text: str | None) -> str | None:
+    if not text:
+        return None
+    known = _UNITS.get(str(text).strip().lower()) or _UNITS.get(str(text).strip())
+    return known[0] if known else None
+
+
+def read_calibration(path: str) -> Calibration | None:
+    """The pixel size of an image file, or None (not a TIFF, uncalibrated, or unreadable metadata)."""
+    if os.path.isdir(path) or os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                found = _from_ome(tif.ome_metadata)
+                if found:
+                    return found
+            return _from_tags(tif.pages[0].tags, tif.imagej_metadata or {})
+    except Exception as exc:  # calibration is a courtesy: never fail an image over it
+        log.debug("%s: no calibration read (%s)", path, exc)
+        return None
+
+
+def _from_ome(xml: str) -> Calibration | None:
+    root = ElementTree.fromstring(xml)
+    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    size_x = float(pixels.attrib["PhysicalSizeX"])
+    size_y = float(pixels.attrib.get("PhysicalSizeY", size_x))
+    unit = _unit(pixels.attrib.get("PhysicalSizeXUnit", "\u00b5m"))
+    return Calibration((size_y, size_x), unit) if unit and size_x > 0 and size_y > 0 else None
+
+
+def _from_tags(tags, imagej: dict) -> Calibration | None:
+    if "XResolution" not in tags:
+        return None
+    per_unit_x = _rational(tags["XResolution"].value)
+    per_unit_y = _rational(tags["YResolution"].value) if "YResolution" in tags else per_unit_x
+    if not per_unit_x or not per_unit_y:
+        return None
+    sizes = (1.0 / per_unit_y, 1.0 / per_unit_x)
+    unit = _unit(imagej.get("unit"))
+    if unit is None:
+        resunit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 0
+        factor = {_RESUNIT_CM: 1e4, _RESUNIT_INCH: 25400.0}.get(resunit)
+        if factor is None or sizes == (1.0, 1.0):
+            return None  # no unit, or the writer's default 1 pixel per inch/cm: uncalibrated
+        return Calibration(tuple(s * factor for s in sizes), "micrometer")
+    return Calibration(sizes, unit)
+
+
+def _rational(value) -> float:
+    if isinstance(value, tuple):
+        return value[0] / value[1] if value[1] else 0.0
+    return float(value)
+
+
+def tiff_kwargs(calibration: Calibration | None, imagej: bool) -> dict:
+    """tifffile.imwrite / TiffWriter.write arguments that carry the calibration.
+
+    ``imagej``: an ImageJ-format file (the unit goes into ImageJ's description, ResolutionUnit NONE);
+    otherwise (BigTIFF) the resolution is stored per centimetre, which ImageJ, Fiji and Bio-Formats read.
+    """
+    if calibration is None:
+        return {}
+    size_y, size_x = calibration.pixel_size_yx[-2:]
+    if imagej:
+        return {"resolution": (1.0 / size_x, 1.0 / size_y), "resolutionunit": "NONE",
+                "unit": _IMAGEJ_UNIT[calibration.unit]}
+    cm = calibration.micrometres_per_unit() / 1e4
+    return {"resolution": (1.0 / (size_x * cm), 1.0 / (size_y * cm)), "resolutionunit": "CENTIMETER"}
+
+
+def ome_zarr_unit(calibration: Calibration | None) -> str | None:
+    return None if calibration is None else calibration.unit
