@@ -20,7 +20,7 @@ Data sets (under ``--data_root``):
     python benchmarks/bench_quality.py --datasets nist --seeds 0 --max_minutes 0.5   # a smoke run
 
 ``--extra "--batch_size 8 --loss ce+dice"`` passes training flags through, for recipe comparisons
-(off by default: the benchmark measures the defaults).
+(off by default: the benchmark measures the defaults); a single flag needs ``--extra="--flag"``.
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, load average {load}"
 
 
-HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>9}" + "".join(
+HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
     f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta"))
 
 
@@ -256,7 +256,7 @@ def format_row(name: str, seed: str, run_: dict[str, float], sd: dict[str, float
     def cell(key: str, width: int, digits: int) -> str:
         text = f"{run_[key]:.{digits}f}" + (f"+-{sd[key]:.{digits}f}" if sd else "")
         return f"{text:>{width}}"
-    return f"{name:<8}{seed:>6}{run_['steps']:>7.0f}{cell('train_s', 9 + 4 * bool(sd), 0)}" + "".join(
+    return f"{name:<8}{seed:>6}{run_['steps']:>7.0f}{cell('train_s', 10, 0)}" + "".join(
         cell(k, 16, 4) for k in METRICS[1:])
 
 
