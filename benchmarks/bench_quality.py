@@ -1,32 +1,26 @@
-"""Real-data quality: the three stages on the shared NIST phase-contrast data.
+"""Real-data quality with the defaults: the three stages on every shared data set, 3 seeds each.
 
-Runs ``build_lmdb.py`` with the benchmark's split (``--test_list``), trains
-with a fixed step budget (train_unet.py's defaults otherwise, so the moving
-average of the weights is what is tested and exported), and segments the 20 held-out test images with
-``inference_unet.py --mask_folder``; prints foreground IoU, Dice and pixel
-accuracy from the metrics.csv that inference writes, and the foreground IoU and
-Dice of the same model with ``--tta 1`` (mean of the 8 flip/rot90 predictions; UNet variants only:
-FC-DenseNet56 needs its exact halo of 448 px, ~5 s per 256x256 image per pass on a CPU).
+For each data set (``--datasets``, default all) the benchmark prepares its inputs in the output
+folder (the shared data is only read), runs ``build_lmdb.py --test_list`` (the data set's split, no
+other tuning), trains once per seed with ``train_unet.py``'s self-configured defaults -- nothing
+but ``--number_classes 2``, ``--seed`` and the time budget ``--max_minutes`` -- and scores the
+held-out images with ``inference_unet.py --mask_folder``, then again with ``--tta 1``. It prints
+one row per run (steps reached, training wall time, foreground IoU, Dice, pixel accuracy, IoU and
+Dice with TTA), a mean +- sd row per data set, and the machine at start and end; ``results.csv``
+in the output folder holds the same rows. See README "Segmentation quality on real microscopy".
 
-Seeds (``--seeds``, default 0 1 2): every variant is trained once per seed (the seed of the weights
-initialization and of the sample stream; the split is fixed by ``test_files.txt``) and a ``mean``
-row gives the mean and sample standard deviation over the seeds. One run is one draw: on this data
-the default UNet's foreground IoU moves by a few thousandths from seed to seed, about as much as
-the recipes compared in the README differ, so a single seed cannot rank them.
+Data sets (under ``--data_root``):
+  nist   nist-phase-contrast: 0/1 cell masks as they are (``--mask_map`` only if they need one)
+  dsb    dsb2018-nuclei-100: nucleus instance labels -> foreground (label > 0) as uint8 masks
+  fib2d  neuroproof-fib-sample: every z section of the FIB-SEM volumes is a 2D image; the target is
+         the membrane, skimage.segmentation.find_boundaries(labels, mode="inner"); train sections
+         from the train volume, test sections from the test volume
 
-Variants (``--variants``): ``unet`` (default model, default augmentation),
-``unet-noaug`` (augmentation off), ``fcdensenet56`` (default augmentation).
-The step budgets are fixed so runs compare: ``--steps`` for the UNet variants,
-``--fcdensenet_steps`` for FC-DenseNet56 (about ten times slower per step on a
-CPU: the same 10 minutes buys far fewer steps). The target is training within
-10 minutes on the 2-core development CPU; the training wall time is measured
-and printed for each run so that can be checked (see the README table).
+    python benchmarks/bench_quality.py --output_dir /tmp/quality            # 3 x 3 runs, ~2 hours
+    python benchmarks/bench_quality.py --datasets nist --seeds 0 --max_minutes 0.5   # a smoke run
 
-    python benchmarks/bench_quality.py --output_dir bench_output/quality
-
-A UNet run takes about 12 minutes on the 2-core development CPU (10 of training, inference twice),
-an FC-DenseNet56 run about 14: the defaults (3 variants x 3 seeds) take about 2 hours; pass
-``--variants unet --seeds 0`` for one run. Per-run rows also go to ``results.csv`` in the output folder.
+``--extra "--batch_size 8 --loss ce+dice"`` passes training flags through, for recipe comparisons
+(off by default: the benchmark measures the defaults); a single flag needs ``--extra="--flag"``.
 """
 from __future__ import annotations
 
@@ -34,25 +28,158 @@ import argparse
 import csv
 import os
 import platform
+import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+sys.path.insert(0, ROOT)
 
-VARIANTS = {
-    # name: (model, use_augmentation)
-    "unet": ("unet", 1),
-    "unet-noaug": ("unet", 0),
-    "fcdensenet56": ("fcdensenet56", 1),
+from segkit import cliutil, image_io  # noqa: E402
+
+# ../shared/data beside the project; a git worktree sits one level deeper (worktrees/NAME).
+DATA_ROOTS = [os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "..", "shared", "data")]
+DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "segkit_bench_quality")
+METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One data set ready for the stages: folders of 2D images and class masks (0/1) paired by stem."""
+    name: str
+    image_folder: str
+    mask_folder: str
+    test_list: str      # names of the held-out images, for build_lmdb.py --test_list
+    test_images: str    # a folder of links to the held-out images only, for inference
+    mask_map: str | None = None  # build_lmdb.py --mask_map, when the masks are not 0/1 already
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+def read_names(path: str) -> list[str]:
+    with open(path) as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def write_tiff(path: str, array: np.ndarray) -> None:
+    with cliutil.atomic_path(path, suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, array, compression="zlib")
+
+
+def fresh_folder(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def link_images(source: str, names: list[str], folder: str) -> str:
+    """A fresh folder of symbolic links to ``source/NAME`` for each name."""
+    fresh_folder(folder)
+    for name in names:
+        os.symlink(os.path.abspath(os.path.join(source, name)), os.path.join(folder, name))
+    return folder
+
+
+def binary_mask_map(mask_folder: str) -> str | None:
+    """None when every mask is 0/1; ``"V:1"`` when the masks are exactly {0, V} (e.g. 0/255)."""
+    values: set[int] = set()
+    for name in image_io.list_images(mask_folder, "tif"):
+        values |= {int(v) for v in np.unique(tifffile.imread(os.path.join(mask_folder, name)))}
+    if values <= {0, 1}:
+        return None
+    if len(values) == 2 and 0 in values:
+        return f"{max(values)}:1"
+    raise cliutil.InputError(f"{mask_folder}: mask values {sorted(values)[:8]} are not a binary mask; "
+                             "this benchmark scores foreground against background (values 0 and one other)")
+
+
+def finish(name: str, images: str, masks: str, test_list: str, folder: str) -> Prepared:
+    test_images = link_images(images, read_names(test_list), os.path.join(folder, "test_images"))
+    return Prepared(name, images, masks, test_list, test_images, binary_mask_map(masks))
+
+
+def prepare_nist(source: str, folder: str) -> Prepared:
+    """The shared images and masks as they are."""
+    return finish("nist", os.path.join(source, "images"), os.path.join(source, "masks"),
+                  os.path.join(source, "test_files.txt"), folder)
+
+
+def prepare_dsb(source: str, folder: str) -> Prepared:
+    """Images linked; each instance label image becomes a foreground mask (label > 0), uint8."""
+    names = image_io.list_images(os.path.join(source, "images"), "tif")
+    images = link_images(os.path.join(source, "images"), names, os.path.join(folder, "images"))
+    masks = fresh_folder(os.path.join(folder, "masks"))
+    for name in image_io.list_images(os.path.join(source, "masks"), "tif"):
+        labels = tifffile.imread(os.path.join(source, "masks", name))
+        write_tiff(os.path.join(masks, name), (labels > 0).astype(np.uint8))
+    return finish("dsb", images, masks, os.path.join(source, "test_files.txt"), folder)
+
+
+def section_names(volume_name: str, count: int) -> list[str]:
+    """``train_z000-199.tif`` -> train_z000.tif ... train_z199.tif (z of the whole stack); other names
+    get their section index: ``vol.tif`` -> vol_z000.tif ..."""
+    stem = image_io.stem(volume_name)
+    match = re.fullmatch(r"(?P<base>.*)_z(?P<start>\d+)-\d+", stem)
+    base, start = (match["base"], int(match["start"])) if match else (stem, 0)
+    return [f"{base}_z{start + z:03d}.tif" for z in range(count)]
+
+
+def membrane(labels_yx: np.ndarray) -> np.ndarray:
+    """The membrane target of one section: pixels of a body next to another id, as uint8 0/1."""
+    from skimage.segmentation import find_boundaries
+    return find_boundaries(labels_yx, mode="inner").astype(np.uint8)
+
+
+def prepare_fib2d(source: str, folder: str) -> Prepared:
+    """Every z section of every volume becomes an image and a membrane mask; the sections of the
+    volumes named in test_files.txt are the test list."""
+    images, masks = fresh_folder(os.path.join(folder, "images")), fresh_folder(os.path.join(folder, "masks"))
+    test_volumes, test_sections = set(read_names(os.path.join(source, "test_files.txt"))), []
+    for volume in image_io.list_images(os.path.join(source, "images"), "tif"):
+        image_zyx = tifffile.imread(os.path.join(source, "images", volume))
+        labels_zyx = tifffile.imread(os.path.join(source, "masks", volume))
+        if image_zyx.ndim != 3 or labels_zyx.shape != image_zyx.shape:
+            raise cliutil.InputError(f"{source}: {volume} is {image_zyx.shape} with labels {labels_zyx.shape}; "
+                                     "expected a ZYX volume and a label volume of the same shape")
+        names = section_names(volume, len(image_zyx))
+        for name, image_yx, labels_yx in zip(names, image_zyx, labels_zyx):
+            write_tiff(os.path.join(images, name), image_yx)
+            write_tiff(os.path.join(masks, name), membrane(labels_yx))
+        if volume in test_volumes:
+            test_sections += names
+    test_list = os.path.join(folder, "test_files.txt")
+    cliutil.atomic_write_text(test_list, "".join(f"{n}\n" for n in test_sections))
+    return finish("fib2d", images, masks, test_list, folder)
+
+
+DATASETS = {  # name: (folder under --data_root, preparation)
+    "nist": ("nist-phase-contrast", prepare_nist),
+    "dsb": ("dsb2018-nuclei-100", prepare_dsb),
+    "fib2d": ("neuroproof-fib-sample", prepare_fib2d),
 }
 
 
+def prepare(name: str, data_root: str, folder: str) -> Prepared:
+    source = os.path.join(data_root, DATASETS[name][0])
+    if not os.path.isdir(source):
+        raise cliutil.InputError(f"{source}: data set '{name}' not found; pass --data_root (the folder holding "
+                                 f"{', '.join(d for d, _ in DATASETS.values())}) or leave '{name}' out of --datasets")
+    return DATASETS[name][1](source, fresh_folder(os.path.join(folder, "inputs")))
+
+
+# ----------------------------------------------------------------------------- the stages
+
 def run(cmd: list[str], log_path: str) -> float:
-    """Run a stage, tee its output to a log, return wall seconds; exit on failure."""
+    """Run a stage, its output to a log, return wall seconds; exit on failure."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -62,130 +189,144 @@ def run(cmd: list[str], log_path: str) -> float:
     return seconds
 
 
-def build(data: str, out: str) -> tuple[str, str]:
-    lmdb_dir = os.path.join(out, "lmdb")
-    run([sys.executable, "build_lmdb.py", "--image_folder", os.path.join(data, "images"),
-         "--mask_folder", os.path.join(data, "masks"), "--output_folder", lmdb_dir,
-         "--dataset_name", "nist", "--image_format", "tif", "--number_classes", "2",
-         "--test_list", os.path.join(data, "test_files.txt"), "--overwrite"],
-        os.path.join(out, "build.log"))
-    return os.path.join(lmdb_dir, "train-nist.lmdb"), os.path.join(lmdb_dir, "test-nist.lmdb")
+def build(data: Prepared, folder: str) -> tuple[str, str]:
+    lmdb_dir = os.path.join(folder, "lmdb")
+    cmd = [sys.executable, "build_lmdb.py", "--image_folder", data.image_folder, "--mask_folder", data.mask_folder,
+           "--output_folder", lmdb_dir, "--dataset_name", data.name, "--number_classes", "2",
+           "--test_list", data.test_list, "--overwrite", "1"]
+    if data.mask_map:
+        cmd += ["--mask_map", data.mask_map]
+    run(cmd, os.path.join(folder, "build.log"))
+    return os.path.join(lmdb_dir, f"train-{data.name}.lmdb"), os.path.join(lmdb_dir, f"test-{data.name}.lmdb")
 
 
-def test_image_folder(data: str, out: str) -> str:
-    """A folder of links to the held-out images, so inference sees only the test split."""
-    folder = os.path.join(out, "test_images")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    with open(os.path.join(data, "test_files.txt")) as fh:
-        names = [line.strip() for line in fh if line.strip()]
-    for name in names:
-        os.symlink(os.path.abspath(os.path.join(data, "images", name)), os.path.join(folder, name))
-    return folder
+def read_rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def overall_row(metrics_csv: str) -> dict[str, str]:
-    with open(metrics_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        if row.get("image") in ("__overall__", "overall", "ALL"):
+    for row in read_rows(metrics_csv):
+        if row.get("image") == "ALL":
             return row
-    raise SystemExit(f"{metrics_csv}: no overall row")
+    raise SystemExit(f"{metrics_csv}: no overall (ALL) row")
 
 
-METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta")
+def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> dict[str, float]:
+    """Train with the defaults (and ``--extra``), score the held-out images plain and with TTA."""
+    out = fresh_folder(os.path.join(args.output_dir, data.name, f"seed{seed}"))
+    model = os.path.join(out, "model")
+    train_s = run([sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                   "--output_dir", model, "--number_classes", "2", "--seed", str(seed),
+                   "--max_minutes", f"{args.max_minutes:g}", *shlex.split(args.extra)], os.path.join(out, "train.log"))
+    steps = int(read_rows(os.path.join(model, "metrics.csv"))[-1]["step"])  # the final test pass
+
+    def infer(folder: str, *extra: str) -> dict[str, str]:
+        run([sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(model, "saved_model"),
+             "--image_folder", data.test_images, "--output_folder", os.path.join(out, folder),
+             "--mask_folder", data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
+        return overall_row(os.path.join(out, folder, "metrics.csv"))
+
+    plain = infer("masks", "--overlay", "1")
+    tta = infer("masks_tta", "--tta", "1") if args.tta else {"iou_1": "nan", "dice_1": "nan"}
+    return {"steps": steps, "train_s": train_s, "iou_fg": float(plain["iou_1"]), "dice_fg": float(plain["dice_1"]),
+            "pixel_accuracy": float(plain["pixel_accuracy"]), "iou_fg_tta": float(tta["iou_1"]),
+            "dice_fg_tta": float(tta["dice_1"])}
 
 
-def run_variant(name: str, seed: int, args, train_db: str, test_db: str, images: str) -> dict[str, float]:
-    model, augment = VARIANTS[name]
-    steps = args.fcdensenet_steps if model.startswith("fcdensenet") else args.steps
-    test_every = min(args.test_every_n_steps, max(1, steps // 3))
-    out = os.path.join(args.output_dir, name, f"seed{seed}")
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    train_cmd = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
-                 "--output_dir", os.path.join(out, "model"), "--model", model, "--number_classes", "2",
-                 "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-                 "--test_every_n_steps", str(test_every), "--max_steps", str(steps),
-                 "--use_augmentation", str(augment), "--early_stopping", "1000", "--seed", str(seed),
-                 "--reader_count", "1", "--lr_schedule", args.lr_schedule, "--loss", args.loss]
-    if args.ema_decay is not None:
-        train_cmd += ["--ema_decay", str(args.ema_decay)]
-    train_s = run(train_cmd, os.path.join(out, "train.log"))
+# ----------------------------------------------------------------------------- report
 
-    def infer(folder: str, *extra: str) -> tuple[float, dict[str, str]]:
-        cmd = [sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(out, "model", "saved_model"),
-               "--image_folder", images, "--output_folder", os.path.join(out, folder), "--image_format", "tif",
-               "--mask_folder", os.path.join(args.data, "masks"), *extra]
-        seconds = run(cmd, os.path.join(out, f"{folder}.log"))
-        return seconds, overall_row(os.path.join(out, folder, "metrics.csv"))
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load}"
 
-    infer_s, row = infer("masks", "--overlay", "1")
-    tta = {"iou_1": "nan", "dice_1": "nan"}
-    if not model.startswith("fcdensenet"):  # FC-DenseNet: exact halo 448 px, 8 x ~5 s per image on a CPU
-        _, tta = infer("masks_tta", "--tta", "1")  # the same model, mean of the 8 flip/rot90 predictions
-    return {"steps": steps, "train_s": train_s, "infer_s": infer_s, "iou_fg": float(row["iou_1"]),
-            "dice_fg": float(row["dice_1"]), "pixel_accuracy": float(row["pixel_accuracy"]),
-            "iou_fg_tta": float(tta["iou_1"]), "dice_fg_tta": float(tta["dice_1"])}
+
+HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
+    f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta"))
+
+
+def format_row(name: str, seed: str, run_: dict[str, float], sd: dict[str, float] | None = None) -> str:
+    """One table row; with ``sd`` every cell reads mean+-sd."""
+    def cell(key: str, width: int, digits: int) -> str:
+        text = f"{run_[key]:.{digits}f}" + (f"+-{sd[key]:.{digits}f}" if sd else "")
+        return f"{text:>{width}}"
+    return f"{name:<8}{seed:>6}{run_['steps']:>7.0f}{cell('train_s', 10, 0)}" + "".join(
+        cell(k, 16, 4) for k in METRICS[1:])
+
+
+def summary(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    keys = ("steps", *METRICS)
+    return ({k: statistics.fmean(r[k] for r in runs) for k in keys},
+            {k: statistics.stdev(r[k] for r in runs) for k in keys})
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """One row per (dataset, seed), then mean and sd rows per data set; written atomically."""
+    with cliutil.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["dataset", "seed", "steps", *METRICS])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
+                   help="data sets to run (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (default: 0 1 2)")
+    p.add_argument("--max_minutes", type=float, default=10.0, help="train_unet.py's time budget per run (default: 10)")
+    p.add_argument("--data_root", default=next((d for d in DATA_ROOTS if os.path.isdir(d)), DATA_ROOTS[0]),
+                   help="folder holding the shared data sets (default: ../shared/data)")
+    p.add_argument("--output_dir", default=DEFAULT_OUTPUT, help=f"prepared inputs, runs, results.csv "
+                   f"(default: {DEFAULT_OUTPUT}; keep it outside the project)")
+    p.add_argument("--tta", type=cliutil.str2bool, default=True, metavar="0/1",
+                   help="also score with inference_unet.py --tta 1 (default: 1)")
+    p.add_argument("--extra", default="", help="further train_unet.py flags, quoted (recipe comparisons; "
+                   "default: none, the benchmark measures the defaults)")
+    return p.parse_args(argv)
+
+
+def run_dataset(name: str, args) -> list[dict]:
+    folder = os.path.join(args.output_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    data = prepare(name, args.data_root, folder)
+    train_db, test_db = build(data, folder)
+    rows, runs = [], []
+    for seed in args.seeds:
+        result = run_seed(data, seed, args, train_db, test_db)
+        runs.append(result)
+        rows.append({"dataset": name, "seed": seed, **result})
+        print(format_row(name, str(seed), result), flush=True)
+    if len(runs) > 1:
+        mean, sd = summary(runs)
+        print(format_row(name, "mean", mean, sd), flush=True)
+        rows += [{"dataset": name, "seed": "mean", **mean}, {"dataset": name, "seed": "sd", **sd}]
+    return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "bench_output", "quality"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=1900, help="UNet step budget (the README table's runs)")
-    parser.add_argument("--fcdensenet_steps", type=int, default=90, help="step budget of fcdensenet56")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--test_every_n_steps", type=int, default=100, help="also the warm-up length (the seed's rule)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="train every variant once per seed; a mean row follows (default: 0 1 2)")
-    parser.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
-    parser.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice", "focal"])
-    parser.add_argument("--ema_decay", type=float, default=None, help="default: train_unet.py's (0.999)")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.data):
-        sys.exit(f"{args.data}: shared data not found; pass --data")
+    args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    train_db, test_db = build(args.data, args.output_dir)
-    images = test_image_folder(args.data, args.output_dir)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
-    print(f"budget: {args.steps} steps (fcdensenet56: {args.fcdensenet_steps}), batch {args.batch_size}, lr {args.learning_rate} ({args.lr_schedule}), "
-          f"loss {args.loss}, ema_decay {'default' if args.ema_decay is None else args.ema_decay}")
-    print(f"{'variant':<14}{'seed':>6}{'steps':>7}{'train s':>9}{'fg IoU':>9}{'fg Dice':>9}{'pix acc':>9}"
-          f"{'IoU tta':>9}{'Dice tta':>9}")
+    print(f"machine at start: {machine()}")
+    print(f"training: defaults, --number_classes 2 --max_minutes {args.max_minutes:g} --seed S"
+          + (f" {args.extra}" if args.extra else ""))
+    print(HEADER, flush=True)
     rows = []
-    for name in args.variants:
-        runs = []
-        for seed in args.seeds:
-            r = run_variant(name, seed, args, train_db, test_db, images)
-            runs.append(r)
-            rows.append({"variant": name, "seed": seed, **r})
-            print(f"{name:<14}{seed:>6}{r['steps']:>7}" + "".join(_cell(k, r[k]) for k in METRICS), flush=True)
-        if len(runs) > 1:
-            means = {k: statistics.fmean(r[k] for r in runs) for k in METRICS}
-            sds = {k: statistics.stdev(r[k] for r in runs) for k in METRICS}
-            print(f"{name:<14}{'mean':>6}{runs[0]['steps']:>7}" + "".join(_cell(k, means[k]) for k in METRICS))
-            print(f"{'':<14}{'sd':>6}{'':>7}" + "".join(_cell(k, sds[k]) for k in METRICS), flush=True)
-    write_csv(os.path.join(args.output_dir, "results.csv"), rows)
+    for name in args.datasets:
+        rows += run_dataset(name, args)
+        write_csv(os.path.join(args.output_dir, "results.csv"), rows)
+    print(f"machine at end: {machine()}")
     print(f"results: {os.path.join(args.output_dir, 'results.csv')}")
     return 0
 
 
-def _cell(key: str, value: float) -> str:
-    return f"{value:>9.0f}" if key == "train_s" else f"{value:>9.4f}"
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    """One row per (variant, seed), written under a temporary name and renamed into place."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["variant", "seed", "steps", *METRICS, "infer_s"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliutil.run_cli(main))
