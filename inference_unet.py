@@ -20,7 +20,7 @@ from segkit.inference.folder import (OVERLAY_MAX_SIDE, Summary, confusion_from_f
 from segkit.inference.predictor import D4, SavedModelPredictor, with_tta
 from segkit.inference.regions import (MAX_BLOCK_BYTES, LazyHWC, Source, open_any, open_lazy, open_source, opened,
                                       working_set_bytes)
-from segkit.inference.settings import (DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TILE_SIZE, OUTPUT_FORMATS,
+from segkit.inference.settings import (BORDERS, DEFAULT_BORDER, DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TILE_SIZE, OUTPUT_FORMATS,
                                        PROBABILITY_DTYPES, OutputPaths, Settings, output_paths, pair_masks,
                                        resolve_halo, resolve_mask_map, resolve_settings, resolve_shard,
                                        resolve_tile_size, shard_names)
@@ -53,6 +53,10 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--halo", default="exact",
                    help="context around each zone: 'exact' = the model's theoretical receptive-field radius (tiled == "
                         "whole-image prediction), 'erf' = the measured effective radius (faster, near-identical), or pixels")
+    p.add_argument("--border", choices=BORDERS, default=DEFAULT_BORDER,
+                   help="beyond the image border: 'zero' = the original's whole-image prediction (reflect-pad to the "
+                        "size factor at the end of each axis, the network's zero padding beyond; tiles add the halo "
+                        "on interior edges only), 'mirror' = mirror-extended context on every side")
     p.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
     p.add_argument("--save_probabilities", type=cliutil.str2bool, nargs="?", const=True, default=False,
                    help="1 = also write per-class probabilities to probabilities/")

@@ -68,10 +68,11 @@ def _near_tie(probs, tie=1e-4):
 # --- tiled == untiled through the CLI ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("border", ["zero", "mirror"])
 @pytest.mark.parametrize("model", ["pointwise", "chain", "unet"])
-def test_cli_tiled_equals_untiled(models, tmp_path, model):
+def test_cli_tiled_equals_untiled(models, tmp_path, model, border):
     names = _write_images(tmp_path / "images")
-    common = ["--save_probabilities", "1"]
+    common = ["--save_probabilities", "1", "--border", border]
     assert _run(models[model], tmp_path / "images", tmp_path / "tiled", "--tile_size", 16, "--batch_size", 3, *common) == 0
     assert _run(models[model], tmp_path / "images", tmp_path / "whole", "--tile_size", 4096, *common) == 0
     for name in names:
@@ -88,29 +89,40 @@ def test_cli_tiled_equals_untiled(models, tmp_path, model):
         assert np.array_equal(tiled[~ties], whole[~ties])
 
 
-def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path):
-    """The CLI's untiled result is the model applied to the mirror-extended, whole-image-normalized image."""
+@pytest.mark.parametrize("border", ["zero", "mirror", None])
+def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path, border):
+    """The CLI's tiled result is the model applied to the whole-image-normalized image: by default
+    (None) the original's np.pad((0, 3), (0, 3)), mode='reflect') to the size factor, the model's zero
+    padding beyond; with --border mirror, the image's mirror extension by the halo."""
     names = _write_images(tmp_path / "images", sizes=[(45, 61)])
-    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--save_probabilities", 1) == 0
+    flags = [] if border is None else ["--border", border]
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--save_probabilities", 1,
+                *flags) == 0
     image = tifffile.imread(tmp_path / "images" / names[0])[..., None]
     mean, std = image_io.image_stats(image)
+    normalized = image_io.normalize(image, mean, std)
     halo = 16  # chain radius 13, rounded up to the size factor 4
     assert chain_radius(CHAIN) == 13
-    padded = image_io.mirror_pad(image_io.normalize(image, mean, std), (halo, halo + 3), (halo, halo + 3))
-    expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
+    if border == "mirror":
+        padded = image_io.mirror_pad(normalized, (halo, halo + 3), (halo, halo + 3))
+        expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
+    else:
+        padded = np.pad(normalized, ((0, 3), (0, 3), (0, 0)), mode="reflect")
+        expected = chain_numpy(CHAIN)(padded[None])[0, :45, :61]
     np.testing.assert_allclose(tifffile.imread(tmp_path / "out" / "probabilities" / names[0]), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("border", ["zero", "mirror"])
 @pytest.mark.parametrize("size", [(9, 13), (100, 37), (64, 64)])
-def test_unet_predict_fn_tiled_equals_untiled(models, size):
+def test_unet_predict_fn_tiled_equals_untiled(models, size, border):
     """Many tile sizes and halos >= the radius, the SavedModel's forward pass called directly."""
     predict = inf.SavedModelPredictor(models["unet"])
     image = np.random.default_rng(3).normal(size=size + (1,)).astype(np.float32)
     halo = -(-tiny_unet_radius() // 4) * 4
-    untiled = tiling.predict_tiled(image, predict, 256, halo, 4)
+    untiled = tiling.predict_tiled(image, predict, 256, halo, 4, border=border)
     ties = _near_tie(untiled)
     for tile, extra in [(4, 0), (8, 4), (16, 0), (32, 8)]:
-        tiled = tiling.predict_tiled(image, predict, tile, halo + extra, 4, batch_size=4)
+        tiled = tiling.predict_tiled(image, predict, tile, halo + extra, 4, batch_size=4, border=border)
         np.testing.assert_allclose(tiled, untiled, atol=2e-5)
         assert np.array_equal(tiled.argmax(-1)[~ties], untiled.argmax(-1)[~ties])
 
