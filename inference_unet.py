@@ -27,7 +27,7 @@ from segkit.inference.settings import (BORDERS, DEFAULT_BORDER, DEFAULT_MEMORY_L
 from segkit.inference.writers import atomic_dir
 
 __all__ = [
-    "D4", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
+    "BORDERS", "D4", "DEFAULT_BORDER", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
     "MAX_BLOCK_BYTES", "OUTPUT_FORMATS", "OVERLAY_MAX_SIDE", "OutputPaths", "PROBABILITY_DTYPES",
     "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "confusion_from_files",
     "main", "open_any", "open_lazy", "open_source", "opened", "output_paths", "pair_masks", "predict_image",

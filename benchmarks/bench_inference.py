@@ -231,8 +231,18 @@ def part_b(args: argparse.Namespace) -> dict:
 
 # --- side by side with the original (../shared/anchors/nist-anchor infer) ---------------------------
 
-ANCHOR = os.path.join(os.path.dirname(ROOT), "shared", "anchors", "nist-anchor")
-NIST = os.path.join(os.path.dirname(ROOT), "shared", "data", "nist-phase-contrast")
+def _shared(*parts: str) -> str:
+    """``shared/...`` beside the project, or beside a folder above it (git worktrees live deeper)."""
+    folder = os.path.dirname(ROOT)
+    while True:
+        path = os.path.join(folder, "shared", *parts)
+        if os.path.exists(path) or os.path.dirname(folder) == folder:
+            return path
+        folder = os.path.dirname(folder)
+
+
+ANCHOR = _shared("anchors", "nist-anchor")
+NIST = _shared("data", "nist-phase-contrast")
 
 
 def nist_test_folder(work_dir: str) -> str:
@@ -276,10 +286,13 @@ def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, st
         return wall, usage.ru_maxrss / 1024, out.read()
 
 
-def run_ours(model: str, folder: str, out: str, extra: list[str]) -> tuple[float, float]:
+def run_ours(model: str, folder: str, out: str, extra: list[str], onednn: str | None) -> tuple[float, float]:
     cmd = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", model, "--image_folder",
            folder, "--output_folder", out, "--overwrite", "1", *extra]
-    wall, peak, _ = timed_process(cmd, dict(os.environ))
+    env = dict(os.environ)
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    wall, peak, _ = timed_process(cmd, env)
     return wall, peak
 
 
@@ -299,10 +312,13 @@ def side_by_side(args: argparse.Namespace) -> None:
     if args.side_size:
         cases.append((f"{args.side_size}x{args.side_size}", big_image_folder(args.work_dir, args.side_size),
                       args.side_size**2))
-    exported = {name: export_random_model(os.path.join(args.work_dir, f"{name}_savedmodel"), name)
-                for name in args.side_models}
+    models = {name: export_random_model(os.path.join(args.work_dir, f"{name}_savedmodel"), name)
+              for name in args.side_models}
+    settings = [None] if args.side_onednn == "default" else ["0", "1"]
+    exported = {f"{name} oneDNN {'default' if o is None else ('off', 'on')[int(o)]}": (path, o)
+                for name, path in models.items() for o in settings}
     print("the original runs with TF_ENABLE_ONEDNN_OPTS=1 (its NCHW convolutions fail without oneDNN on the CPU); "
-          f"ours with TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: our default)')}")
+          "ours with the TF_ENABLE_ONEDNN_OPTS named (default: inference's own choice unless set in this shell)")
     for label, folder, pixels in cases:
         runs: dict[str, list[tuple[float, float]]] = {"original FC-DenseNet56": []}
         for repeat in range(args.repeats):
@@ -313,16 +329,17 @@ def side_by_side(args: argparse.Namespace) -> None:
                     result = run_anchor(folder, os.path.join(args.work_dir, "side_out_original"))
                     runs["original FC-DenseNet56"].append(result)
                 else:
-                    result = run_ours(exported[who], folder, os.path.join(args.work_dir, f"side_out_{who}"),
-                                      args.side_flags)
+                    path, onednn = exported[who]
+                    result = run_ours(path, folder, os.path.join(args.work_dir, "side_out_ours"), args.side_flags,
+                                      onednn)
                     runs.setdefault(f"ours {who}", []).append(result)
-                print(f"  {label}: {who:>14} {result[0]:7.2f} s  peak RSS {result[1]:6.0f} MB  (load {load:.1f})",
+                print(f"  {label}: {who:>30} {result[0]:7.2f} s  peak RSS {result[1]:6.0f} MB  (load {load:.1f})",
                       flush=True)
         base = min(w for w, _ in runs["original FC-DenseNet56"])
         print(f"\n{label}: best of {args.repeats} (wall incl. process start-up; peak RSS of the process tree)")
         for who, results in runs.items():
             wall, peak = min(w for w, _ in results), max(p for _, p in results)
-            print(f"  {who:<24} {wall:8.2f} s  x{wall / base:5.2f} of the original  {pixels / 1e6 / wall:6.2f} MP/s  "
+            print(f"  {who:<34} {wall:8.2f} s  x{wall / base:5.2f} of the original  {pixels / 1e6 / wall:6.2f} MP/s  "
                   f"peak RSS {peak:6.0f} MB")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
@@ -352,6 +369,8 @@ def main() -> None:
     p.add_argument("--side_size", type=int, default=0, help="also one synthetic image of this edge (0: none)")
     p.add_argument("--side_flags", nargs=argparse.REMAINDER, default=[], help="extra flags for inference_unet.py")
     p.add_argument("--repeats", type=int, default=2, help="side by side: alternated repeats")
+    p.add_argument("--side_onednn", choices=["default", "both"], default="default",
+                   help="both: run ours with TF_ENABLE_ONEDNN_OPTS=0 and =1 (alternating with the rest)")
     p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)

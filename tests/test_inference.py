@@ -541,3 +541,57 @@ def test_registry_unet_trained_a_few_steps_same_masks_tiled_and_untiled(tmp_path
     ties = _near_tie(p_whole)
     assert np.array_equal(tifffile.imread(tmp_path / "tiled" / "img0.tif")[~ties],
                           tifffile.imread(tmp_path / "whole" / "img0.tif")[~ties])
+
+
+# --- registry models: tiled == the original's whole-image prediction ----------------------------
+
+REGISTRY_CASES = [  # name, config (FC-DenseNet56 slimmed: same layers and radius, fewer filters), image, tile
+    ("unet", {}, (100, 75), 1024),            # smaller than a tile: one tile at its own padded size
+    ("unet", {}, (256, 256), 256),            # exactly one tile
+    ("unet", {}, (512, 470), 64),             # several tiles each way; edges on the border in y, off in x
+    ("unet", {}, (500, 512), 32),             # off in y, on in x
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (90, 130), 1024),
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (256, 256), 256),
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (1024, 970), 32),  # 4 x 3 distinct tiles of 928
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,config,size,tile", REGISTRY_CASES)
+def test_registry_model_tiled_equals_the_originals_whole_image(name, config, size, tile):
+    """The registry's UNet and FC-DenseNet56 (random weights), exact halo: tiled == the image reflect-padded
+    at the end of each axis to the size factor and predicted whole (the original's _inference)."""
+    import tensorflow as tf
+    import models
+
+    model = models.build_model(name, 1, 2, **config)
+    factor, radius = models.size_factor(name, **config), models.receptive_field_radius(name, **config)
+    halo = -(-radius // factor) * factor
+    forward = tf.function(lambda x: tf.nn.softmax(model(x, training=False), axis=-1), reduce_retracing=True)
+    predict = lambda batch: forward(tf.constant(batch)).numpy()  # noqa: E731
+    image = np.random.default_rng(5).normal(size=size + (1,)).astype(np.float32)
+    pads = [(0, -n % factor) for n in size] + [(0, 0)]
+    whole = predict(np.pad(image, pads, mode="reflect")[None])[0, : size[0], : size[1]]
+    plan = tiling.plan_tiles(size, tile, halo, factor)
+    tiled = tiling.predict_tiled(image, predict, tile, halo, factor, batch_size=2)
+    np.testing.assert_allclose(tiled, whole, atol=2e-5)
+    ties = _near_tie(whole)
+    assert np.array_equal(tiled.argmax(-1)[~ties], whole.argmax(-1)[~ties])
+    padded = tuple(-(-n // factor) * factor for n in size)
+    if tile >= max(padded):
+        assert plan.tile_shape == padded and len(tiling.tile_groups(plan)) == 1  # runs at its own size
+    else:
+        assert len(tiling.tile_groups(plan)) > 2 and all(t < p for t, p in zip(plan.tile_shape, padded))
+
+
+def test_onednn_default_respects_the_users_setting(monkeypatch):
+    from segkit.inference import predictor
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    user = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert not predictor.default_onednn(user) and user == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    unset: dict = {}
+    assert predictor.default_onednn(unset) == (predictor.ONEDNN_DEFAULT is not None)
+    monkeypatch.setitem(sys.modules, "tensorflow", object())  # already imported: too late, leave it
+    late: dict = {}
+    assert not predictor.default_onednn(late) and late == {}
