@@ -165,7 +165,8 @@ def part_a(args: argparse.Namespace) -> dict:
     # The same tiles, batches and shapes as inference uses, prepared beforehand.
     mean, std = image_io.image_stats(image[..., None])
     plan = tiling.plan_tiles((args.size, args.size), settings.tile_size, settings.halo, settings.size_factor)
-    tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, z), mean, std) for z in plan.zones]
+    tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, zones[0]), mean, std)
+             for _, zones in tiling.tile_groups(plan)]
     batches = [np.stack(tiles[i : i + args.batch_size]) for i in range(0, len(tiles), args.batch_size)]
     predictor(batches[0])  # warm-up: first call of this shape builds the kernels (both runs below get it warm)
 
@@ -185,7 +186,7 @@ def part_a(args: argparse.Namespace) -> dict:
         forward.append(time.perf_counter() - start)
     megapixels = args.size * args.size / 1e6
     return {
-        "image": f"{args.size}x{args.size} uint16", "tiles": len(plan.zones),
+        "image": f"{args.size}x{args.size} uint16", "tiles": len(tiles),
         "tile_shape": list(plan.tile_shape), "halo": settings.halo, "batch_size": args.batch_size,
         "end_to_end_s": end_to_end, "forward_only_s": forward, "in_model_s": in_model,
         "ratio": min(end_to_end) / min(forward), "megapixels_per_s": megapixels / min(end_to_end),
@@ -269,8 +270,10 @@ def big_image_folder(work_dir: str, size: int) -> str:
     return folder
 
 
-def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB of the process and the children it waited for, stdout)."""
+def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds, peak RSS MB: of the process and the children it waited for; stdout).
+
+    CPU seconds (user + system) depend less on other users' load than wall time does."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -283,25 +286,26 @@ def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, st
         err.seek(0)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
-        return wall, usage.ru_maxrss / 1024, out.read()
+        return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read()
 
 
-def run_ours(model: str, folder: str, out: str, extra: list[str], onednn: str | None) -> tuple[float, float]:
+def run_ours(model: str, folder: str, out: str, extra: list[str], onednn: str | None) -> tuple[float, float, float]:
     cmd = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", model, "--image_folder",
            folder, "--output_folder", out, "--overwrite", "1", *extra]
     env = dict(os.environ)
     if onednn is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn
-    wall, peak, _ = timed_process(cmd, env)
-    return wall, peak
+    wall, cpu, peak, _ = timed_process(cmd, env)
+    return wall, cpu, peak
 
 
-def run_anchor(folder: str, out: str) -> tuple[float, float]:
-    """The original's inference.py: its own wall time (process start-up included), peak RSS of its tree."""
+def run_anchor(folder: str, out: str) -> tuple[float, float, float]:
+    """The original's inference.py: its own wall time (process start-up included); CPU seconds and peak RSS
+    of the anchor's process tree (which also builds and saves the random checkpoint first)."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # the original's NCHW convolutions need oneDNN on the CPU
-    _, peak, text = timed_process([sys.executable, ANCHOR, "infer", folder, out], env)
+    _, cpu, peak, text = timed_process([sys.executable, ANCHOR, "infer", folder, out], env)
     line = next(line for line in text.splitlines() if line.startswith("nist-anchor infer:"))
-    return float(line.split(":")[1].split()[0]), peak
+    return float(line.split(":")[1].split()[0]), cpu, peak
 
 
 def side_by_side(args: argparse.Namespace) -> None:
@@ -320,7 +324,7 @@ def side_by_side(args: argparse.Namespace) -> None:
     print("the original runs with TF_ENABLE_ONEDNN_OPTS=1 (its NCHW convolutions fail without oneDNN on the CPU); "
           "ours with the TF_ENABLE_ONEDNN_OPTS named (default: inference's own choice unless set in this shell)")
     for label, folder, pixels in cases:
-        runs: dict[str, list[tuple[float, float]]] = {"original FC-DenseNet56": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {"original FC-DenseNet56": []}
         for repeat in range(args.repeats):
             order = ["original"] + list(exported) if repeat % 2 == 0 else list(exported) + ["original"]
             for who in order:
@@ -333,12 +337,12 @@ def side_by_side(args: argparse.Namespace) -> None:
                     result = run_ours(path, folder, os.path.join(args.work_dir, "side_out_ours"), args.side_flags,
                                       onednn)
                     runs.setdefault(f"ours {who}", []).append(result)
-                print(f"  {label}: {who:>30} {result[0]:7.2f} s  peak RSS {result[1]:6.0f} MB  (load {load:.1f})",
-                      flush=True)
-        base = min(w for w, _ in runs["original FC-DenseNet56"])
+                print(f"  {label}: {who:>30} {result[0]:7.2f} s  cpu {result[1]:7.1f} s  peak RSS {result[2]:6.0f} MB  "
+                      f"(load {load:.1f})", flush=True)
+        base = min(w for w, _, _ in runs["original FC-DenseNet56"])
         print(f"\n{label}: best of {args.repeats} (wall incl. process start-up; peak RSS of the process tree)")
         for who, results in runs.items():
-            wall, peak = min(w for w, _ in results), max(p for _, p in results)
+            wall, peak = min(w for w, _, _ in results), max(p for _, _, p in results)
             print(f"  {who:<34} {wall:8.2f} s  x{wall / base:5.2f} of the original  {pixels / 1e6 / wall:6.2f} MP/s  "
                   f"peak RSS {peak:6.0f} MB")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
