@@ -23,14 +23,14 @@ from segkit.inference.folder import (OVERLAY_MAX_SIDE, Summary, confusion_from_f
 from segkit.inference.predictor import D4, SavedModelPredictor, with_tta
 from segkit.inference.regions import (MAX_BLOCK_BYTES, LazyHWC, Source, open_any, open_lazy, open_source, opened,
                                       working_set_bytes)
-from segkit.inference.settings import (DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TILE_SIZE, OUTPUT_FORMATS,
+from segkit.inference.settings import (BORDERS, DEFAULT_BORDER, DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TILE_SIZE, OUTPUT_FORMATS,
                                        PROBABILITY_DTYPES, OutputPaths, Settings, output_paths, pair_masks,
                                        resolve_halo, resolve_mask_map, resolve_settings, resolve_shard,
                                        resolve_tile_size, shard_names)
 from segkit.inference.writers import atomic_dir
 
 __all__ = [
-    "D4", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
+    "BORDERS", "D4", "DEFAULT_BORDER", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
     "MAX_BLOCK_BYTES", "OUTPUT_FORMATS", "OVERLAY_MAX_SIDE", "OutputPaths", "PROBABILITY_DTYPES",
     "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "check_original_flags", "confusion_from_files",
     "main", "open_any", "open_lazy", "open_source", "opened", "output_paths", "pair_masks", "predict_image",
@@ -57,6 +57,10 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--halo", default="exact",
                    help="context around each zone: 'exact' = the model's theoretical receptive-field radius (tiled == "
                         "whole-image prediction), 'erf' = the measured effective radius (faster, near-identical), or pixels")
+    p.add_argument("--border", choices=BORDERS, default=DEFAULT_BORDER,
+                   help="beyond the image border: 'zero' = the original's whole-image prediction (reflect-pad to the "
+                        "size factor at the end of each axis, the network's zero padding beyond; tiles add the halo "
+                        "on interior edges only), 'mirror' = mirror-extended context on every side")
     p.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
     p.add_argument("--save_probabilities", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = also write per-class probabilities to probabilities/")

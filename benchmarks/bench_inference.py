@@ -2,6 +2,15 @@
 
     python benchmarks/bench_inference.py [--size 4096] [--big_size 20000] [--tile_size 1024]
                                          [--batch_size 1] [--skip_big] [--work_dir bench_output/inference]
+    python benchmarks/bench_inference.py --side_by_side [--side_models fcdensenet56 unet] [--side_size 4096]
+                                         [--repeats 2] [--side_flags --halo exact ...]
+
+Side by side: the original toolkit's inference (``../shared/anchors/nist-anchor infer``, FC-DenseNet56
+with random weights, run with TF_ENABLE_ONEDNN_OPTS=1 because its NCHW convolutions need oneDNN on
+the CPU) and ours (``inference_unet.py``, each ``--side_models`` model with random weights), whole
+processes alternately on the same folder: the 20 NIST test images, and with ``--side_size`` one
+synthetic image of that edge. Prints each run's wall time, peak RSS (the process and its children)
+and load, then the best of each and its ratio to the original.
 
 Model: the default UNet (``models.build_model("unet", 1, 2)``, random weights) + softmax, exported
 as a SavedModel per the contract in ``model_metadata`` (halo = its theoretical receptive-field
@@ -71,12 +80,18 @@ class TimedPredictor:
 
 def export_default_unet(path: str) -> str:
     """The registry's default UNet with random weights, softmax on top, exported per the contract."""
+    return export_random_model(path, "unet")
+
+
+def export_random_model(path: str, name: str) -> str:
+    """Registry model ``name`` (default configuration, random weights) + softmax, exported per the contract."""
     from segkit import model_metadata
     import models
 
-    name, config = "unet", models.model_config("unet")
+    config = models.model_config(name)
     try:
-        if dict(model_metadata.load(path).model_config) == config:
+        meta = model_metadata.load(path)
+        if meta.model == name and dict(meta.model_config) == config:
             return path  # exported by an earlier run, same default configuration
     except ValueError:
         pass
@@ -150,7 +165,8 @@ def part_a(args: argparse.Namespace) -> dict:
     # The same tiles, batches and shapes as inference uses, prepared beforehand.
     mean, std = image_io.image_stats(image[..., None])
     plan = tiling.plan_tiles((args.size, args.size), settings.tile_size, settings.halo, settings.size_factor)
-    tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, z), mean, std) for z in plan.zones]
+    tiles = [image_io.normalize(tiling.read_tile(image[..., None], plan, zones[0]), mean, std)
+             for _, zones in tiling.tile_groups(plan)]
     batches = [np.stack(tiles[i : i + args.batch_size]) for i in range(0, len(tiles), args.batch_size)]
     predictor(batches[0])  # warm-up: first call of this shape builds the kernels (both runs below get it warm)
 
@@ -170,7 +186,7 @@ def part_a(args: argparse.Namespace) -> dict:
         forward.append(time.perf_counter() - start)
     megapixels = args.size * args.size / 1e6
     return {
-        "image": f"{args.size}x{args.size} uint16", "tiles": len(plan.zones),
+        "image": f"{args.size}x{args.size} uint16", "tiles": len(tiles),
         "tile_shape": list(plan.tile_shape), "halo": settings.halo, "batch_size": args.batch_size,
         "end_to_end_s": end_to_end, "forward_only_s": forward, "in_model_s": in_model,
         "ratio": min(end_to_end) / min(forward), "megapixels_per_s": megapixels / min(end_to_end),
@@ -214,6 +230,124 @@ def part_b(args: argparse.Namespace) -> dict:
     }
 
 
+# --- side by side with the original (../shared/anchors/nist-anchor infer) ---------------------------
+
+def _shared(*parts: str) -> str:
+    """``shared/...`` beside the project, or beside a folder above it (git worktrees live deeper)."""
+    folder = os.path.dirname(ROOT)
+    while True:
+        path = os.path.join(folder, "shared", *parts)
+        if os.path.exists(path) or os.path.dirname(folder) == folder:
+            return path
+        folder = os.path.dirname(folder)
+
+
+ANCHOR = _shared("anchors", "nist-anchor")
+NIST = _shared("data", "nist-phase-contrast")
+
+
+def nist_test_folder(work_dir: str) -> str:
+    """The 20 NIST test images (test_files.txt), symlinked into a scratch folder (never copied)."""
+    folder = os.path.join(work_dir, "nist_test_images")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(NIST, "test_files.txt")) as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    for name in names:
+        link = os.path.join(folder, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(NIST, "images", name), link)
+    return folder
+
+
+def big_image_folder(work_dir: str, size: int) -> str:
+    import tifffile
+
+    folder = os.path.join(work_dir, f"side_{size}")
+    path = os.path.join(folder, "big.tif")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        tifffile.imwrite(path, synthetic_tile(0, 0, size, size), compression="zlib")
+    return folder
+
+
+def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds, peak RSS MB: of the process and the children it waited for; stdout).
+
+    CPU seconds (user + system) depend less on other users' load than wall time does."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this process tree alone
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
+        return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read()
+
+
+def run_ours(model: str, folder: str, out: str, extra: list[str], onednn: str | None) -> tuple[float, float, float]:
+    cmd = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", model, "--image_folder",
+           folder, "--output_folder", out, "--overwrite", "1", *extra]
+    env = dict(os.environ)
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    wall, cpu, peak, _ = timed_process(cmd, env)
+    return wall, cpu, peak
+
+
+def run_anchor(folder: str, out: str) -> tuple[float, float, float]:
+    """The original's inference.py: its own wall time (process start-up included); CPU seconds and peak RSS
+    of the anchor's process tree (which also builds and saves the random checkpoint first)."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # the original's NCHW convolutions need oneDNN on the CPU
+    _, cpu, peak, text = timed_process([sys.executable, ANCHOR, "infer", folder, out], env)
+    line = next(line for line in text.splitlines() if line.startswith("nist-anchor infer:"))
+    return float(line.split(":")[1].split()[0]), cpu, peak
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """Ours and the original alternately on the same folder, ``--repeats`` times; prints each run and the ratios."""
+    if not (os.path.exists(ANCHOR) and os.path.isdir(NIST)):
+        sys.exit(f"side by side needs {ANCHOR} and {NIST}")
+    cases = [("NIST test, 20 x 256x256", nist_test_folder(args.work_dir), 20 * 256 * 256)]
+    if args.side_size:
+        cases.append((f"{args.side_size}x{args.side_size}", big_image_folder(args.work_dir, args.side_size),
+                      args.side_size**2))
+    models = {name: export_random_model(os.path.join(args.work_dir, f"{name}_savedmodel"), name)
+              for name in args.side_models}
+    settings = [None] if args.side_onednn == "default" else ["0", "1"]
+    exported = {f"{name} oneDNN {'default' if o is None else ('off', 'on')[int(o)]}": (path, o)
+                for name, path in models.items() for o in settings}
+    print("the original runs with TF_ENABLE_ONEDNN_OPTS=1 (its NCHW convolutions fail without oneDNN on the CPU); "
+          "ours with the TF_ENABLE_ONEDNN_OPTS named (default: inference's own choice unless set in this shell)")
+    for label, folder, pixels in cases:
+        runs: dict[str, list[tuple[float, float, float]]] = {"original FC-DenseNet56": []}
+        for repeat in range(args.repeats):
+            order = ["original"] + list(exported) if repeat % 2 == 0 else list(exported) + ["original"]
+            for who in order:
+                load = os.getloadavg()[0]
+                if who == "original":
+                    result = run_anchor(folder, os.path.join(args.work_dir, "side_out_original"))
+                    runs["original FC-DenseNet56"].append(result)
+                else:
+                    path, onednn = exported[who]
+                    result = run_ours(path, folder, os.path.join(args.work_dir, "side_out_ours"), args.side_flags,
+                                      onednn)
+                    runs.setdefault(f"ours {who}", []).append(result)
+                print(f"  {label}: {who:>30} {result[0]:7.2f} s  cpu {result[1]:7.1f} s  peak RSS {result[2]:6.0f} MB  "
+                      f"(load {load:.1f})", flush=True)
+        base = min(w for w, _, _ in runs["original FC-DenseNet56"])
+        print(f"\n{label}: best of {args.repeats} (wall incl. process start-up; peak RSS of the process tree)")
+        for who, results in runs.items():
+            wall, peak = min(w for w, _, _ in results), max(p for _, _, p in results)
+            print(f"  {who:<34} {wall:8.2f} s  x{wall / base:5.2f} of the original  {pixels / 1e6 / wall:6.2f} MP/s  "
+                  f"peak RSS {peak:6.0f} MB")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
 def run_part(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--size", str(args.size), "--big_size",
            str(args.big_size), "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size),
@@ -232,9 +366,22 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=1, help="tiles per forward pass")
     p.add_argument("--skip_big", action="store_true", help="run part A only")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "bench_output", "inference"))
+    p.add_argument("--side_by_side", action="store_true",
+                   help="instead of parts A/B: ours and the original (../shared/anchors/nist-anchor infer) alternately "
+                        "on the 20 NIST test images (and a --side_size image), whole processes")
+    p.add_argument("--side_models", nargs="+", default=["fcdensenet56", "unet"], help="our models, random weights")
+    p.add_argument("--side_size", type=int, default=0, help="also one synthetic image of this edge (0: none)")
+    p.add_argument("--side_flags", nargs=argparse.REMAINDER, default=[], help="extra flags for inference_unet.py")
+    p.add_argument("--repeats", type=int, default=2, help="side by side: alternated repeats")
+    p.add_argument("--side_onednn", choices=["default", "both"], default="default",
+                   help="both: run ours with TF_ENABLE_ONEDNN_OPTS=0 and =1 (alternating with the rest)")
     p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.side_by_side:
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
+        side_by_side(args)
+        return
     if args.part:
         print(json.dumps(part_a(args) if args.part == "a" else part_b(args)))
         return

@@ -63,23 +63,38 @@ def tile_grid(height: int, width: int, tile: int, stride: int | None = None) -> 
 
 # --- Inference: zone-of-responsibility tiling --------------------------------
 #
-# The array is seen as its infinite mirror extension (image_io.mirror_pad's
-# rule). Output pixels are split into zones on a regular grid of step ``tile``;
-# each zone is predicted from a tile = window + ``halo`` on every side, where
-# the window is the zone slid inward to fit the array rounded up to the size
-# factor, so every tile of an array has one shape. Window origins are
-# multiples of the size factor and the halo is too, so every tile's pooling
-# grid agrees with the whole array's. "Untiled" is the same function with one
-# tile covering the whole array: with halo >= the model's receptive-field
-# radius, both give the same result (exactly for pointwise models, within
-# float tolerance for convolutional ones). Every axis is handled alike.
+# Output pixels are split into zones on a regular grid of step ``tile`` (so
+# zones are the tiles of a tiled TIFF); each zone is predicted from one tile:
+# the zone's window (the zone slid inward to fit the array rounded up to the
+# size factor, P) plus ``halo`` of context. What lies beyond the array's border
+# is the ``border`` rule:
+#
+# * "zero" (the original toolkit's whole-image prediction): the array is
+#   reflect-padded only at the end of each axis, up to P, and the network's own
+#   zero padding acts at the border. A tile never crosses the border: it is
+#   window + 2 * halo long, clipped to P and shifted inward to fit, so context is
+#   added only on interior edges (a tile edge on the border stops there, as the
+#   whole array does), every tile of an array has one shape, and an array that
+#   fits one tile is predicted at its own (padded) size.
+# * "mirror": the array is seen as its infinite mirror extension
+#   (image_io.mirror_pad's rule) and every tile is window + 2 * halo.
+#
+# Tile origins are multiples of the size factor (halo and P are too), so every
+# tile's pooling grid agrees with the whole array's. "Untiled" is the same
+# function with one tile covering the whole array: with halo >= the model's
+# receptive-field radius both give the same result, for either border rule
+# (exactly for pointwise models, within float tolerance for convolutional
+# ones). Every axis is handled alike.
+
+BORDERS = ("zero", "mirror")
+
 
 def reflect_index(positions: np.ndarray | Sequence[int], length: int) -> np.ndarray:
     """Indices into [0, length) of positions on the array's infinite mirror extension.
 
-    Same rule as ``image_io.mirror_pad`` (reflect without repeating the edge,
-    repeatedly for positions far outside): for length 4, positions -2..5 map to
-    2 1 0 1 2 3 2 1.
+    Same rule as ``image_io.mirror_pad`` and ``np.pad(mode='reflect')`` (reflect without
+    repeating the edge, repeatedly for positions far outside): for length 4, positions
+    -2..5 map to 2 1 0 1 2 3 2 1.
     """
     positions = np.asarray(positions, np.int64)
     if length < 1:
@@ -97,7 +112,7 @@ class Zone:
 
     The zone's output pixels are ``start[i]:stop[i]`` on each axis; they are predicted
     from the tile whose first pixel is ``tile_start`` (negative or past the border where
-    the tile reaches into the mirror padding). ``index`` is the zone's place on the grid.
+    the tile reaches into mirror padding). ``index`` is the zone's place on the grid.
     """
 
     index: tuple[int, ...]
@@ -129,21 +144,29 @@ class TilePlan:
     size_factor: tuple[int, ...]
     grid_shape: tuple[int, ...]
     zones: tuple[Zone, ...]
+    border: str = "zero"
 
 
-def _axis_zones(length: int, tile: int, halo: int, size_factor: int) -> tuple[int, list[tuple[int, int, int]]]:
+def _axis_zones(length: int, tile: int, halo: int, size_factor: int,
+                border: str) -> tuple[int, list[tuple[int, int, int]]]:
     """Tile length and (start, stop, tile_start) of each zone along one axis."""
     padded = -(-length // size_factor) * size_factor
     window = min(tile, padded)
+    tile_length = window + 2 * halo if border == "mirror" else min(window + 2 * halo, padded)
     zones = []
     for start in range(0, length, tile):
         window_start = min(start, padded - window)  # slide the last window inward
-        zones.append((start, min(start + tile, length), window_start - halo))
-    return window + 2 * halo, zones
+        tile_start = window_start - halo
+        if border == "zero":  # never cross the border: clip to [0, padded), shifted inward
+            tile_start = min(max(tile_start, 0), padded - tile_length)
+        zones.append((start, min(start + tile, length), tile_start))
+    return tile_length, zones
 
 
 def _check_geometry(shape: tuple[int, ...], tiles: tuple[int, ...], halos: tuple[int, ...],
-                    factors: tuple[int, ...]) -> None:
+                    factors: tuple[int, ...], border: str) -> None:
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     if any(f < 1 for f in factors):
         raise ValueError(f"size_factor must be >= 1, got {factors}")
     for t, f in zip(tiles, factors):
@@ -156,21 +179,22 @@ def _check_geometry(shape: tuple[int, ...], tiles: tuple[int, ...], halos: tuple
         raise ValueError(f"array must have at least one pixel, got shape {'x'.join(map(str, shape))}")
 
 
-def plan_tiles(shape: Sequence[int], tile: PerAxis, halo: PerAxis, size_factor: PerAxis) -> TilePlan:
+def plan_tiles(shape: Sequence[int], tile: PerAxis, halo: PerAxis, size_factor: PerAxis,
+               border: str = "zero") -> TilePlan:
     """Zone-of-responsibility tiling of an array of spatial ``shape``; see :func:`predict_tiled`."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     tiles, halos = per_axis(tile, ndim, "tile"), per_axis(halo, ndim, "halo")
     factors = per_axis(size_factor, ndim, "size_factor")
-    _check_geometry(shape, tiles, halos, factors)
-    axes = [_axis_zones(*args) for args in zip(shape, tiles, halos, factors)]
+    _check_geometry(shape, tiles, halos, factors, border)
+    axes = [_axis_zones(*args, border) for args in zip(shape, tiles, halos, factors)]
     zones = tuple(
         Zone(index=tuple(i for i, _ in picked), start=tuple(z[0] for _, z in picked),
              stop=tuple(z[1] for _, z in picked), tile_start=tuple(z[2] for _, z in picked))
         for picked in itertools.product(*(list(enumerate(axis_zones)) for _, axis_zones in axes))
     )
     return TilePlan(shape, tiles, tuple(t for t, _ in axes), halos, factors,
-                    tuple(len(z) for _, z in axes), zones)
+                    tuple(len(z) for _, z in axes), zones, border)
 
 
 def read_tile(array: Any, plan: TilePlan, zone: Zone) -> np.ndarray:
@@ -188,12 +212,25 @@ def read_tile(array: Any, plan: TilePlan, zone: Zone) -> np.ndarray:
     return region[np.ix_(*(i - lo for i, lo in zip(indices, lows)))]
 
 
+def tile_groups(plan: TilePlan) -> list[tuple[tuple[int, ...], list[Zone]]]:
+    """(tile_start, zones predicted from that tile), tiles in raster order.
+
+    With ``border="zero"``, tiles shifted inward at the border can serve several zones:
+    each distinct tile is predicted once.
+    """
+    groups: dict[tuple[int, ...], list[Zone]] = {}
+    for zone in plan.zones:
+        groups.setdefault(zone.tile_start, []).append(zone)
+    return sorted(groups.items())
+
+
 def _batches(array: Any, plan: TilePlan, preprocess: Callable[[np.ndarray], np.ndarray],
-             batch_size: int) -> Iterator[tuple[list[Zone], np.ndarray]]:
-    """(zones, batch float32: N, spatial..., C) in raster order; the last batch may be shorter."""
-    for first in range(0, len(plan.zones), batch_size):
-        zones = list(plan.zones[first : first + batch_size])
-        yield zones, np.stack([np.asarray(preprocess(read_tile(array, plan, z)), np.float32) for z in zones])
+             batch_size: int) -> Iterator[tuple[list[list[Zone]], np.ndarray]]:
+    """(zones of each tile, batch float32: N, spatial..., C), tiles in raster order; the last batch may be shorter."""
+    groups = [zones for _, zones in tile_groups(plan)]
+    for first in range(0, len(groups), batch_size):
+        chunk = groups[first : first + batch_size]
+        yield chunk, np.stack([np.asarray(preprocess(read_tile(array, plan, zones[0])), np.float32) for zones in chunk])
 
 
 class _Failure:
@@ -260,6 +297,7 @@ def predict_tiled(
     sink: Callable[[Zone, np.ndarray], None] | None = None,
     prefetch: int = 2,
     progress: Callable[[int], Any] | None = None,
+    border: str = "zero",
 ) -> np.ndarray | None:
     """Predict an array of any size tile by tile; the result does not depend on the tiling.
 
@@ -272,8 +310,9 @@ def predict_tiled(
         tile: zone of responsibility (one int, or one per spatial axis), a multiple of
             ``size_factor``. Axes (rounded up to the size factor) shorter than a tile get
             one shorter tile.
-        halo: context added on both sides of a zone (int or per axis), a multiple of
-            ``size_factor``. The result equals whole-array prediction when ``halo`` is
+        halo: context added on the interior sides of a zone (int or per axis; with
+            ``border="mirror"`` on every side), a multiple of ``size_factor``. The result
+            equals whole-array prediction (same ``border``) when ``halo`` is
             at least the model's receptive-field radius (the farthest input pixel that
             can change an output pixel); with less, pixels near zone borders can differ.
         size_factor: model inputs must have spatial sizes multiple of this (int or per
@@ -285,30 +324,45 @@ def predict_tiled(
             zone) in raster order -- the writer for out-of-core outputs. Without a sink the
             stitched (spatial..., K) float32 array is returned.
         prefetch: batches read and preprocessed ahead in a background thread (0: no thread).
-        progress: called with the number of tiles finished after each batch.
+        progress: called with the number of zones finished after each batch.
+        border: what the model sees beyond the array's border. "zero" (the original
+            toolkit's whole-image prediction): the array reflect-padded at the end of each
+            axis up to a multiple of the size factor, the model's own zero padding beyond;
+            tiles add context only on interior edges. "mirror": the array's mirror
+            extension (``image_io.mirror_pad``'s rule) by the halo on every side.
 
-    Geometry: the array is mirror-padded at its borders (``image_io.mirror_pad``'s rule)
-    by the halo and up to a multiple of the size factor; see :func:`plan_tiles`.
+    Geometry: see :func:`plan_tiles` and the comment above it.
     """
     spatial = tuple(array.shape[:-1])
-    plan = plan_tiles(spatial, tile, halo, size_factor)
+    plan = plan_tiles(spatial, tile, halo, size_factor, border)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     preprocess = preprocess or (lambda t: t.astype(np.float32))
-    stitched: np.ndarray | None = None
-    for zones, batch in prefetched(_batches(array, plan, preprocess, batch_size), prefetch, "tile-prefetch"):
+    stitched: list[np.ndarray] = []
+
+    def put(zone: Zone, part: np.ndarray) -> None:
+        if sink is not None:
+            sink(zone, part)
+            return
+        if not stitched:
+            stitched.append(np.empty(spatial + (part.shape[-1],), np.float32))
+        stitched[0][zone.region()] = part
+
+    pending: dict[tuple[int, ...], np.ndarray] = {}  # zones predicted, waiting for their turn in raster order
+    order = iter(plan.zones)
+    following = next(order)
+    for groups, batch in prefetched(_batches(array, plan, preprocess, batch_size), prefetch, "tile-prefetch"):
         probs = np.asarray(predict_fn(batch))
         if probs.ndim != batch.ndim or probs.shape[:-1] != batch.shape[:-1]:
             raise ValueError(f"predict_fn returned shape {probs.shape} for input {batch.shape}; expected "
                              "(N, spatial..., K) with the input's N and spatial shape")
-        for zone, tile_probs in zip(zones, probs):
-            part = tile_probs[zone.crop()]
-            if sink is not None:
-                sink(zone, part)
-                continue
-            if stitched is None:
-                stitched = np.empty(spatial + (probs.shape[-1],), np.float32)
-            stitched[zone.region()] = part
+        done = 0
+        for zones, tile_probs in zip(groups, probs):
+            for zone in zones:
+                pending[zone.index] = np.array(tile_probs[zone.crop()], np.float32)  # a copy: frees the batch
+        while following is not None and following.index in pending:
+            put(following, pending.pop(following.index))
+            following, done = next(order, None), done + 1
         if progress is not None:
-            progress(len(zones))
-    return stitched
+            progress(done)
+    return stitched[0] if stitched and sink is None else None

@@ -73,10 +73,11 @@ def _near_tie(probs, tie=1e-4):
 # --- tiled == untiled through the CLI ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("border", ["zero", "mirror"])
 @pytest.mark.parametrize("model", ["pointwise", "chain", "unet"])
-def test_cli_tiled_equals_untiled(models, tmp_path, model):
+def test_cli_tiled_equals_untiled(models, tmp_path, model, border):
     names = _write_images(tmp_path / "images")
-    common = ["--save_probabilities", "1"]
+    common = ["--save_probabilities", "1", "--border", border]
     assert _run(models[model], tmp_path / "images", tmp_path / "tiled", "--tile_size", 16, "--batch_size", 3, *common) == 0
     assert _run(models[model], tmp_path / "images", tmp_path / "whole", "--tile_size", 4096, *common) == 0
     for name in names:
@@ -93,29 +94,40 @@ def test_cli_tiled_equals_untiled(models, tmp_path, model):
         assert np.array_equal(tiled[~ties], whole[~ties])
 
 
-def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path):
-    """The CLI's untiled result is the model applied to the mirror-extended, whole-image-normalized image."""
+@pytest.mark.parametrize("border", ["zero", "mirror", None])
+def test_savedmodel_matches_its_numpy_twin_on_the_whole_image(models, tmp_path, border):
+    """The CLI's tiled result is the model applied to the whole-image-normalized image: by default
+    (None) the original's np.pad((0, 3), (0, 3)), mode='reflect') to the size factor, the model's zero
+    padding beyond; with --border mirror, the image's mirror extension by the halo."""
     names = _write_images(tmp_path / "images", sizes=[(45, 61)])
-    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--save_probabilities", 1) == 0
+    flags = [] if border is None else ["--border", border]
+    assert _run(models["chain"], tmp_path / "images", tmp_path / "out", "--tile_size", 16, "--save_probabilities", 1,
+                *flags) == 0
     image = tifffile.imread(tmp_path / "images" / names[0])[..., None]
     mean, std = image_io.image_stats(image)
+    normalized = image_io.normalize(image, mean, std)
     halo = 16  # chain radius 13, rounded up to the size factor 4
     assert chain_radius(CHAIN) == 13
-    padded = image_io.mirror_pad(image_io.normalize(image, mean, std), (halo, halo + 3), (halo, halo + 3))
-    expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
+    if border == "mirror":
+        padded = image_io.mirror_pad(normalized, (halo, halo + 3), (halo, halo + 3))
+        expected = chain_numpy(CHAIN)(padded[None])[0, halo : halo + 45, halo : halo + 61]
+    else:
+        padded = np.pad(normalized, ((0, 3), (0, 3), (0, 0)), mode="reflect")
+        expected = chain_numpy(CHAIN)(padded[None])[0, :45, :61]
     np.testing.assert_allclose(_read_probs(tmp_path / "out" / "probabilities" / names[0]), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("border", ["zero", "mirror"])
 @pytest.mark.parametrize("size", [(9, 13), (100, 37), (64, 64)])
-def test_unet_predict_fn_tiled_equals_untiled(models, size):
+def test_unet_predict_fn_tiled_equals_untiled(models, size, border):
     """Many tile sizes and halos >= the radius, the SavedModel's forward pass called directly."""
     predict = inf.SavedModelPredictor(models["unet"])
     image = np.random.default_rng(3).normal(size=size + (1,)).astype(np.float32)
     halo = -(-tiny_unet_radius() // 4) * 4
-    untiled = tiling.predict_tiled(image, predict, 256, halo, 4)
+    untiled = tiling.predict_tiled(image, predict, 256, halo, 4, border=border)
     ties = _near_tie(untiled)
     for tile, extra in [(4, 0), (8, 4), (16, 0), (32, 8)]:
-        tiled = tiling.predict_tiled(image, predict, tile, halo + extra, 4, batch_size=4)
+        tiled = tiling.predict_tiled(image, predict, tile, halo + extra, 4, batch_size=4, border=border)
         np.testing.assert_allclose(tiled, untiled, atol=2e-5)
         assert np.array_equal(tiled.argmax(-1)[~ties], untiled.argmax(-1)[~ties])
 
@@ -534,3 +546,57 @@ def test_registry_unet_trained_a_few_steps_same_masks_tiled_and_untiled(tmp_path
     ties = _near_tie(p_whole)
     assert np.array_equal(tifffile.imread(tmp_path / "tiled" / "img0.tif")[~ties],
                           tifffile.imread(tmp_path / "whole" / "img0.tif")[~ties])
+
+
+# --- registry models: tiled == the original's whole-image prediction ----------------------------
+
+REGISTRY_CASES = [  # name, config (FC-DenseNet56 slimmed: same layers and radius, fewer filters), image, tile
+    ("unet", {}, (100, 75), 1024),            # smaller than a tile: one tile at its own padded size
+    ("unet", {}, (256, 256), 256),            # exactly one tile
+    ("unet", {}, (512, 470), 64),             # several tiles each way; edges on the border in y, off in x
+    ("unet", {}, (500, 512), 32),             # off in y, on in x
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (90, 130), 1024),
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (256, 256), 256),
+    ("fcdensenet56", {"growth_rate": 2, "first_filters": 4}, (1024, 970), 32),  # 4 x 3 distinct tiles of 928
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,config,size,tile", REGISTRY_CASES)
+def test_registry_model_tiled_equals_the_originals_whole_image(name, config, size, tile):
+    """The registry's UNet and FC-DenseNet56 (random weights), exact halo: tiled == the image reflect-padded
+    at the end of each axis to the size factor and predicted whole (the original's _inference)."""
+    import tensorflow as tf
+    import models
+
+    model = models.build_model(name, 1, 2, **config)
+    factor, radius = models.size_factor(name, **config), models.receptive_field_radius(name, **config)
+    halo = -(-radius // factor) * factor
+    forward = tf.function(lambda x: tf.nn.softmax(model(x, training=False), axis=-1), reduce_retracing=True)
+    predict = lambda batch: forward(tf.constant(batch)).numpy()  # noqa: E731
+    image = np.random.default_rng(5).normal(size=size + (1,)).astype(np.float32)
+    pads = [(0, -n % factor) for n in size] + [(0, 0)]
+    whole = predict(np.pad(image, pads, mode="reflect")[None])[0, : size[0], : size[1]]
+    plan = tiling.plan_tiles(size, tile, halo, factor)
+    tiled = tiling.predict_tiled(image, predict, tile, halo, factor, batch_size=2)
+    np.testing.assert_allclose(tiled, whole, atol=2e-5)
+    ties = _near_tie(whole)
+    assert np.array_equal(tiled.argmax(-1)[~ties], whole.argmax(-1)[~ties])
+    padded = tuple(-(-n // factor) * factor for n in size)
+    if tile >= max(padded):
+        assert plan.tile_shape == padded and len(tiling.tile_groups(plan)) == 1  # runs at its own size
+    else:
+        assert len(tiling.tile_groups(plan)) > 2 and all(t < p for t, p in zip(plan.tile_shape, padded))
+
+
+def test_onednn_default_respects_the_users_setting(monkeypatch):
+    from segkit.inference import predictor
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    user = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert not predictor.default_onednn(user) and user == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    unset: dict = {}
+    assert predictor.default_onednn(unset) == (predictor.ONEDNN_DEFAULT is not None)
+    monkeypatch.setitem(sys.modules, "tensorflow", object())  # already imported: too late, leave it
+    late: dict = {}
+    assert not predictor.default_onednn(late) and late == {}

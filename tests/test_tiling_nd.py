@@ -35,8 +35,14 @@ def box_chain(batch):
     return ndimage.correlate(out, weights, mode="constant").astype(np.float32)
 
 
-def _box_reference(volume):
-    """Whole-volume box chain on the mirror extension (np.pad 'reflect' = image_io.mirror_pad's rule)."""
+def _box_reference(volume, border="mirror", factor=1):
+    """Whole-volume box chain: on the mirror extension (np.pad 'reflect' = image_io.mirror_pad's rule),
+    or ("zero") reflect-padded at the end of each axis to the size factor, the chain's zero padding beyond."""
+    if border == "zero":
+        factors = tiling.per_axis(factor, 3, "size_factor")
+        pads = [(0, -n % f) for n, f in zip(volume.shape[:3], factors)]
+        padded = np.pad(volume, pads + [(0, 0)], mode="reflect")
+        return box_chain(padded[None])[0][tuple(slice(0, n) for n in volume.shape[:3])]
     r = BOX_RADIUS
     padded = np.pad(volume, [(r, r)] * 3 + [(0, 0)], mode="reflect")
     return box_chain(padded[None])[0, r:-r, r:-r, r:-r]
@@ -63,38 +69,49 @@ def test_pointwise_3d_tiled_equals_whole_exactly(shape, tile, halo, factor, pred
         assert np.array_equal(out, expected(volume))
 
 
+@pytest.mark.parametrize("border", tiling.BORDERS)
 @pytest.mark.parametrize("shape,tile,halo,factor", [
     ((8, 12, 16), 4, 2, 1),                # edges on the border
     ((9, 13, 7), (4, 6, 2), 2, 1),         # edges off the border
     ((8, 13, 16), (4, 4, 8), (2, 4, 2), (1, 2, 2)),
     ((6, 10, 12), (2, 4, 4), 4, 2),        # halo above the radius
 ])
-def test_box_chain_3d_tiled_equals_whole_exactly(shape, tile, halo, factor):
+def test_box_chain_3d_tiled_equals_whole_exactly(shape, tile, halo, factor, border):
     volume = _volume(shape, channels=1, seed=1)
-    whole = tiling.predict_tiled(volume, box_chain, max(shape) * 2, BOX_RADIUS * 2, 1)  # one tile
-    assert np.array_equal(whole, _box_reference(volume))
-    tiled = tiling.predict_tiled(volume, box_chain, tile, halo, factor, batch_size=2)
+    whole = tiling.predict_tiled(volume, box_chain, max(shape) * 2, BOX_RADIUS * 2, factor, border=border)  # one tile
+    assert np.array_equal(whole, _box_reference(volume, border, factor))
+    tiled = tiling.predict_tiled(volume, box_chain, tile, halo, factor, batch_size=2, border=border)
     assert np.array_equal(tiled, whole)
 
 
-def test_box_chain_3d_without_halo_shows_seams():
+@pytest.mark.parametrize("border", tiling.BORDERS)
+def test_box_chain_3d_without_halo_shows_seams(border):
     """The equality above is not vacuous: too little context changes voxels at zone borders."""
     volume = _volume((8, 8, 8), channels=1, seed=2)
-    short = tiling.predict_tiled(volume, box_chain, 4, 0, 1)
-    assert not np.array_equal(short, _box_reference(volume))
-    assert np.array_equal(tiling.predict_tiled(volume, box_chain, 4, BOX_RADIUS, 1), _box_reference(volume))
+    short = tiling.predict_tiled(volume, box_chain, 4, 0, 1, border=border)
+    assert not np.array_equal(short, _box_reference(volume, border))
+    exact = tiling.predict_tiled(volume, box_chain, 4, BOX_RADIUS, 1, border=border)
+    assert np.array_equal(exact, _box_reference(volume, border))
 
 
+@pytest.mark.parametrize("border", tiling.BORDERS)
 @pytest.mark.parametrize("shape,tile,halo,factor", GEOMETRIES)
-def test_3d_plan_partitions_the_volume(shape, tile, halo, factor):
-    plan = tiling.plan_tiles(shape, tile, halo, factor)
+def test_3d_plan_partitions_the_volume(shape, tile, halo, factor, border):
+    plan = tiling.plan_tiles(shape, tile, halo, factor, border)
     owner = np.zeros(shape, int)
     halos, factors = tiling.per_axis(halo, 3, "halo"), tiling.per_axis(factor, 3, "size_factor")
     for zone in plan.zones:
         owner[zone.region()] += 1
-        for crop, tile_length, h, f, start in zip(zone.crop(), plan.tile_shape, halos, factors, zone.tile_start):
-            assert crop.start >= h and crop.stop <= tile_length - h
-            assert (start + h) % f == 0
+        for crop, tile_length, h, f, start, n in zip(zone.crop(), plan.tile_shape, halos, factors, zone.tile_start,
+                                                     shape):
+            if border == "mirror":
+                assert crop.start >= h and crop.stop <= tile_length - h
+                assert (start + h) % f == 0
+            else:  # context on interior edges only; the tile never crosses the padded border
+                padded = -(-n // f) * f
+                assert 0 <= start and start + tile_length <= padded and start % f == 0
+                assert crop.start >= (h if start > 0 else 0)
+                assert crop.stop <= tile_length - (h if start + tile_length < padded else 0)
     assert np.all(owner == 1)
     assert [z.index for z in plan.zones] == sorted(z.index for z in plan.zones)
     assert len(plan.zones) == int(np.prod(plan.grid_shape))
@@ -114,9 +131,9 @@ class _RegionReader:
 def test_3d_region_reader_reads_at_most_one_tile_per_zone():
     volume = _volume((9, 13, 7), channels=1)
     reader = _RegionReader(volume)
-    out = tiling.predict_tiled(reader, box_chain, 4, 2, 1)
-    plan = tiling.plan_tiles((9, 13, 7), 4, 2, 1)
-    assert len(reader.reads) == len(plan.zones)
+    out = tiling.predict_tiled(reader, box_chain, 4, 2, 1, border="mirror")
+    plan = tiling.plan_tiles((9, 13, 7), 4, 2, 1, border="mirror")
+    assert len(reader.reads) == len(tiling.tile_groups(plan)) == len(plan.zones)
     assert all(all(r <= t for r, t in zip(read, plan.tile_shape)) for read in reader.reads)
     assert np.array_equal(out, _box_reference(volume))
 

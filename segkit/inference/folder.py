@@ -49,7 +49,7 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
         mean, std = image_io.image_stats(image, **stats_blocks(image))
         if not np.all(np.isfinite(mean + std)):
             raise ValueError(f"{path}: image contains NaN or infinite pixels; replace them first")
-        plan = tiling.plan_tiles(spatial, settings.tile_size, settings.halo, settings.size_factor)
+        plan = tiling.plan_tiles(spatial, settings.tile_size, settings.halo, settings.size_factor, settings.border)
         # A tile bar for large images, on a terminal only (batch logs get the per-image line).
         show_bar = (source.out_of_core or len(plan.zones) >= TILE_PROGRESS_MIN_TILES) and sys.stderr.isatty()
         from tqdm import tqdm
@@ -66,12 +66,12 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
 
             tiling.predict_tiled(image, predict_fn, settings.tile_size, settings.halo, settings.size_factor,
                                  batch_size=settings.batch_size, preprocess=lambda t: image_io.normalize(t, mean, std),
-                                 sink=sink, progress=bar.update)
+                                 sink=sink, progress=bar.update, border=settings.border)
     finally:
         source.close()
     where = "out of core" if source.out_of_core else "in memory"
-    return (f"{_size(spatial)}, {len(plan.zones)} tile(s) of {_size(plan.tile_shape)} "
-            f"(halo {settings.halo}), {where}")
+    return (f"{_size(spatial)}, {len(tiling.tile_groups(plan))} tile(s) of {_size(plan.tile_shape)} "
+            f"(halo {settings.halo}, border {settings.border}), {where}")
 
 
 def _size(shape: tuple[int, ...]) -> str:

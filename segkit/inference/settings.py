@@ -18,6 +18,8 @@ from segkit.model_metadata import ModelMetadata
 log = logging.getLogger("inference_unet.settings")
 
 DEFAULT_TILE_SIZE = 1024
+BORDERS = ("zero", "mirror")  # tiling.BORDERS; see README "Exact tiling"
+DEFAULT_BORDER = "zero"
 DEFAULT_MEMORY_LIMIT_MB = 2048
 TIFF_TILE_MULTIPLE = 16  # TIFF tiles must be multiples of 16 pixels
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
@@ -36,6 +38,7 @@ class Settings:
     meta: ModelMetadata
     tile_size: int
     halo: int
+    border: str                            # what the model sees beyond the image border: tiling.BORDERS
     batch_size: int
     save_probabilities: bool
     probability_dtype: str
@@ -169,7 +172,8 @@ def _working_set_limit(memory_limit_mb: float) -> int:
 
 
 def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_folder: str, image_format: str = "tif",
-                     tile_size: int = DEFAULT_TILE_SIZE, halo: str | int | None = "exact", batch_size: int = 1,
+                     tile_size: int = DEFAULT_TILE_SIZE, halo: str | int | None = "exact",
+                     border: str = DEFAULT_BORDER, batch_size: int = 1,
                      save_probabilities: bool = False, probability_dtype: str = "float32", tta: bool = False,
                      mask_folder: str | None = None, overlay: bool = False, shard_index: int | None = None,
                      shard_count: int | None = None, overwrite: bool = False, output_format: str = "tif",
@@ -185,6 +189,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                          f"applies {image_io.NORMALIZATION_METHOD!r}; re-export the model with this toolkit")
     if batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {batch_size}")
+    if border not in BORDERS:
+        raise InputError(f"--border must be one of {', '.join(BORDERS)}, got {border!r}")
     if probability_dtype not in PROBABILITY_DTYPES:
         raise InputError(f"--probability_dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {probability_dtype!r}")
     if output_format not in OUTPUT_FORMATS:
@@ -204,7 +210,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                     "faster if memory allows (the result does not change)", tile, overhead, halo_px)
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
-        names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
+        names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
         probability_dtype=probability_dtype, tta=bool(tta), masks=masks, mask_map=truth_map, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))
