@@ -132,7 +132,8 @@ def labels_tiled(probs: Any, tile: tiling.PerAxis, halo: tiling.PerAxis,
     ids = np.zeros(shape, np.int64)
     for zone in zones(shape, tile):
         region = grow(zone, halo, shape)
-        labels = labels_from_probabilities(np.asarray(probs[region]), thresholds, target)
+        labels = labels_from_probabilities(np.asarray(probs[region]), thresholds, target,
+                                           origin=[s.start for s in region])
         ring = grow(zone, 1, shape)
         ids[zone] = merger.add(zone, labels[within(ring, region)])
     return relabel(ids, merger.finish())

@@ -101,8 +101,31 @@ def _seeds(inside: np.ndarray, min_size: int) -> np.ndarray:
     return seeds
 
 
+_LEVEL_BITS, _PLACE_BITS = 23, 28  # key = level << 28 | place: below 2**51, exact in the float64 watershed
+
+
+def flooding_keys(landscape: np.ndarray, origin: Sequence[int] | None = None) -> np.ndarray:
+    """``landscape`` (values in [0, 1]) as int64 keys that order the watershed's flooding without ties.
+
+    skimage's watershed breaks ties between equal values by the order pixels entered its queue, which depends on
+    the whole array, so a crop would label differently from the whole image. Here equal values (saturated
+    probabilities are common) are ordered by the pixel's global position (``origin``: the position of the
+    array's first pixel in the whole image), periodic with period 2**(28 // ndim) per axis, so pixels that can
+    compete never tie, in a crop and in the whole image alike.
+    """
+    ndim = landscape.ndim
+    origin = (0,) * ndim if origin is None else tuple(int(o) for o in origin)
+    period_bits = _PLACE_BITS // ndim
+    place = np.zeros(landscape.shape, np.int64)
+    for axis, (size, start) in enumerate(zip(landscape.shape, origin)):
+        coords = (np.arange(start, start + size, dtype=np.int64) % (1 << period_bits)) << (period_bits * (ndim - 1 - axis))
+        place += coords.reshape([-1 if a == axis else 1 for a in range(ndim)])
+    levels = np.rint(np.clip(landscape, 0.0, 1.0) * ((1 << _LEVEL_BITS) - 1)).astype(np.int64)
+    return (levels << _PLACE_BITS) | place
+
+
 def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds = InstanceThresholds(),
-                              target: str = "3class") -> np.ndarray:
+                              target: str = "3class", origin: Sequence[int] | None = None) -> np.ndarray:
     """Instance labels (0 = background) from per-pixel class probabilities, classes last.
 
     ``3class`` (background, interior, boundary): seeds are the components of p_interior > seed, grown back by a
@@ -110,7 +133,8 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
     component that holds no seed becomes one object of its own (when it has min_size pixels). ``membrane``
     (inside, membrane; dense labels): seeds are the components of p_inside > seed, flooded by a watershed on
     p_membrane over the whole image, so every pixel joins a seed; no agglomeration of the resulting fragments
-    (over-segmentation is left as it is). Returns uint16, or uint32 beyond 65535 objects.
+    (over-segmentation is left as it is). Returns uint16, or uint32 beyond 65535 objects. ``origin``: where
+    ``probs`` starts in the whole image, for crops of it (:func:`flooding_keys`).
     """
     probs = np.asarray(probs, dtype=np.float32)
     _check_probs(probs, target)
@@ -118,11 +142,11 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
         seeds = _seeds(probs[..., INSIDE] > thresholds.seed, thresholds.min_size)
         if not seeds.any():
             return np.zeros(probs.shape[:-1], np.uint16)
-        return compact_labels(watershed(probs[..., MEMBRANE], markers=seeds))
+        return compact_labels(watershed(flooding_keys(probs[..., MEMBRANE], origin), markers=seeds))
     interior = probs[..., INTERIOR]
     foreground = interior + probs[..., BOUNDARY] > thresholds.foreground
     seeds = _seeds((interior > thresholds.seed) & foreground, thresholds.min_size)
-    labels = watershed(1.0 - interior, markers=seeds, mask=foreground)
+    labels = watershed(flooding_keys(1.0 - interior, origin), markers=seeds, mask=foreground)
     return compact_labels(_add_seedless(labels, foreground, thresholds.min_size))
 
 
