@@ -3,7 +3,7 @@ and per-object measurements for ``objects.csv``.
 
 Any number of spatial axes, channels last (``probs_yxk``, ``probs_zyxk``). Seam merging of independently labelled
 zones (tiled / out-of-core runs) lives in :mod:`segkit.instance_seams`; the scores in :mod:`segkit.instance_metrics`.
-README.md, "Objects" says how the pieces fit. numpy, scipy and scikit-image only; no TensorFlow here.
+numpy, scipy and scikit-image only; no TensorFlow here.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def flooding_keys(landscape: np.ndarray, origin: Sequence[int] | None = None) ->
     period_bits = _PLACE_BITS // ndim
     place = np.zeros(landscape.shape, np.int64)
     for axis, (size, start) in enumerate(zip(landscape.shape, origin)):
-        coords = (np.arange(start, start + size, dtype=np.int64) % (1 << period_bits)) << (period_bits * (ndim - 1 - axis))
-        place += coords.reshape([-1 if a == axis else 1 for a in range(ndim)])
+        coords = np.arange(start, start + size, dtype=np.int64) % (1 << period_bits)
+        place += (coords << (period_bits * (ndim - 1 - axis))).reshape([-1 if a == axis else 1 for a in range(ndim)])
     levels = np.rint(np.clip(landscape, 0.0, 1.0) * ((1 << _LEVEL_BITS) - 1)).astype(np.int64)
     return (levels << _PLACE_BITS) | place
 
@@ -225,8 +225,10 @@ def measure_objects(labels: np.ndarray, image: np.ndarray | None = None, spacing
         values += centroid
         values += [None] * ndim if spacing_um is None else [c * s for c, s in zip(centroid, spacing_um)]
         values += [int(table[f"bbox-{a}"][i]) for a in range(2 * ndim)]
-        values += [float(table["intensity_mean"][i])] if channels == 1 and image.ndim == ndim else \
-            [float(table[f"intensity_mean-{c}"][i]) for c in range(channels)]
+        if image is not None and image.ndim == ndim:
+            values.append(float(table["intensity_mean"][i]))
+        else:
+            values += [float(table[f"intensity_mean-{c}"][i]) for c in range(channels)]
         rows.append(dict(zip(columns, values)))
     return rows
 
