@@ -1,9 +1,9 @@
 """Object-level scores: one-to-one matching of predicted and true objects by IoU, average precision, F1 and
 panoptic quality over IoU thresholds, and the dense-label errors (adapted Rand, variation of information).
 
-One home for the object-level definitions (inference's object scores and the benchmarks use
-them). Labels are integer arrays of any
-number of spatial axes, 0 = background, any other value one object. numpy, scipy and scikit-image only.
+One home for the object-level definitions (inference's object scores and the benchmarks use them). Labels are
+integer arrays of any number of spatial axes, 0 = background, any other value one object. numpy, scipy and
+scikit-image only.
 """
 from __future__ import annotations
 
