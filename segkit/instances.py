@@ -1,0 +1,243 @@
+"""Objects from a softmax segmenter (issue #16): probabilities -> instance labels, the 3-class training target,
+and per-object measurements for ``objects.csv``.
+
+Any number of spatial axes, channels last (``probs_yxk``, ``probs_zyxk``). Seam merging of independently labelled
+zones (tiled / out-of-core runs) lives in :mod:`segkit.instance_seams`; the scores in :mod:`segkit.instance_metrics`.
+numpy, scipy and scikit-image only; no TensorFlow here.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import regionprops_table
+from skimage.segmentation import find_boundaries, relabel_sequential, watershed
+
+from segkit import cliutil
+
+TARGETS = ("3class", "membrane")
+BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2  # classes of the 3-class target
+INSIDE, MEMBRANE = 0, 1  # classes of the 2-class membrane target (dense labels)
+
+
+class ThresholdError(cliutil.InputError, ValueError):
+    """An instance threshold or target out of range: one line, exit code 2 at the command line."""
+
+
+@dataclass(frozen=True)
+class InstanceThresholds:
+    """How confident probabilities become objects; saved in the model metadata under ``instances``."""
+
+    seed: float = 0.5
+    """A pixel seeds an object where p_interior > seed (membrane target: 1 - p_membrane > seed)."""
+    foreground: float = 0.5
+    """3-class only: seeds grow back over pixels where p_interior + p_boundary > foreground."""
+    min_size: int = 4
+    """Seeds (and seedless foreground components) smaller than this many pixels are dropped."""
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "foreground"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ThresholdError(f"instance threshold {name} must be a probability strictly between 0 and 1, "
+                                     f"got {value!r}; e.g. {name}=0.5")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
+            raise ThresholdError(f"instance threshold min_size must be a whole number of pixels >= 0, "
+                                 f"got {self.min_size!r}; e.g. min_size=4")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "InstanceThresholds":
+        """From metadata JSON; unknown keys are refused by name (``where`` names the file)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ThresholdError(f"{where + ': ' if where else ''}unknown instance threshold(s) {unknown}; "
+                                 f"known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_probs(probs: np.ndarray, target: str) -> None:
+    if target not in TARGETS:
+        raise ThresholdError(f"instance target must be one of {TARGETS}, got {target!r}")
+    classes = 3 if target == "3class" else 2
+    if probs.ndim < 3 or probs.shape[-1] != classes:
+        raise ThresholdError(f"the {target} target needs probabilities with {classes} classes last "
+                             f"(spatial axes then classes), got shape {probs.shape}")
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Ids renumbered 1..N in order of first appearance (0 stays background): uint16, or uint32 above 65535."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+        raise ValueError("instance labels must be >= 0")
+    relabelled, _, _ = relabel_sequential(labels)
+    count = int(relabelled.max()) if relabelled.size else 0
+    return relabelled.astype(label_dtype(count), copy=False)
+
+
+def label_dtype(count: int) -> np.dtype:
+    """The smallest of uint16 / uint32 that holds ``count`` object ids."""
+    if count > np.iinfo(np.uint32).max:
+        raise ValueError(f"{count} objects do not fit uint32 ids")
+    return np.dtype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
+
+
+def _seeds(inside: np.ndarray, min_size: int) -> np.ndarray:
+    """Connected components of ``inside`` (face connectivity), those under ``min_size`` pixels dropped."""
+    seeds, count = ndi.label(inside)
+    if count and min_size > 1:
+        small = np.bincount(seeds.ravel(), minlength=count + 1) < min_size
+        small[0] = False
+        seeds[small[seeds]] = 0
+    return seeds
+
+
+_LEVEL_BITS, _PLACE_BITS = 23, 28  # key = level << 28 | place: below 2**51, exact in the float64 watershed
+
+
+def flooding_keys(landscape: np.ndarray, origin: Sequence[int] | None = None) -> np.ndarray:
+    """``landscape`` (values in [0, 1]) as int64 keys that order the watershed's flooding without ties.
+
+    skimage's watershed breaks ties between equal values by the order pixels entered its queue, which depends on
+    the whole array, so a crop would label differently from the whole image. Here equal values (saturated
+    probabilities are common) are ordered by the pixel's global position (``origin``: the position of the
+    array's first pixel in the whole image), periodic with period 2**(28 // ndim) per axis, so pixels that can
+    compete never tie, in a crop and in the whole image alike.
+    """
+    ndim = landscape.ndim
+    origin = (0,) * ndim if origin is None else tuple(int(o) for o in origin)
+    period_bits = _PLACE_BITS // ndim
+    place = np.zeros(landscape.shape, np.int64)
+    for axis, (size, start) in enumerate(zip(landscape.shape, origin)):
+        coords = np.arange(start, start + size, dtype=np.int64) % (1 << period_bits)
+        place += (coords << (period_bits * (ndim - 1 - axis))).reshape([-1 if a == axis else 1 for a in range(ndim)])
+    levels = np.rint(np.clip(landscape, 0.0, 1.0) * ((1 << _LEVEL_BITS) - 1)).astype(np.int64)
+    return (levels << _PLACE_BITS) | place
+
+
+def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds = InstanceThresholds(),
+                              target: str = "3class", origin: Sequence[int] | None = None) -> np.ndarray:
+    """Instance labels (0 = background) from per-pixel class probabilities, classes last.
+
+    ``3class`` (background, interior, boundary): seeds are the components of p_interior > seed, grown back by a
+    seeded watershed on 1 - p_interior within the foreground p_interior + p_boundary > foreground; a foreground
+    component that holds no seed becomes one object of its own (when it has min_size pixels). ``membrane``
+    (inside, membrane; dense labels): seeds are the components of p_inside > seed, flooded by a watershed on
+    p_membrane over the whole image, so every pixel joins a seed; no agglomeration of the resulting fragments
+    (over-segmentation is left as it is). Returns uint16, or uint32 beyond 65535 objects. ``origin``: where
+    ``probs`` starts in the whole image, for crops of it (:func:`flooding_keys`).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    _check_probs(probs, target)
+    if target == "membrane":
+        seeds = _seeds(probs[..., INSIDE] > thresholds.seed, thresholds.min_size)
+        if not seeds.any():
+            return np.zeros(probs.shape[:-1], np.uint16)
+        return compact_labels(watershed(flooding_keys(probs[..., MEMBRANE], origin), markers=seeds))
+    interior = probs[..., INTERIOR]
+    foreground = interior + probs[..., BOUNDARY] > thresholds.foreground
+    seeds = _seeds((interior > thresholds.seed) & foreground, thresholds.min_size)
+    labels = watershed(flooding_keys(1.0 - interior, origin), markers=seeds, mask=foreground)
+    return compact_labels(_add_seedless(labels, foreground, thresholds.min_size))
+
+
+def _add_seedless(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
+    """Foreground components the watershed did not reach (no seed in them) as objects of their own."""
+    orphans = _seeds(foreground & (labels == 0), min_size)
+    if orphans.any():
+        labels = labels.astype(np.int64)
+        labels[orphans > 0] = orphans[orphans > 0] + labels.max()
+    return labels
+
+
+def target_from_labels(labels: np.ndarray) -> np.ndarray:
+    """The 3-class training target of instance labels (uint8: 0 background, 1 interior, 2 boundary).
+
+    Boundary pixels are an object's own pixels that touch (face connectivity) another label or background:
+    ``find_boundaries(mode="inner")``; the image border is not a boundary. The build stage's definition.
+    """
+    labels = np.asarray(labels)
+    target = (labels > 0).astype(np.uint8)
+    target[find_boundaries(labels, connectivity=1, mode="inner", background=0) & (labels > 0)] = BOUNDARY
+    return target
+
+
+def one_hot(target: np.ndarray, classes: int) -> np.ndarray:
+    """Class indices -> float32 probabilities of 0 and 1, classes last (the ceiling of a perfect model)."""
+    return np.eye(classes, dtype=np.float32)[np.asarray(target)]
+
+
+# ---- measurements: objects.csv ----------------------------------------------------------------------------------
+
+def _axis_names(ndim: int) -> list[str]:
+    return list("zyx"[-ndim:]) if ndim <= 3 else [f"a{i}" for i in range(ndim)]
+
+
+def object_columns(ndim: int, channels: int) -> list[str]:
+    """The header of ``objects.csv`` for labels with ``ndim`` spatial axes and an image of ``channels``."""
+    axes = _axis_names(ndim)
+    size = "area" if ndim == 2 else "volume"
+    unit = {2: "um2", 3: "um3"}.get(ndim, f"um{ndim}")
+    return (["image", "id", f"{size}_px", f"{size}_{unit}"] + [f"centroid_{a}_px" for a in axes]
+            + [f"centroid_{a}_um" for a in axes] + [f"bbox_{a}_min" for a in axes]
+            + [f"bbox_{a}_max" for a in axes] + [f"mean_intensity_c{c}" for c in range(channels)])
+
+
+def spacing_from_calibration(calibration: Any, ndim: int) -> tuple[float, ...] | None:
+    """Micrometres per pixel along each spatial axis from a :class:`segkit.calibration.Calibration`, or None."""
+    if calibration is None or len(calibration.pixel_size_yx) != ndim:
+        return None
+    scale = calibration.micrometres_per_unit()
+    return tuple(float(v) * scale for v in calibration.pixel_size_yx)
+
+
+def measure_objects(labels: np.ndarray, image: np.ndarray | None = None, spacing_um: Sequence[float] | None = None,
+                    name: str = "") -> list[dict[str, Any]]:
+    """One row per object (columns :func:`object_columns`): size, centroid and bounding box (max exclusive) in
+    pixels, size and centroid in micrometres (None when ``spacing_um``, one value per spatial axis, is unknown),
+    mean intensity per channel of ``image`` (spatial axes as ``labels``, channels last or none)."""
+    labels = np.asarray(labels)
+    ndim = labels.ndim
+    if spacing_um is not None and len(spacing_um) != ndim:
+        raise ValueError(f"spacing_um needs one value per spatial axis ({ndim}), got {spacing_um!r}")
+    if image is not None:
+        image = np.asarray(image)
+        if image.shape[:ndim] != labels.shape:
+            raise ValueError(f"image shape {image.shape} does not start with the labels' shape {labels.shape}")
+    channels = 0 if image is None else (1 if image.ndim == ndim else image.shape[-1])
+    props = ["label", "area", "centroid", "bbox"] + (["intensity_mean"] if image is not None else [])
+    table = regionprops_table(labels, intensity_image=image, properties=props)
+    columns = object_columns(ndim, channels)
+    volume = float(np.prod(spacing_um)) if spacing_um is not None else None
+    rows = []
+    for i, label in enumerate(table["label"]):
+        centroid = [float(table[f"centroid-{a}"][i]) for a in range(ndim)]
+        values = [name, int(label), int(table["area"][i]), None if volume is None else float(table["area"][i]) * volume]
+        values += centroid
+        values += [None] * ndim if spacing_um is None else [c * s for c, s in zip(centroid, spacing_um)]
+        values += [int(table[f"bbox-{a}"][i]) for a in range(2 * ndim)]
+        if image is not None and image.ndim == ndim:
+            values.append(float(table["intensity_mean"][i]))
+        else:
+            values += [float(table[f"intensity_mean-{c}"][i]) for c in range(channels)]
+        rows.append(dict(zip(columns, values)))
+    return rows
+
+
+def write_objects_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write ``rows`` atomically (temporary, then rename); None becomes an empty cell."""
+    with cliutil.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})

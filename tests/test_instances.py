@@ -1,0 +1,268 @@
+"""Instance core (issue #16): probabilities -> objects, the 3-class target, seam merge of tiled runs, measurements."""
+import csv
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels, find_boundaries
+
+from conftest import ROOT
+from segkit import cliutil, instance_metrics, instance_seams, instances
+from segkit.calibration import Calibration
+from segkit.instances import InstanceThresholds
+
+
+def same_partition(a, b):
+    """True when ``a`` and ``b`` are the same objects up to renumbering (background 0 in both)."""
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+def touching_objects(shape, count, radius, seed=0, separation=None):
+    """Convex objects grown by ``radius`` from random centres more than ``separation`` (default radius) apart
+    until they touch (some clumps, some alone)."""
+    rng = np.random.default_rng(seed)
+    separation = radius if separation is None else separation
+    centres = np.zeros(shape, np.int32)
+    placed = []
+    for _ in range(100000):
+        if len(placed) == count:
+            break
+        point = rng.integers(3, np.array(shape) - 3)
+        if all(np.abs(point - p).max() > separation for p in placed):
+            placed.append(point)
+            centres[tuple(point)] = len(placed)
+    assert len(placed) == count, "the objects do not fit: fewer or further apart"
+    return expand_labels(centres, radius)
+
+
+def probabilities(labels, blur=0.0):
+    """One-hot 3-class probabilities of ``labels`` (a perfect model), optionally smoothed (a softer one)."""
+    probs = instances.one_hot(instances.target_from_labels(labels), 3)
+    if blur:
+        probs = ndi.gaussian_filter(probs, [blur] * labels.ndim + [0])
+    return probs
+
+
+# ---- target and round trip ----------------------------------------------------------------------------------------
+
+def test_target_marks_the_inner_boundary_of_every_object():
+    labels = np.zeros((6, 8), np.uint16)
+    labels[1:5, 1:4] = 1
+    labels[1:5, 4:7] = 2  # touches object 1
+    target = instances.target_from_labels(labels)
+    assert target.dtype == np.uint8
+    expected = np.zeros_like(target)
+    expected[labels > 0] = instances.BOUNDARY
+    expected[2:4, 2] = instances.INTERIOR
+    expected[2:4, 5] = instances.INTERIOR
+    np.testing.assert_array_equal(target, expected)
+    # the build stage's definition: an object's own pixels that touch another label or background
+    np.testing.assert_array_equal(target == 2, find_boundaries(labels, mode="inner") & (labels > 0))
+
+
+@pytest.mark.parametrize("shape,count,radius", [((96, 112), 30, 6), ((24, 40, 36), 14, 5)])
+def test_round_trip_recovers_every_object(shape, count, radius):
+    truth = touching_objects(shape, count, radius)
+    assert truth.max() == count
+    labels = instances.labels_from_probabilities(probabilities(truth))
+    counts = instance_metrics.image_counts(truth, labels, (0.5, 0.8))
+    assert (counts[0.5].tp, counts[0.5].fp, counts[0.5].fn) == (count, 0, 0)
+    assert counts[0.8].tp == count
+    iou, _, _ = instance_metrics.iou_matrix(truth, labels)
+    assert iou.max(axis=1).min() > 0.85
+
+
+def test_interior_components_alone_merge_nothing_but_foreground_components_do():
+    truth = touching_objects((96, 112), 30, 6)
+    foreground = ndi.label(truth > 0)[0]
+    assert foreground.max() < truth.max()  # the test objects do touch
+    assert instances.labels_from_probabilities(probabilities(truth)).max() == truth.max()
+
+
+def test_seedless_foreground_component_is_an_object_and_min_size_drops_specks():
+    probs = np.zeros((12, 12, 3), np.float32)
+    probs[..., 0] = 1
+    probs[2:4, 2:4] = [0, 0, 1]     # 4 boundary pixels, no interior: one object of its own
+    probs[8, 8] = [0, 1, 0]         # a 1-pixel seed with nothing around it: a speck
+    labels = instances.labels_from_probabilities(probs, InstanceThresholds(min_size=4))
+    assert labels.max() == 1 and (labels == 1).sum() == 4 and labels[8, 8] == 0
+    assert instances.labels_from_probabilities(probs, InstanceThresholds(min_size=1)).max() == 2
+
+
+def test_membrane_target_labels_dense_cells():
+    truth = touching_objects((80, 90), 25, 60, separation=10)  # grown until they fill the image
+    assert (truth > 0).all()
+    membrane = find_boundaries(truth, mode="inner").astype(np.uint8)
+    labels = instances.labels_from_probabilities(instances.one_hot(membrane, 2), target="membrane")
+    assert (labels > 0).all()
+    counts = instance_metrics.image_counts(truth, labels, (0.5,))[0.5]
+    assert (counts.tp, counts.fp, counts.fn) == (25, 0, 0)
+
+
+def test_label_types_uint16_then_uint32_beyond_65535_objects():
+    grid = np.zeros((771, 771), bool)
+    grid[::3, ::3] = True  # 257 x 257 = 66049 isolated single pixels
+    labels = ndi.label(grid)[0]
+    assert instances.compact_labels(labels).dtype == np.uint32
+    assert instances.compact_labels(labels).max() == 66049
+    assert instances.compact_labels(np.where(labels <= 65535, labels, 0)).dtype == np.uint16
+    probs = instances.one_hot(grid.astype(np.uint8), 3)
+    out = instances.labels_from_probabilities(probs, InstanceThresholds(min_size=1))
+    assert out.dtype == np.uint32 and out.max() == 66049
+
+
+def test_compact_labels_renumbers_sequentially():
+    out = instances.compact_labels(np.array([[0, 7, 7], [300000, 0, 7]], np.int64))
+    assert out.dtype == np.uint16 and sorted(np.unique(out)) == [0, 1, 2]
+
+
+# ---- thresholds ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"seed": 0.0}, "seed"), ({"seed": 1.0}, "seed"), ({"foreground": 1.5}, "foreground"),
+    ({"seed": "0.5"}, "seed"), ({"foreground": True}, "foreground"), ({"min_size": -1}, "min_size"),
+    ({"min_size": 2.5}, "min_size")])
+def test_bad_thresholds_are_refused_in_one_line(kwargs, word):
+    with pytest.raises(cliutil.InputError) as info:
+        InstanceThresholds(**kwargs)
+    message = str(info.value)
+    assert word in message and "\n" not in message and "e.g." in message
+
+
+def test_thresholds_round_trip_and_unknown_keys():
+    thresholds = InstanceThresholds(seed=0.6, foreground=0.4, min_size=10)
+    assert InstanceThresholds.from_dict(thresholds.to_dict()) == thresholds
+    with pytest.raises(instances.ThresholdError, match=r"meta.json: unknown instance threshold.*'sede'"):
+        InstanceThresholds.from_dict({"sede": 0.5}, where="meta.json")
+
+
+def test_wrong_target_or_class_count_refused():
+    with pytest.raises(instances.ThresholdError, match="one of"):
+        instances.labels_from_probabilities(np.zeros((4, 4, 3)), target="affinities")
+    with pytest.raises(instances.ThresholdError, match="3 classes last"):
+        instances.labels_from_probabilities(np.zeros((4, 4, 2)))
+
+
+# ---- tiled runs: seam merge ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", [17, 32, (40, 23)])
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_tiled_labels_equal_whole_image_labels(tile, blur):
+    probs = probabilities(touching_objects((120, 130), 40, 7, seed=3), blur)
+    whole = instances.labels_from_probabilities(probs)
+    tiled = instance_seams.labels_tiled(probs, tile, halo=24)
+    assert same_partition(whole, tiled)
+    assert tiled.max() == whole.max() > 30
+
+
+def test_tiled_labels_equal_whole_volume_labels():
+    probs = probabilities(touching_objects((30, 44, 40), 16, 5, seed=1), blur=0.7)
+    whole = instances.labels_from_probabilities(probs)
+    assert same_partition(whole, instance_seams.labels_tiled(probs, (13, 16, 15), halo=12))
+
+
+def test_membrane_target_tiled_equals_whole_when_cells_fit_the_halo():
+    truth = touching_objects((90, 100), 30, 60, seed=2, separation=10)
+    probs = instances.one_hot(find_boundaries(truth, mode="inner").astype(np.uint8), 2)
+    whole = instances.labels_from_probabilities(probs, target="membrane")
+    assert same_partition(whole, instance_seams.labels_tiled(probs, 32, halo=40, target="membrane"))
+
+
+def test_without_the_merge_objects_cut_by_seams_are_split():
+    """Negative control: the offsets alone leave every object that crosses a seam in pieces."""
+    probs = probabilities(touching_objects((120, 130), 40, 7, seed=3))
+    shape = probs.shape[:-1]
+    merger = instance_seams.SeamMerger(shape)
+    ids = np.zeros(shape, np.int64)
+    for zone in instance_seams.zones(shape, 32):
+        region = instance_seams.grow(zone, 24, shape)
+        labels = instances.labels_from_probabilities(probs[region], origin=[s.start for s in region])
+        ids[zone] = merger.add(zone, labels[instance_seams.within(instance_seams.grow(zone, 1, shape), region)])
+    whole = instances.labels_from_probabilities(probs)
+    assert not same_partition(whole, ids)
+    assert len(merger.pairs()) > 0
+    assert same_partition(whole, instance_seams.relabel(ids, merger.finish()))
+
+
+def test_touching_objects_facing_each_other_across_a_seam_stay_apart():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:18, 2:10] = 1
+    labels[2:18, 10:18] = 2  # their contact line is exactly the seam at x = 10
+    probs = probabilities(labels)
+    tiled = instance_seams.labels_tiled(probs, (20, 10), halo=10)
+    assert tiled.max() == 2
+    assert same_partition(instances.labels_from_probabilities(probs), tiled)
+    assert instance_metrics.image_counts(labels, tiled, (0.9,))[0.9].tp == 2
+
+
+def test_halo_below_one_pixel_refused():
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        instance_seams.labels_tiled(np.zeros((8, 8, 3)), 4, halo=0)
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+
+def test_measure_objects_in_pixels_and_micrometres(tmp_path):
+    labels = np.zeros((6, 8), np.uint16)
+    labels[1:3, 2:5] = 4      # 2 x 3 pixels, centroid (1.5, 3)
+    labels[5, 7] = 9
+    image = np.zeros((6, 8, 2), np.float32)
+    image[1:3, 2:5] = [10, 1]
+    image[1, 2] = [16, 1]
+    rows = instances.measure_objects(labels, image, spacing_um=(0.5, 0.25), name="a.tif")
+    assert [r["id"] for r in rows] == [4, 9]
+    first = rows[0]
+    assert first["image"] == "a.tif" and first["area_px"] == 6 and first["area_um2"] == pytest.approx(0.75)
+    assert (first["centroid_y_px"], first["centroid_x_px"]) == (1.5, 3.0)
+    assert (first["centroid_y_um"], first["centroid_x_um"]) == (0.75, 0.75)
+    assert (first["bbox_y_min"], first["bbox_x_min"], first["bbox_y_max"], first["bbox_x_max"]) == (1, 2, 3, 5)
+    assert first["mean_intensity_c0"] == pytest.approx(11.0) and first["mean_intensity_c1"] == 1.0
+    assert list(first) == instances.object_columns(2, 2)
+    unknown = instances.measure_objects(labels, image[..., 0])
+    assert unknown[0]["area_um2"] is None and unknown[0]["centroid_x_um"] is None
+    assert unknown[0]["mean_intensity_c0"] == pytest.approx(11.0)
+    path = str(tmp_path / "objects.csv")
+    instances.write_objects_csv(path, unknown, instances.object_columns(2, 1))
+    with open(path, newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert read[1]["id"] == "9" and read[1]["area_um2"] == "" and os.listdir(tmp_path) == ["objects.csv"]
+
+
+def test_measure_volume_with_spacing():
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 2:6] = 1  # 2 x 3 x 4 voxels
+    rows = instances.measure_objects(labels, spacing_um=(2.0, 0.5, 0.5))
+    assert rows[0]["volume_px"] == 24 and rows[0]["volume_um3"] == pytest.approx(12.0)
+    assert rows[0]["centroid_z_um"] == pytest.approx(3.0) and rows[0]["bbox_x_max"] == 6
+    assert "mean_intensity_c0" not in rows[0]
+
+
+def test_spacing_from_calibration():
+    assert instances.spacing_from_calibration(Calibration((650.0, 500.0), "nanometer"), 2) == \
+        pytest.approx((0.65, 0.5))
+    assert instances.spacing_from_calibration(None, 2) is None
+    assert instances.spacing_from_calibration(Calibration((1.0, 1.0), "micrometer"), 3) is None
+
+
+# ---- the benchmark script -----------------------------------------------------------------------------------------
+
+def test_bench_instances_reports_the_ceiling_on_training_images_only(tmp_path, capsys):
+    import tifffile
+
+    spec = importlib.util.spec_from_file_location("bench_instances",
+                                                  os.path.join(ROOT, "benchmarks", "bench_instances.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        tifffile.imwrite(tmp_path / "masks" / f"m{i}.tif", touching_objects((64, 64), 8, 6, seed=i).astype(np.uint16))
+    (tmp_path / "test_files.txt").write_text("m2.tif\n")
+    assert [os.path.basename(m) for m in bench.training_masks(str(tmp_path))] == ["m0.tif", "m1.tif"]
+    assert bench.main(["--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images, 16 objects" in out and "(defaults)     AP@0.5 = 1.000" in out
