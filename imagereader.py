@@ -61,7 +61,6 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import augment as augmentation
-import augment3d
 from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
 from reader_worker import _Plan, _Producer, _eval_shape, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
 from segkit import cliutil
@@ -228,6 +227,11 @@ class ImageReader:
             self._crop_shape = self._resolve_crop(crop_size, size_factor)
         volume_augment = augment and mode == "train" and len(self._crop_shape) == 3
         spacings = self._voxel_sizes() if volume_augment else None
+        params_3d = None
+        if volume_augment:
+            import augment3d  # only for volumes: its imports (scipy) cost a second
+
+            params_3d = augment3d.AugmentParams3D()
         mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
             (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
         max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(self._crop_shape)
@@ -239,7 +243,7 @@ class ImageReader:
             workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
             crop_shape=self._crop_shape if mode == "train" else None,
             params=augmentation.AugmentParams() if (augment and mode == "train") else None,
-            params_3d=augment3d.AugmentParams3D() if volume_augment else None, spacings_zyx_um=spacings,
+            params_3d=params_3d, spacings_zyx_um=spacings,
             weights=None if database_weights is None else tuple(float(w) for w in database_weights),
             class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
             eval_batches=eval_batches, eval_shapes=eval_shapes,

@@ -17,7 +17,6 @@ from typing import Sequence
 import numpy as np
 
 import augment as augmentation
-import augment3d
 from reader_sampling import RandomSampler, ShuffleOrder
 from segkit import cliutil
 from segkit import image_io
@@ -48,7 +47,7 @@ class _Plan:
     mask_dtype: str
     slots: int
     slot_bytes: int
-    params_3d: augment3d.AugmentParams3D | None = None   # volumes; None: plain random crops
+    params_3d: "augment3d.AugmentParams3D | None" = None  # volumes; None: plain random crops
     spacings_zyx_um: tuple | None = None                 # per database, the voxel size (volumes)
 
 
@@ -70,7 +69,12 @@ class _Producer:
         import cv2
 
         cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
-        augment3d.tune_allocator()  # 3D samples reuse freed heap instead of page-faulting fresh memory
+        self.augment3d = None
+        if plan.params_3d is not None:  # imported only here: it costs 2-D workers a second of start-up
+            import augment3d
+
+            augment3d.tune_allocator()  # 3D samples reuse freed heap instead of page-faulting fresh memory
+            self.augment3d = augment3d
         self.plan = plan
         self.ring = ring
         self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
@@ -136,8 +140,8 @@ class _Producer:
                 image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, shape, params)
             elif plan.params_3d is not None:  # context read around the crop; mirror only past the record
                 spacing = plan.spacings_zyx_um[self.database(int(index))]
-                image, mask = augment3d.make_sample_3d(record.image_hwc, record.mask_hw, self.augment_rng, shape,
-                                                       spacing, plan.params_3d)
+                image, mask = self.augment3d.make_sample_3d(record.image_hwc, record.mask_hw, self.augment_rng,
+                                                            shape, spacing, plan.params_3d)
             else:
                 image, mask = _random_crop(record.image_hwc, record.mask_hw, self.augment_rng, shape)
             images[i] = image_io.normalize(image, mean, std)

@@ -38,7 +38,8 @@ before; the "two independent processes" check gave x1.93-1.98), batch 16 (NIST) 
 
 3D (``--suite fib``): the FIB-SEM sample (/work/shared/data/neuroproof-fib-sample, 200x250x250 uint8, 10 nm
 isotropic) built with ``--mask_type instances`` (boundary target, one whole-volume record), default 3D
-augmentation (augment3d), batch 4; figures per crop and worker count with the load and the CPU seconds
+augmentation (augment3d), batch 4, and the same keeping every 5th section (anisotropic, 16x128x128 only);
+figures per crop and worker count with the load and the CPU seconds
 per sample (samples per CPU second = 1e6 / that), since the machine is shared. Results: README, "Reader".
 """
 from __future__ import annotations
@@ -105,23 +106,41 @@ def build_rgb(work: str, count: int = 24) -> str:
     return write_database(os.path.join(work, "rgb512.lmdb"), samples, tile_size=512)
 
 
-def build_fib(work: str) -> str | None:
+def _every_kth_section(work: str, every: int) -> str:
+    """A copy of the FIB-SEM sample keeping every k-th section: anisotropic data (10 x 10 x 10k nm)."""
+    import tifffile
+
+    root = os.path.join(work, f"fib_every{every}")
+    for kind in ("images", "masks"):
+        os.makedirs(os.path.join(root, kind))
+        for name in os.listdir(os.path.join(FIB, kind)):
+            stack = tifffile.imread(os.path.join(FIB, kind, name))[::every]
+            tifffile.imwrite(os.path.join(root, kind, name), stack, imagej=True, resolution=(100, 100),
+                             metadata={"axes": "ZYX", "spacing": 0.01 * every, "unit": "um"})
+    shutil.copy(os.path.join(FIB, "test_files.txt"), root)
+    return root
+
+
+def build_fib(work: str, every: int = 1) -> str | None:
     if not os.path.isdir(FIB):
         print(f"FIB-SEM sample absent ({FIB}); skipped")
         return None
-    subprocess.run([sys.executable, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", os.path.join(FIB, "images"),
-                    "--mask_folder", os.path.join(FIB, "masks"), "--output_folder", work, "--dataset_name", "fib",
-                    "--mask_type", "instances", "--test_list", os.path.join(FIB, "test_files.txt")],
+    source = FIB if every == 1 else _every_kth_section(work, every)
+    name = f"fib{every}"
+    subprocess.run([sys.executable, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", os.path.join(source, "images"),
+                    "--mask_folder", os.path.join(source, "masks"), "--output_folder", work, "--dataset_name", name,
+                    "--mask_type", "instances", "--test_list", os.path.join(source, "test_files.txt")],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return os.path.join(work, "train-fib.lmdb")
+    return os.path.join(work, f"train-{name}.lmdb")
 
 
-def bench_3d(database: str, workers: list[int], batch_size: int, seconds: float) -> None:
+def bench_3d(database: str, workers: list[int], batch_size: int, seconds: float, crops=FIB_CROPS,
+             title: str = "FIB-SEM") -> None:
     """Samples/s of 3D crops with the default 3D augmentation, per crop and worker count."""
-    for crop in FIB_CROPS:
-        label = "x".join(map(str, crop))
+    for crop in crops:
+        label = f"{title} crop {'x'.join(map(str, crop))}"
         cost = make_cost(database, True, batch_size, max(4, 64 // batch_size), crop_size=crop)
-        print(f"\n== FIB-SEM crop {label}, default 3D augmentation, batch {batch_size}: one sample costs {cost / 1e3:.1f} ms "
+        print(f"\n== {label}, default 3D augmentation, batch {batch_size}: one sample costs {cost / 1e3:.1f} ms "
               f"on one core (= {1e6 / cost:.0f} samples per CPU second)  [load {load()}]")
         first = None
         for n in workers:
@@ -288,6 +307,8 @@ def main(argv=None) -> int:
             fib = build_fib(work) if args.suite in ("all", "fib") else None
             if fib:
                 bench_3d(fib, args.workers, max(1, args.batch_size // 4), args.seconds)
+                bench_3d(build_fib(work, 5), args.workers, max(1, args.batch_size // 4), args.seconds,
+                         crops=FIB_CROPS[:1], title="FIB-SEM every 5th section (10x10x50 nm, anisotropic)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average at end: {load()}")
