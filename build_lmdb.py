@@ -14,6 +14,8 @@ writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb
   ``--use_tiling 1`` one per tile (``tiling.tile_grid``; images smaller than the tile are
   mirror-padded, image and mask alike, and the record's origin is negative).
 * Masks are stored in the smallest unsigned type that holds their values (uint8 below 256).
+* Volumes (TIFF z-stacks, ``.zarr``, ``.h5``; ``segkit/build_volume.py``) and instance masks
+  (``--mask_type instances``; ``segkit/instance_targets.py``): README, "Volumes" and "Instance masks".
 * Validation happens in the same single pass that encodes; nothing is renamed into place
   unless every file is valid. Bad input: one line on stderr, exit code 2.
 * Also writes ``OUT/split-NAME.csv`` (columns file, split).
