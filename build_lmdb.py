@@ -14,6 +14,8 @@ writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb
   ``--use_tiling 1`` one per tile (``tiling.tile_grid``; images smaller than the tile are
   mirror-padded, image and mask alike, and the record's origin is negative).
 * Masks are stored in the smallest unsigned type that holds their values (uint8 below 256).
+* Volumes (TIFF z-stacks, ``.zarr``, ``.h5``; ``segkit/build_volume.py``) and instance masks
+  (``--mask_type instances``; ``segkit/instance_targets.py``): README, "Volumes" and "Instance masks".
 * Validation happens in the same single pass that encodes; nothing is renamed into place
   unless every file is valid. Bad input: one line on stderr, exit code 2.
 * Also writes ``OUT/split-NAME.csv`` (columns file, split).
@@ -43,11 +45,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from segkit import build_volume
 from segkit import cliutil
 from segkit import image_io
+from segkit import instance_targets
 from segkit import lmdb_format
 from segkit import lmdb_store
 from segkit import tiling
+from segkit import volume_io
 from segkit.cliutil import InputError
 
 log = logging.getLogger("build_lmdb")
@@ -60,6 +65,7 @@ MAX_CLASSES = 2**31
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
 TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
 MAX_LISTED = 8
+MASK_TYPES = ("classes", "instances")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,6 +107,8 @@ def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
     """(image name, mask name) pairs matched by file stem, sorted by image name."""
     for folder in dict.fromkeys((image_folder, mask_folder)):
         warn_dangling_links(folder)
+    if build_volume.is_container_format(image_format):
+        return _pair_containers(image_folder, mask_folder, image_format, mask_format or image_format)
     images = image_io.list_images(image_folder, image_format)
     if not images:
         raise InputError(image_io.no_images_message(image_folder, image_format))
@@ -112,6 +120,23 @@ def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
     if not masks:
         raise InputError(f"{mask_folder}: no mask files found (looked for "
                          f"{mask_format or ', '.join(MASK_EXTENSIONS)}); check --mask_folder")
+    return _pair_by_stem(images, masks, image_folder, mask_folder)
+
+
+def _pair_containers(image_folder: str, mask_folder: str, image_format: str,
+                     mask_format: str) -> list[tuple[str, str]]:
+    """Pairs of ``.zarr`` stores or HDF5 files by stem (masks may be the image files themselves)."""
+    images = build_volume.list_containers(image_folder, image_format)
+    if not images:
+        raise InputError(image_io.no_images_message(image_folder, image_format))
+    masks = build_volume.list_containers(mask_folder, mask_format)
+    if not masks:
+        raise InputError(f"{mask_folder}: no {image_io.normalize_extension(mask_format)} mask volumes found; "
+                         "check --mask_folder and --mask_format")
+    return _pair_by_stem(images, masks, image_folder, mask_folder)
+
+
+def _pair_by_stem(images: list[str], masks: list[str], image_folder: str, mask_folder: str) -> list[tuple[str, str]]:
     image_by_stem = _by_stem(images, image_folder, "--image_format")
     mask_by_stem = _by_stem(masks, mask_folder, "--mask_format")
     lonely_images = sorted(image_by_stem[s] for s in image_by_stem.keys() - mask_by_stem.keys())
@@ -175,11 +200,16 @@ class Task:
     image_path: str
     mask_path: str
     split: str
-    tile_size: int | None
+    tile_size: int | tuple[int, ...] | None  # one value, or (z, y, x) for volumes
     tile_stride: int | None
     mask_map: dict[int, int]
     number_classes: int | None
     source_index: int  # position of the image in its split's metadata "sources"
+    mask_type: str = "classes"
+    instance_target: str | None = None  # None: chosen from each mask (instance_targets.choose_target)
+    voxel_size: tuple[float, float, float] | None = None  # --voxel_size, overrides the files' metadata
+    image_dataset: str | None = None
+    mask_dataset: str | None = None
 
 
 @dataclass
@@ -193,6 +223,9 @@ class Encoded:
     records: list[bytes]
     record_classes: list[list[int]]
     class_counts: np.ndarray  # pixels per class id, over the records (tiles may overlap)
+    spatial_rank: int = 2
+    voxel_size: tuple[float, float, float] | None = None
+    choice: instance_targets.Choice | None = None  # --mask_type instances: the target and why
 
 
 def _read(path: str) -> np.ndarray:
@@ -206,9 +239,9 @@ def _read(path: str) -> np.ndarray:
     return array
 
 
-def load_image(path: str) -> np.ndarray:
-    """Read and check an image; returns image_hwc."""
-    array = _read(path)
+def load_image(path: str, array: np.ndarray | None = None) -> np.ndarray:
+    """Read (unless ``array`` was read already) and check an image; returns image_hwc."""
+    array = _read(path) if array is None else array
     stack = image_io.tiff_stack_hint(path, array)
     if stack:
         raise InputError(f"{path}: {stack}; build_lmdb takes 2-D images (HW or HWC): save each slice as its own "
@@ -233,20 +266,30 @@ def _values_hint(values: np.ndarray, number_classes: int) -> str:
 def load_mask(path: str, image_hw: tuple[int, int], mask_map: dict[int, int],
               number_classes: int | None) -> np.ndarray:
     """Read and check a mask against its image; returns mask_hw in the smallest unsigned type."""
+    return class_mask(read_mask(path, image_hw), path, mask_map, number_classes)
+
+
+def read_mask(path: str, image_hw: tuple[int, int]) -> np.ndarray:
+    """Read a 2-D mask and check its shape against its image (values unchecked)."""
     mask = _read(path)
     if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[2]):
         mask = mask.reshape(mask.shape[:2] if mask.shape[2] == 1 else mask.shape[1:])
     if mask.ndim != 2:
         raise InputError(f"{path}: mask has shape {mask.shape}; masks must be single-channel (one class id per "
                          "pixel): save it as a grayscale image")
+    if mask.shape != tuple(image_hw):
+        raise InputError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                         f"{image_hw[0]}x{image_hw[1]} (height x width); they must match pixel for pixel")
+    return mask
+
+
+def class_mask(mask: np.ndarray, path: str, mask_map: dict[int, int], number_classes: int | None) -> np.ndarray:
+    """Check a mask's class ids (any number of spatial axes); returns it in the smallest unsigned type."""
     if mask.dtype == bool:
         mask = mask.astype(np.uint8)
     if mask.dtype.kind not in "ui":
         raise InputError(f"{path}: mask pixel type is {mask.dtype.name}, not an integer type; masks hold integer "
                          "class ids: save it as uint8, uint16 or int32")
-    if mask.shape != tuple(image_hw):
-        raise InputError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                         f"{image_hw[0]}x{image_hw[1]} (height x width); they must match pixel for pixel")
     if mask.size and mask.dtype.kind == "i" and int(mask.min()) < 0:
         raise InputError(f"{path}: mask has negative values (minimum {int(mask.min())}); class ids must be "
                          ">= 0 with 0 = background")
@@ -266,26 +309,62 @@ def _centered_pad(short_by: int) -> tuple[int, int]:
     return before, max(short_by, 0) - before
 
 
-def iter_records(image_hwc: np.ndarray, mask_hw: np.ndarray, tile_size: int | None,
-                 tile_stride: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
-    """(image_hwc, mask_hw, origin_yx) per record: the whole image, or tiles of the padded image."""
+def iter_records(image: np.ndarray, mask: np.ndarray, tile_size: int | tuple[int, ...] | None,
+                 tile_stride: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
+    """(image, mask, origin) per record (HWC / HW or ZYXC / ZYX): the whole array, or tiles of the padded one."""
     if tile_size is None:
-        yield image_hwc, mask_hw, (0, 0)
+        yield image, mask, (0,) * mask.ndim
         return
-    height, width = mask_hw.shape
-    pad_y, pad_x = _centered_pad(tile_size - height), _centered_pad(tile_size - width)
-    image = image_io.mirror_pad(image_hwc, pad_y, pad_x)
-    mask = image_io.mirror_pad(mask_hw, pad_y, pad_x)
-    for y, x in tiling.tile_grid(image.shape[0], image.shape[1], tile_size, tile_stride):
-        yield (image[y : y + tile_size, x : x + tile_size], mask[y : y + tile_size, x : x + tile_size],
-               (y - pad_y[0], x - pad_x[0]))
+    tiles = tiling.per_axis(tile_size, mask.ndim, "--tile_size")
+    strides = tiles if tile_stride is None else tiling.per_axis(tile_stride, mask.ndim, "--tile_stride")
+    pads = [_centered_pad(t - n) for t, n in zip(tiles, mask.shape)]
+    image, mask = image_io.mirror_pad(image, pads), image_io.mirror_pad(mask, pads)
+    for origin in tiling.tile_origins(mask.shape, tiles, strides):
+        region = tuple(slice(o, o + t) for o, t in zip(origin, tiles))
+        yield image[region], mask[region], tuple(o - pad[0] for o, pad in zip(origin, pads))
+
+
+def target_mask(mask: np.ndarray, task: Task) -> tuple[np.ndarray, instance_targets.Choice | None]:
+    """The stored class mask: the mask's class ids, or the training target of an instance mask."""
+    if task.mask_type == "classes":
+        return class_mask(mask, task.mask_path, task.mask_map, task.number_classes), None
+    instance_targets.check_instances(mask, task.mask_path)
+    choice = instance_targets.choose_target(mask, task.instance_target)
+    return instance_targets.make_target(mask, choice.target), choice
 
 
 def encode_pair(task: Task) -> Encoded:
-    """Read, validate and encode one image/mask pair (runs in a worker process)."""
-    image = load_image(task.image_path)
-    mask = load_mask(task.mask_path, image.shape[:2], task.mask_map, task.number_classes)
+    """Read, validate and encode one image/mask pair, 2-D or volume (runs in a worker process)."""
+    array = None if build_volume.is_volume_file(task.image_path) else _read(task.image_path)
+    if build_volume.is_volume_file(task.image_path, array):
+        return encode_volume(task, image_io.tiff_stack_hint(task.image_path, array) if array is not None else None)
+    image = load_image(task.image_path, array)
+    if isinstance(task.tile_size, tuple):
+        raise InputError(f"{task.image_path}: a 2-D image, but --tile_size {','.join(map(str, task.tile_size))} "
+                         "has one value per axis of a volume; give one tile size for 2-D images")
+    mask, choice = target_mask(read_mask(task.mask_path, image.shape[:2]), task)
+    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
+              "height": int(image.shape[0]), "width": int(image.shape[1])}
+    return _encode_records(task, image, mask, source, choice=choice)
+
+
+def encode_volume(task: Task, stack_hint: str | None = None) -> Encoded:
+    """Read, validate and encode one volume pair (TIFF stack, Zarr, HDF5): image ZYXC, mask ZYX."""
+    image, labels, spacing = build_volume.load_volume_pair(
+        task.image_path, task.mask_path, image_dataset=task.image_dataset, mask_dataset=task.mask_dataset,
+        voxel_size_zyx_um=task.voxel_size, stack_hint=stack_hint)
+    mask, choice = target_mask(labels, task)
+    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
+              "depth": int(image.shape[0]), "height": int(image.shape[1]), "width": int(image.shape[2]),
+              "voxel_size_zyx_um": list(spacing)}
+    return _encode_records(task, image, mask, source, spacing, choice)
+
+
+def _encode_records(task: Task, image: np.ndarray, mask: np.ndarray, source: dict[str, Any],
+                    spacing: tuple[float, float, float] | None = None,
+                    choice: instance_targets.Choice | None = None) -> Encoded:
     mean, std = image_io.image_stats(image)
+    source.update(mean=mean, std=std)
     records, record_classes = [], []
     counts = np.zeros(int(mask.max()) + 1 if mask.size else 1, np.int64)
     for tile_image, tile_mask, origin in iter_records(image, mask, task.tile_size, task.tile_stride):
@@ -295,9 +374,10 @@ def encode_pair(task: Task) -> Encoded:
         record = lmdb_format.Record(tile_image, tile_mask, task.source_index, origin, classes)
         records.append(lmdb_format.encode_record(record))
         record_classes.append(classes)
-    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
-              "height": int(image.shape[0]), "width": int(image.shape[1]), "mean": mean, "std": std}
-    return Encoded(task, source, image.dtype.name, int(image.shape[2]), records, record_classes, counts)
+    if choice is not None:
+        source["instance_target"] = {"target": choice.target, "reason": choice.reason}
+    return Encoded(task, source, image.dtype.name, int(image.shape[-1]), records, record_classes, counts,
+                   mask.ndim, spacing, choice)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -338,6 +418,7 @@ class BuildSummary:
     number_classes: int
     seconds: float
     split_csv: str | None = None
+    notes: list[str] = field(default_factory=list)  # volumes and instance targets: what was chosen and why
 
     def format(self) -> str:
         total = sum(s.images for s in self.splits.values())
@@ -348,6 +429,7 @@ class BuildSummary:
             lines.append(f"  {name:5s} {s.images:5d} images -> {s.records:6d} records, {s.nbytes / 1e6:8.1f} MB  "
                          f"{os.path.abspath(s.path)}")
             lines.append(f"        class pixel fractions: {fractions}")
+        lines.extend(f"  {note}" for note in self.notes)
         if self.split_csv:
             lines.append(f"  split (file -> train/test): {os.path.abspath(self.split_csv)}")
         return "\n".join(lines)
@@ -361,27 +443,72 @@ def default_workers() -> int:
     return max(1, min(4, cpus))
 
 
+def parse_tile_size(value: int | str | Sequence[int]) -> int | tuple[int, int, int]:
+    """``--tile_size``: one edge (``512``) or one per volume axis (``16,128,128``, z,y,x)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    parts = [p for p in str(value).replace(",", " ").split()] if isinstance(value, str) else list(value)
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3):
+        raise InputError(f"--tile_size must be one integer or three (z,y,x, for volumes), got {value!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _check_tile(tile_size: int | tuple[int, ...], tile_stride: int | None, volumes: bool) -> None:
+    """2-D tiles (one value) are multiples of 32; volume tiles are free (the reader crops to the size factor)."""
+    if isinstance(tile_size, tuple) or volumes:
+        tiles = tile_size if isinstance(tile_size, tuple) else (tile_size,)
+        if not all(1 <= t <= MAX_TILE for t in tiles):
+            raise InputError(f"--tile_size must be between 1 and {MAX_TILE} voxels per axis, got {tile_size}")
+        if tile_stride is not None and not 1 <= tile_stride <= min(tiles):
+            raise InputError(f"--tile_stride must be between 1 and the smallest --tile_size {min(tiles)}, got {tile_stride}")
+        return
+    if not TILE_MULTIPLE <= tile_size <= MAX_TILE:
+        raise InputError(f"--tile_size must be between {TILE_MULTIPLE} and {MAX_TILE} pixels, got {tile_size}")
+    if tile_size <= 0 or tile_size % TILE_MULTIPLE:
+        raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
+                         f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
+    if tile_stride is not None and not 1 <= tile_stride <= tile_size:
+        raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
+
+
+def _check_instance_flags(mask_type: str, instance_target: str | None, number_classes: int | None,
+                          mask_map: str | dict | None) -> None:
+    if mask_type not in MASK_TYPES:
+        raise InputError(f"--mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
+    if instance_target not in (None, "auto") + instance_targets.TARGETS:
+        raise InputError(f"--instance_target must be one of auto, {', '.join(instance_targets.TARGETS)}, "
+                         f"got {instance_target!r}")
+    if mask_type == "classes":
+        if instance_target not in (None, "auto"):
+            raise InputError("--instance_target only applies with --mask_type instances")
+        return
+    for flag, value in (("--number_classes", number_classes), ("--mask_map", mask_map)):
+        if value:
+            raise InputError(f"{flag} does not apply to --mask_type instances (the instance target sets the "
+                             "classes); drop it")
+
+
 def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction, use_tiling, tile_size,
-                     tile_stride, number_classes, workers, test_list, seed=0) -> None:
+                     tile_stride, number_classes, workers, test_list, seed=0, image_format="tif") -> None:
     for flag, folder in (("--image_folder", image_folder), ("--mask_folder", mask_folder)):
         if not os.path.isdir(folder):
             raise InputError(f"{flag} {folder}: no such folder")
-    if os.path.samefile(image_folder, mask_folder):
+    containers = build_volume.is_container_format(image_format)
+    if os.path.samefile(image_folder, mask_folder) and not containers:
         raise InputError(f"--image_folder and --mask_folder are the same folder ({image_folder}); "
                          "keep masks in their own folder, named like their images")
     if not dataset_name or os.sep in dataset_name or "/" in dataset_name or dataset_name.startswith("."):
         raise InputError(f"--dataset_name {dataset_name!r}: give a plain name (no '/', not starting with '.')")
     if not math.isfinite(train_fraction) or (not 0.0 < train_fraction < 1.0 and test_list is None):
         raise InputError(f"--train_fraction must be > 0 and < 1, got {train_fraction}; e.g. 0.8 keeps 20% for test")
-    if use_tiling and not TILE_MULTIPLE <= tile_size <= MAX_TILE:
-        raise InputError(f"--tile_size must be between {TILE_MULTIPLE} and {MAX_TILE} pixels, got {tile_size}")
-    if use_tiling and (tile_size <= 0 or tile_size % TILE_MULTIPLE):
-        raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
-                         f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
     if tile_stride is not None and not use_tiling:
         raise InputError("--tile_stride only applies with --use_tiling 1")
-    if use_tiling and tile_stride is not None and not 1 <= tile_stride <= tile_size:
-        raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
+    if use_tiling:
+        _check_tile(tile_size, tile_stride, containers)
     if number_classes is not None and not 1 <= number_classes <= MAX_CLASSES:
         raise InputError(f"--number_classes must be between 1 (background counts as a class) and {MAX_CLASSES}, "
                          f"got {number_classes}")
@@ -404,6 +531,14 @@ def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
 def _check_consistent(encoded: Encoded, first: Encoded | None) -> None:
     if first is None:
         return
+    if encoded.spatial_rank != first.spatial_rank:
+        kinds = {2: "a 2-D image", 3: "a volume"}
+        raise InputError(f"{encoded.task.image_path} is {kinds[encoded.spatial_rank]} but {first.task.image_path} is "
+                         f"{kinds[first.spatial_rank]}; a database holds one kind: build them separately")
+    if encoded.choice is not None and encoded.choice.target != first.choice.target:
+        raise InputError(f"{encoded.task.mask_path}: instance target {encoded.choice.target} ({encoded.choice.reason}) "
+                         f"differs from {first.task.mask_path}'s {first.choice.target} ({first.choice.reason}); "
+                         f"choose one with --instance_target {'|'.join(instance_targets.TARGETS)}")
     for what, a, b in (("channels", encoded.channels, first.channels),
                        ("pixel type", encoded.image_dtype, first.image_dtype)):
         if a != b:
@@ -482,14 +617,25 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
                     tile_size: int = 512, tile_stride: int | None = None, seed: int = 0,
                     test_list: str | None = None, number_classes: int | None = None,
                     mask_map: str | dict | None = None, workers: int | None = None, overwrite: bool = False,
-                    mask_format: str | None = None, progress: bool = True) -> BuildSummary:
-    """Build ``train-NAME.lmdb`` and ``test-NAME.lmdb`` in ``output_folder``; raises InputError on bad input."""
+                    mask_format: str | None = None, progress: bool = True, mask_type: str = "classes",
+                    instance_target: str | None = None, voxel_size: str | Sequence[float] | None = None,
+                    image_dataset: str | None = None, mask_dataset: str | None = None) -> BuildSummary:
+    """Build ``train-NAME.lmdb`` and ``test-NAME.lmdb`` in ``output_folder``; raises InputError on bad input.
+
+    2-D images or volumes (README "Volumes"); ``mask_type="instances"``: masks are instance labels and the
+    database stores a target of ``segkit/instance_targets``.
+    """
     start = time.perf_counter()
     workers = default_workers() if workers is None else workers
+    tile_size = parse_tile_size(tile_size)
     check_parameters(image_folder=image_folder, mask_folder=mask_folder, dataset_name=dataset_name,
                      train_fraction=train_fraction, use_tiling=use_tiling, tile_size=tile_size,
                      tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list,
-                     seed=seed)
+                     seed=seed, image_format=image_format)
+    _check_instance_flags(mask_type, instance_target, number_classes, mask_map)
+    spacing = None
+    if voxel_size is not None:
+        spacing = volume_io.parse_voxel_size(voxel_size if isinstance(voxel_size, str) else ",".join(map(str, voxel_size)))
     mapping = parse_mask_map(mask_map)
     lmdb_store.check_output_folder(output_folder)
     finals = lmdb_store.database_paths(output_folder, dataset_name)
@@ -506,16 +652,19 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
     mask_of = dict(pairs)
     tasks = [Task(os.path.join(image_folder, n), os.path.join(mask_folder, mask_of[n]), s,
                   tile_size if use_tiling else None, tile_stride if use_tiling else None, mapping, number_classes,
-                  index)
+                  index, mask_type, None if instance_target == "auto" else instance_target, spacing,
+                  image_dataset, mask_dataset)
              for s in SPLITS for index, n in enumerate(split[s])]
     created_folder = not os.path.isdir(output_folder)
     os.makedirs(output_folder, exist_ok=True)
     databases: dict[str, lmdb_store.TempDatabase] = {}
     try:
         results, first = _write_all(tasks, finals, databases, workers, progress)
-        if use_tiling:
+        if use_tiling and first.spatial_rank == 2:
             _check_tile_fits(tile_size, [(s["height"], s["width"]) for r in results.values() for s in r.sources])
         classes = number_classes or max(max(r.class_pixel_counts, default=0) for r in results.values()) + 1
+        if first.choice is not None:
+            classes = instance_targets.CLASSES[first.choice.target]
         build = {"id": uuid.uuid4().hex, "dataset_name": dataset_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "train_fraction": None if test_list else train_fraction, "test_list": test_list,
                  "mask_map": {str(k): v for k, v in mapping.items()}, "image_folder": os.path.abspath(image_folder),
@@ -523,10 +672,12 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
         for name in SPLITS:
             r = results[name]
             meta = lmdb_format.make_metadata(
-                channels=first.channels, image_dtype=first.image_dtype, tile_size=tile_size if use_tiling else None,
-                tile_stride=(tile_stride or tile_size) if use_tiling else None, num_records=r.records,
+                channels=first.channels, image_dtype=first.image_dtype, tile_size=_stored_tile(tile_size) if use_tiling else None,
+                tile_stride=(tile_stride or _stored_tile(tile_size)) if use_tiling else None, num_records=r.records,
                 class_pixel_counts=r.class_pixel_counts, class_records=r.class_records, sources=r.sources,
-                split=name, seed=None if test_list else seed, number_classes=classes)
+                split=name, seed=None if test_list else seed, number_classes=classes,
+                spatial_rank=first.spatial_rank, voxel_size_zyx_um=first.voxel_size, mask_type=mask_type,
+                instance_target=_target_metadata(first.choice))
             meta["build"] = build
             databases[name].finish(meta)
         for name in SPLITS:
@@ -544,7 +695,30 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
             raise fault from None
         raise
     log.info("wrote %s (the file -> split of every image)", split_csv)
-    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start, split_csv)
+    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start, split_csv,
+                        _notes(first))
+
+
+def _stored_tile(tile_size: int | tuple[int, ...]) -> int | list[int]:
+    return list(tile_size) if isinstance(tile_size, tuple) else tile_size
+
+
+def _target_metadata(choice: instance_targets.Choice | None) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    return {"target": choice.target, "number_classes": instance_targets.CLASSES[choice.target],
+            "reason": choice.reason, "classes": instance_targets.CLASS_NAMES[choice.target]}
+
+
+def _notes(first: Encoded) -> list[str]:
+    notes = []
+    if first.spatial_rank == 3:
+        notes.append("volumes (3 spatial axes), voxel size z,y,x = "
+                     + ", ".join(f"{v:.6g}" for v in first.voxel_size) + " um")
+    if first.choice is not None:
+        names = ", ".join(f"{c} {n}" for c, n in enumerate(instance_targets.CLASS_NAMES[first.choice.target]))
+        notes.append(f"instance masks -> {first.choice.target} target ({names}); why: {first.choice.reason}")
+    return notes
 
 
 def write_split_csv(output_folder: str, dataset_name: str, split: dict[str, list[str]]) -> str:
@@ -604,7 +778,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--image_format", default="tif", help="file extension of the images (tif also matches tiff)")
     p.add_argument("--mask_format", default=None, help="file extension of the masks (default: any image extension)")
     p.add_argument("--use_tiling", type=cliutil.str2bool, default=False, metavar="0/1", help="1 = cut images into tiles")
-    p.add_argument("--tile_size", type=int, default=512, help="tile edge in pixels (multiple of 32)")
+    p.add_argument("--tile_size", default="512",
+                   help="tile edge in pixels (multiple of 32); volumes: one value or z,y,x, e.g. 16,128,128")
     p.add_argument("--tile_stride", type=int, default=None,
                    help="tile step in pixels (default: --tile_size; the last tile slides inward to the border)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
@@ -612,6 +787,18 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--number_classes", type=int, default=None,
                    help="check every mask value is below this (default: no check, classes = max value + 1)")
     p.add_argument("--mask_map", default=None, help="remap mask values first, e.g. 255:1 or 255:1,128:2")
+    p.add_argument("--mask_type", choices=MASK_TYPES, default="classes",
+                   help="classes: mask values are class ids; instances: one id per object (0 = background), "
+                        "stored as a training target (see --instance_target)")
+    p.add_argument("--instance_target", choices=("auto",) + instance_targets.TARGETS, default="auto",
+                   help="target of instance masks: three_class (background, interior, boundary), boundary "
+                        "(membrane / rest); auto: boundary when less than 5%% of the voxels are background")
+    p.add_argument("--voxel_size", default=None,
+                   help="volumes: voxel size z,y,x in micrometres, when the files' metadata lack it (overrides them)")
+    p.add_argument("--image_dataset", default=None,
+                   help="dataset inside .zarr / .h5 images; None: 'raw' if present, else the only one or the OME image")
+    p.add_argument("--mask_dataset", default=None,
+                   help="dataset inside .zarr / .h5 masks; None: 'labels' if present, else the only one")
     p.add_argument("--workers", type=int, default=default_workers(), help="processes decoding images")
     p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="replace existing databases (only once the new ones are complete)")

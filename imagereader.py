@@ -20,8 +20,8 @@ The trainer only picks up ready batches; N worker processes make them.
   database contributes (default: proportional to its size; with ``balanced``, the database is drawn first).
 * Geometry for any number of spatial axes: records are 2-D (image HWC, mask HW) or volumes (ZYXC, ZYX);
   crop sizes, eval crops and the shared-memory slots have one size per spatial axis. 2-D train samples
-  come from ``augment.make_sample``; volumes get plain random crops until augment.py has a pipeline
-  for them (``reader_worker``).
+  come from ``augment.make_sample``; volume train samples from ``augment3d.make_sample_3d`` with the
+  database's ``voxel_size_zyx_um`` (plain random crops with ``augment=False``; ``reader_worker``).
 * Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
   ``size_factor`` on every spatial axis, no augmentation; batches group consecutive records of equal shape. With several shards,
   shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
@@ -225,9 +225,13 @@ class ImageReader:
             self._crop_shape = shapes.pop() if len(shapes) == 1 else None
         else:
             self._crop_shape = self._resolve_crop(crop_size, size_factor)
-            if augment and len(self._crop_shape) != 2:
-                log.warning("augment.py augments 2-D images only; these %d-D records get plain random crops",
-                            len(self._crop_shape))
+        volume_augment = augment and mode == "train" and len(self._crop_shape) == 3
+        spacings = self._voxel_sizes() if volume_augment else None
+        params_3d = None
+        if volume_augment:
+            import augment3d  # only for volumes: its imports (scipy) cost a second
+
+            params_3d = augment3d.AugmentParams3D()
         mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
             (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
         max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(self._crop_shape)
@@ -239,6 +243,7 @@ class ImageReader:
             workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
             crop_shape=self._crop_shape if mode == "train" else None,
             params=augmentation.AugmentParams() if (augment and mode == "train") else None,
+            params_3d=params_3d, spacings_zyx_um=spacings,
             weights=None if database_weights is None else tuple(float(w) for w in database_weights),
             class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
             eval_batches=eval_batches, eval_shapes=eval_shapes,
@@ -264,6 +269,15 @@ class ImageReader:
             if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
                 raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
 
+    def _voxel_sizes(self) -> tuple[tuple[float, float, float], ...]:
+        """Each database's voxel size (z, y, x) in micrometres, which 3D augmentation needs."""
+        missing = [p for p, m in zip(self._paths, self._metadata) if not m.get("voxel_size_zyx_um")]
+        if missing:
+            raise ValueError(f"{missing[0]}: volume database without a voxel size in its metadata, which 3D "
+                             "augmentation needs; rebuild it with build_lmdb.py (--voxel_size z,y,x if the files "
+                             "lack it), or read it with augment=False")
+        return tuple(tuple(float(v) for v in m["voxel_size_zyx_um"]) for m in self._metadata)
+
     def _all_record_shapes(self) -> np.ndarray:
         """(records, spatial axes) of every database, concatenated; one number of spatial axes for all."""
         shapes = [_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)]
@@ -274,11 +288,12 @@ class ImageReader:
 
     def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, ...]:
         """The train crop, one size per spatial axis (the records' number of spatial axes)."""
-        tiles = {m.get("tile_size") for m in self._metadata}
+        tiles = {_tile_tuple(m.get("tile_size")) for m in self._metadata}
         ndim = _record_shapes(self._paths[0], 1).shape[1]  # the first record tells 2-D from volumes
         if crop_size is None:
             if len(tiles) == 1 and None not in tiles:
-                sizes = (int(tiles.pop()),) * ndim
+                tile = tiles.pop()
+                sizes = tile if len(tile) == ndim else tile * ndim
             else:
                 sizes = tuple(int(v) for v in self._all_record_shapes().min(axis=0))
             return tuple(max(v // size_factor, 1) * size_factor for v in sizes)
@@ -481,6 +496,13 @@ class ImageReader:
         signature = (tf.TensorSpec([n, *spatial, self.channels], tf.float32), tf.TensorSpec([n, *spatial], tf.int32))
         return tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
 
+
+
+def _tile_tuple(tile_size) -> tuple[int, ...] | None:
+    """A database's tile size: None, one edge, or one per axis (volumes) -> None or a tuple."""
+    if tile_size is None:
+        return None
+    return tuple(int(v) for v in tile_size) if isinstance(tile_size, (list, tuple)) else (int(tile_size),)
 
 
 def _eval_batches(eval_shapes: np.ndarray, batch_size: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """An ImageReader worker process: makes batches into its shared-memory ring (see imagereader.py).
 
 One home for a sample's geometry for any number of spatial axes (records HWC / HW or ZYXC / ZYX): the
-train crop (2-D through ``augment.make_sample``, volumes through :func:`_random_crop`), the eval crop to the
-size factor, and the shapes of a ring slot.
+train crop (2-D through ``augment.make_sample``, volumes through ``augment3d.make_sample_3d`` with the
+database's voxel size, or :func:`_random_crop` without augmentation), the eval crop to the size factor, and
+the shapes of a ring slot.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class _Plan:
     mask_dtype: str
     slots: int
     slot_bytes: int
+    params_3d: "augment3d.AugmentParams3D | None" = None  # volumes; None: plain random crops
+    spacings_zyx_um: tuple | None = None                 # per database, the voxel size (volumes)
 
 
 def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int,
@@ -66,6 +69,12 @@ class _Producer:
         import cv2
 
         cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
+        self.augment3d = None
+        if plan.params_3d is not None:  # imported only here: it costs 2-D workers a second of start-up
+            import augment3d
+
+            augment3d.tune_allocator()  # 3D samples reuse freed heap instead of page-faulting fresh memory
+            self.augment3d = augment3d
         self.plan = plan
         self.ring = ring
         self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
@@ -88,8 +97,11 @@ class _Producer:
         for env in self.envs:
             env.close()
 
+    def database(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right")) - 1
+
     def record(self, index: int) -> tuple[lmdb_format.Record, np.ndarray, np.ndarray]:
-        db = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        db = self.database(index)
         local = int(index - self.offsets[db])
         value = self.txns[db].get(lmdb_format.record_key(local))
         if value is None:
@@ -126,6 +138,10 @@ class _Producer:
             elif len(shape) == 2:  # augment.py's 2-D pipeline, exactly as before volumes existed
                 params = plan.params or augmentation.AugmentParams.none()
                 image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, shape, params)
+            elif plan.params_3d is not None:  # context read around the crop; mirror only past the record
+                spacing = plan.spacings_zyx_um[self.database(int(index))]
+                image, mask = self.augment3d.make_sample_3d(record.image_hwc, record.mask_hw, self.augment_rng,
+                                                            shape, spacing, plan.params_3d)
             else:
                 image, mask = _random_crop(record.image_hwc, record.mask_hw, self.augment_rng, shape)
             images[i] = image_io.normalize(image, mean, std)
@@ -149,8 +165,7 @@ def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.
 def _random_crop(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
                  shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """A plain random crop of any number of spatial axes (records smaller than the crop: placed at random
-    inside it, mirror-padded around), image as float32 raw values. Volumes take this path until augment.py
-    has a pipeline for them."""
+    inside it, mirror-padded around), image as float32 raw values: volumes without augmentation."""
     origin = [int(rng.integers(min(0, size - n), max(0, size - n) + 1)) for size, n in zip(mask.shape, shape)]
     return _crop(image, origin, shape).astype(np.float32), _crop(mask, origin, shape)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_reader.py                       # NIST 256x256 uint16 + 512x512x3
     .venv/bin/python benchmarks/bench_reader.py --database DB --workers 1 2
+    .venv/bin/python benchmarks/bench_reader.py --suite fib             # 3D: FIB-SEM crops 16x128x128, 64x64x64
 
 Without --database it benchmarks (1) the shared NIST data (100 images 256x256 uint16, single channel),
 built into a temporary train database with build_lmdb.py (tests/lmdb_helpers.py if build_lmdb.py is
@@ -34,6 +35,12 @@ before; the "two independent processes" check gave x1.93-1.98), batch 16 (NIST) 
     the same batches pickled through a pipe: 1760 us / 11000-12300 us.
     start-up (spawn, imports, LMDB open) to the first batch: 0.2-0.8 s.
 (The original design: about 170 and 270 samples/s for NIST with 1 and 2 readers.)
+
+3D (``--suite fib``): the FIB-SEM sample (/work/shared/data/neuroproof-fib-sample, 200x250x250 uint8, 10 nm
+isotropic) built with ``--mask_type instances`` (boundary target, one whole-volume record), default 3D
+augmentation (augment3d), batch 4, and the same keeping every 5th section (anisotropic, 16x128x128 only);
+figures per crop and worker count with the load and the CPU seconds
+per sample (samples per CPU second = 1e6 / that), since the machine is shared. Results: README, "Reader".
 """
 from __future__ import annotations
 
@@ -59,6 +66,9 @@ import imagereader  # noqa: E402
 from imagereader import ImageReader  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
+FIB = next((p for p in (os.path.join(ROOT, "..", "shared", "data", "neuroproof-fib-sample"),
+                         "/work/shared/data/neuroproof-fib-sample") if os.path.isdir(p)), "neuroproof-fib-sample")
+FIB_CROPS = ((16, 128, 128), (64, 64, 64))
 
 
 def load() -> str:
@@ -96,13 +106,59 @@ def build_rgb(work: str, count: int = 24) -> str:
     return write_database(os.path.join(work, "rgb512.lmdb"), samples, tile_size=512)
 
 
+def _every_kth_section(work: str, every: int) -> str:
+    """A copy of the FIB-SEM sample keeping every k-th section: anisotropic data (10 x 10 x 10k nm)."""
+    import tifffile
+
+    root = os.path.join(work, f"fib_every{every}")
+    for kind in ("images", "masks"):
+        os.makedirs(os.path.join(root, kind))
+        for name in os.listdir(os.path.join(FIB, kind)):
+            stack = tifffile.imread(os.path.join(FIB, kind, name))[::every]
+            tifffile.imwrite(os.path.join(root, kind, name), stack, imagej=True, resolution=(100, 100),
+                             metadata={"axes": "ZYX", "spacing": 0.01 * every, "unit": "um"})
+    shutil.copy(os.path.join(FIB, "test_files.txt"), root)
+    return root
+
+
+def build_fib(work: str, every: int = 1) -> str | None:
+    if not os.path.isdir(FIB):
+        print(f"FIB-SEM sample absent ({FIB}); skipped")
+        return None
+    source = FIB if every == 1 else _every_kth_section(work, every)
+    name = f"fib{every}"
+    subprocess.run([sys.executable, os.path.join(ROOT, "build_lmdb.py"), "--image_folder", os.path.join(source, "images"),
+                    "--mask_folder", os.path.join(source, "masks"), "--output_folder", work, "--dataset_name", name,
+                    "--mask_type", "instances", "--test_list", os.path.join(source, "test_files.txt")],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return os.path.join(work, f"train-{name}.lmdb")
+
+
+def bench_3d(database: str, workers: list[int], batch_size: int, seconds: float, crops=FIB_CROPS,
+             title: str = "FIB-SEM") -> None:
+    """Samples/s of 3D crops with the default 3D augmentation, per crop and worker count."""
+    for crop in crops:
+        label = f"{title} crop {'x'.join(map(str, crop))}"
+        cost = make_cost(database, True, batch_size, max(4, 64 // batch_size), crop_size=crop)
+        print(f"\n== {label}, default 3D augmentation, batch {batch_size}: one sample costs {cost / 1e3:.1f} ms "
+              f"on one core (= {1e6 / cost:.0f} samples per CPU second)  [load {load()}]")
+        first = None
+        for n in workers:
+            rate, cores, consumer = throughput(database, n, True, batch_size, seconds, crop_size=crop)
+            first = first or rate
+            print(f"    reader, workers {n}: {rate:6.0f} samples/s  (x{rate / first:.2f} of {workers[0]} worker); workers "
+                  f"got {cores:.2f} cores ({cores / rate * 1e6:5.0f} us CPU/sample = {rate / max(cores, 1e-9):.0f} samples "
+                  f"per CPU second), consumer {consumer:.2f} cores  [load {load()}]")
+
+
 def throughput(database: str, workers: int, augment: bool, batch_size: int, seconds: float,
-               verbose: bool = False) -> tuple[float, float, float]:
+               verbose: bool = False, crop_size=None) -> tuple[float, float, float]:
     """(samples/s, CPU cores the workers got, CPU cores the consumer used) in the steady state."""
     import psutil
 
     start = time.perf_counter()
-    with ImageReader(database, batch_size=batch_size, workers=workers, augment=augment, seed=0) as reader:
+    with ImageReader(database, batch_size=batch_size, workers=workers, augment=augment, seed=0,
+                     crop_size=crop_size) as reader:
         it = iter(reader)
         next(it)
         if verbose:
@@ -121,11 +177,12 @@ def throughput(database: str, workers: int, augment: bool, batch_size: int, seco
         return count / elapsed, (cpu(procs) - worker_cpu) / elapsed, (cpu([me]) - consumer_cpu) / elapsed
 
 
-def make_cost(database: str, augment: bool, batch_size: int, batches: int, profile: bool = False) -> float:
+def make_cost(database: str, augment: bool, batch_size: int, batches: int, profile: bool = False,
+              crop_size=None) -> float:
     """Microseconds per sample of the worker's own code (read, augment, normalize, write the slot), one core."""
     import cv2
 
-    plan = ImageReader(database, batch_size=batch_size, workers=1, augment=augment)._plan
+    plan = ImageReader(database, batch_size=batch_size, workers=1, augment=augment, crop_size=crop_size)._plan
     producer = imagereader._Producer(plan, 0, np.zeros(plan.slot_bytes, np.uint8))
     cv2.setNumThreads(1)
     producer.fill(0, 0)
@@ -231,7 +288,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="measurement time per figure")
-    parser.add_argument("--suite", choices=("all", "nist", "rgb"), default="all",
+    parser.add_argument("--suite", choices=("all", "nist", "rgb", "fib"), default="all",
                         help="without --database: which of the two default databases to measure")
     args = parser.parse_args(argv)
     logging.getLogger("imagereader").setLevel(logging.ERROR)  # starvation is expected: nothing consumes slower
@@ -247,6 +304,11 @@ def main(argv=None) -> int:
             if args.suite in ("all", "rgb"):
                 bench("synthetic 512x512x3 uint8", build_rgb(work), args.workers, max(1, args.batch_size // 4),
                       args.seconds)
+            fib = build_fib(work) if args.suite in ("all", "fib") else None
+            if fib:
+                bench_3d(fib, args.workers, max(1, args.batch_size // 4), args.seconds)
+                bench_3d(build_fib(work, 5), args.workers, max(1, args.batch_size // 4), args.seconds,
+                         crops=FIB_CROPS[:1], title="FIB-SEM every 5th section (10x10x50 nm, anisotropic)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average at end: {load()}")

@@ -119,6 +119,10 @@ def make_metadata(
     split: str,
     seed: int | None,
     number_classes: int | None = None,
+    spatial_rank: int = 2,
+    voxel_size_zyx_um: tuple[float, float, float] | None = None,
+    mask_type: str = "classes",
+    instance_target: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the per-database metadata record.
 
@@ -126,6 +130,9 @@ def make_metadata(
     "width": W, "mean": [per channel], "std": [per channel]}``, the statistics
     computed over the WHOLE source image (see ``image_io.image_stats``).
     ``class_records[c]`` lists every record index whose mask contains class c.
+    Volumes: ``spatial_rank`` 3 and ``voxel_size_zyx_um`` (micrometres; the reader's 3D augmentation
+    needs it). ``mask_type`` "instances": the masks were instance labels and ``instance_target`` says
+    which target was stored and why (``segkit/instance_targets``).
     """
     classes_seen = sorted(int(c) for c, n in class_pixel_counts.items() if n > 0)
     return {
@@ -144,6 +151,10 @@ def make_metadata(
         "normalization": NORMALIZATION_METHOD,
         "sources": sources,
         "seed": seed,
+        "spatial_rank": int(spatial_rank),
+        "voxel_size_zyx_um": None if voxel_size_zyx_um is None else [float(v) for v in voxel_size_zyx_um],
+        "mask_type": mask_type,
+        "instance_target": instance_target,
     }
 
 

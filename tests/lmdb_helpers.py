@@ -13,7 +13,7 @@ from segkit import lmdb_format
 
 def write_database(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], *, source_index: Sequence[int] | None = None,
                    sources: list[dict] | None = None, tile_size: int | None = None, number_classes: int | None = None,
-                   corrupt: Sequence[int] = ()) -> str:
+                   corrupt: Sequence[int] = (), voxel_size: Sequence[float] | None = None) -> str:
     """Write ``samples`` ((image HW or HWC, mask HW), or (ZYXC, ZYX) volume pairs) as records 0..n-1 of a database at ``path``.
 
     By default every sample is its own source image, with statistics computed over the sample
@@ -41,7 +41,8 @@ def write_database(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], 
     meta = lmdb_format.make_metadata(
         channels=images[0].shape[-1], image_dtype=images[0].dtype.name, tile_size=tile_size, tile_stride=None,
         num_records=len(images), class_pixel_counts=class_pixel_counts, class_records=class_records,
-        sources=sources, split="train", seed=0, number_classes=number_classes)
+        sources=sources, split="train", seed=0, number_classes=number_classes,
+        spatial_rank=masks[0].ndim, voxel_size_zyx_um=voxel_size)
     total = sum(i.nbytes + m.nbytes for i, m in zip(images, masks))
     os.makedirs(path, exist_ok=True)
     env = lmdb.open(path, map_size=2 * total + (16 << 20), subdir=True)

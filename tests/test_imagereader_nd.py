@@ -58,9 +58,9 @@ def assert_is_mirror_crop(image, mask, record_shapes):
     np.testing.assert_array_equal(image[..., 1], -image[..., 0])
 
 
-def test_train_volumes_are_random_crops_with_mirror_padding(volumes):
+def test_unaugmented_train_volumes_are_random_crops_with_mirror_padding(volumes):
     shapes = [m.shape for _, m in volumes["samples"]]
-    with ImageReader(volumes["vol"], batch_size=3, crop_size=(4, 16, 16), size_factor=4, augment=True, seed=3) as reader:
+    with ImageReader(volumes["vol"], batch_size=3, crop_size=(4, 16, 16), size_factor=4, augment=False, seed=3) as reader:
         assert reader.crop_shape == reader.crop_hw == (4, 16, 16)
         for _, (images, masks) in zip(range(4), reader):
             assert images.shape == (3, 4, 16, 16, 2) and images.dtype == np.float32
@@ -70,12 +70,12 @@ def test_train_volumes_are_random_crops_with_mirror_padding(volumes):
 
 
 def test_default_volume_crop_is_the_smallest_record_rounded_to_the_size_factor(volumes):
-    reader = ImageReader(volumes["vol"], batch_size=1, size_factor=2)
+    reader = ImageReader(volumes["vol"], batch_size=1, size_factor=2, augment=False)
     assert reader.crop_shape == (2, 16, 16)
     with pytest.raises(ValueError, match="one or 3 positive multiples"):
-        ImageReader(volumes["vol"], batch_size=1, crop_size=(16, 16), size_factor=4)
+        ImageReader(volumes["vol"], batch_size=1, crop_size=(16, 16), size_factor=4, augment=False)
     with pytest.raises(ValueError, match="mix 2-D images and volumes"):
-        ImageReader([volumes["vol"], volumes["flat"]], batch_size=1, size_factor=4)
+        ImageReader([volumes["vol"], volumes["flat"]], batch_size=1, size_factor=4, augment=False)
 
 
 def test_eval_volumes_are_top_left_crops_to_the_size_factor_in_order(volumes):

@@ -1,0 +1,71 @@
+"""Training targets from instance label masks (``build_lmdb.py --mask_type instances``).
+
+One home for which target an instance mask becomes and why (README, "Building databases", "Instance
+masks"): ``three_class`` (0 background, 1 interior, 2 boundary) for sparse objects, ``boundary``
+(1 = membrane, 0 elsewhere) for dense labels. Boundaries are ``skimage.segmentation.find_boundaries``
+with ``mode="inner"``: one pixel inside each object, so touching objects stay apart. Volumes get their
+boundaries per 2D section (z stays z), which gives in-plane membranes on anisotropic stacks too.
+No TensorFlow here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segkit.cliutil import InputError
+
+TARGETS = ("three_class", "boundary")
+CLASSES = {"three_class": 3, "boundary": 2}
+CLASS_NAMES = {"three_class": ["background", "interior", "boundary"], "boundary": ["other", "boundary"]}
+CLASS_NAMES = {"three_class": ["background", "interior", "boundary"], "boundary": ["other", "boundary"]}
+DENSE_BACKGROUND_FRACTION = 0.05  # fewer background voxels than this: dense labels (neurons), boundary target
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The target of one mask and the reason, as recorded in the metadata and the build summary."""
+
+    target: str
+    background_fraction: float
+    reason: str
+
+
+def check_instances(labels: np.ndarray, path: str) -> None:
+    """Refuse, in one line, a mask that cannot hold instance ids (non-integer or negative values)."""
+    if labels.dtype == bool or labels.dtype.kind not in "ui":
+        raise InputError(f"{path}: instance mask pixel type is {labels.dtype.name}, not an integer type; instance "
+                         "masks hold one integer id per object (0 = background): save it as uint16 or int32")
+    if labels.size and labels.dtype.kind == "i" and int(labels.min()) < 0:
+        raise InputError(f"{path}: instance mask has negative ids (minimum {int(labels.min())}); ids must be >= 0 "
+                         "with 0 = background: renumber the objects")
+
+
+def choose_target(labels: np.ndarray, override: str | None = None) -> Choice:
+    """``three_class`` for sparse objects, ``boundary`` for dense labels (background < 5 %), or ``override``."""
+    fraction = float(np.count_nonzero(labels == 0)) / max(labels.size, 1)
+    if override:
+        return Choice(override, fraction, f"--instance_target {override}")
+    dense = fraction < DENSE_BACKGROUND_FRACTION
+    rule = f"{100 * fraction:.1f}% background {'<' if dense else '>='} {100 * DENSE_BACKGROUND_FRACTION:.0f}%"
+    return Choice("boundary" if dense else "three_class", fraction,
+                  f"{rule}: {'dense labels' if dense else 'sparse objects'}")
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Inner boundaries of every object: over the whole image (2D), per z section (volumes, ZYX)."""
+    from skimage.segmentation import find_boundaries
+
+    if labels.ndim == 2:
+        return find_boundaries(labels, mode="inner")
+    return np.stack([find_boundaries(section, mode="inner") for section in labels])
+
+
+def make_target(labels: np.ndarray, target: str) -> np.ndarray:
+    """The uint8 class mask of ``labels`` (HW or ZYX) for ``target`` (one of :data:`TARGETS`)."""
+    border = boundaries(labels) & (labels != 0)
+    if target == "boundary":
+        return border.astype(np.uint8)
+    out = (labels != 0).astype(np.uint8)
+    out[border] = 2
+    return out
