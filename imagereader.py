@@ -8,11 +8,11 @@ The trainer only picks up ready batches; N worker processes make them.
   LMDB environments after start and running ``cv2.setNumThreads(1)``. Worker ``w`` makes the global batches
   ``g = w, w + N, w + 2N, ...``; the consumer reads them in order ``g = 0, 1, 2, ...`` (round-robin over
   the workers), so the stream is reproducible.
-* Seeds: one ``seed``; worker ``w`` of shard ``s`` draws from
-  ``SeedSequence(seed).spawn(shard_count)[s].spawn(workers)[w]`` (two children: record sampling and
-  augmentation, so switching augmentation off does not change which records are drawn). The shuffled
-  epoch order is a function of ``(seed, epoch)`` only, shared by every worker and shard. Same seed and
-  same worker count -> identical stream.
+* Seeds: one ``seed``; batch ``g`` of shard ``s`` draws from ``reader_sampling.batch_generators(seed, s, g)``
+  (two generators: record sampling and augmentation, so switching augmentation off does not change which
+  records are drawn). The shuffled epoch order is a function of ``(seed, epoch)`` only, shared by every
+  worker and shard. Same seed -> identical stream, for any worker count; ``start_batch=k`` starts the
+  stream at batch k exactly as the uninterrupted stream has it (a resumed run).
 * Sampling (train mode; ``reader_sampling``): ``shuffle`` = epochs without replacement (default; the epoch is split over the
   shards by position and over the workers by batch), ``replacement`` = uniform with replacement,
   ``balanced`` = a class uniformly among the classes present, then a record uniformly among the records
@@ -203,7 +203,7 @@ class ImageReader:
     def __init__(self, databases: str | Sequence[str], *, batch_size: int, mode: str = "train", workers: int = 1,
                  sampling: str = "shuffle", database_weights: Sequence[float] | None = None, augment: bool = True,
                  crop_size: int | tuple[int, int] | None = None, size_factor: int = 1, seed: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None):
+                 shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None, start_batch: int = 0):
         self._closed = True  # until fully constructed: close() is a no-op
         self._procs: list = []
         paths = (databases,) if isinstance(databases, (str, os.PathLike)) else tuple(databases)
@@ -248,8 +248,9 @@ class ImageReader:
             class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
             eval_batches=eval_batches, eval_shapes=eval_shapes,
             stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
-            channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes))
-        self._next_g = 0
+            channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes),
+            start_batch=int(start_batch) if mode == "train" else 0)
+        self._next_g = self._plan.start_batch
         # Delivered batches, and those whose worker had none ready when asked (the ring was empty).
         self.batches_delivered = self.batches_starved = 0
         self._closed = False

@@ -10,6 +10,15 @@ from typing import Sequence
 import numpy as np
 
 _ORDER_KEY = 0x5EED0DE5                       # SeedSequence spawn-key tag of the shuffled epoch orders
+_BATCH_KEY = 0xBA7C4                          # SeedSequence spawn-key tag of the per-batch generators
+
+
+def batch_generators(seed: int, shard_index: int, batch_index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(record sampling, augmentation) generators of train batch ``batch_index`` of shard ``shard_index``: a pure
+    function of the three, so the stream does not depend on the number of reader workers, and a run resumed
+    at batch k draws exactly what the uninterrupted run drew there."""
+    sample_seq, augment_seq = np.random.SeedSequence(seed, spawn_key=(_BATCH_KEY, shard_index, batch_index)).spawn(2)
+    return np.random.default_rng(sample_seq), np.random.default_rng(augment_seq)
 
 
 def _quotas(sizes: np.ndarray, weights: np.ndarray | None) -> np.ndarray:

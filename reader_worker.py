@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 import augment as augmentation
-from reader_sampling import RandomSampler, ShuffleOrder
+from reader_sampling import RandomSampler, ShuffleOrder, batch_generators
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
@@ -49,6 +49,7 @@ class _Plan:
     slot_bytes: int
     params_3d: "augment3d.AugmentParams3D | None" = None  # volumes; None: plain random crops
     spacings_zyx_um: tuple | None = None                 # per database, the voxel size (volumes)
+    start_batch: int = 0                   # train: the first batch index (a resumed run's step)
 
 
 def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int,
@@ -80,10 +81,6 @@ class _Producer:
         self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
         self.envs = [lmdb_format.open_readonly(p) for p in plan.paths]
         self.txns = [env.begin(buffers=True) for env in self.envs]
-        stream = np.random.SeedSequence(plan.seed).spawn(plan.shard_count)[plan.shard_index].spawn(plan.workers)[worker]
-        sample_seq, augment_seq = stream.spawn(2)
-        self.sample_rng = np.random.default_rng(sample_seq)
-        self.augment_rng = np.random.default_rng(augment_seq)
         self.order = self.sampler = None
         if plan.mode == "train" and plan.sampling == "shuffle":
             self.order = ShuffleOrder(plan.sizes, plan.seed, plan.weights)
@@ -113,18 +110,19 @@ class _Producer:
         means, stds = self.plan.stats[db]
         return record, means[record.source_index], stds[record.source_index]
 
-    def train_indices(self, g: int) -> np.ndarray:
+    def train_indices(self, g: int, sample_rng: np.random.Generator) -> np.ndarray:
         b = self.plan.batch_size
         if self.order is not None:
             stream = np.arange(g * b, (g + 1) * b, dtype=np.int64)
             return self.order.take(stream * self.plan.shard_count + self.plan.shard_index)
-        return self.sampler.draw(self.sample_rng, b)
+        return self.sampler.draw(sample_rng, b)
 
     def fill(self, slot: int, g: int) -> tuple[int, tuple[int, ...]]:
         """Write batch ``g`` into ``slot``; returns its sample count and spatial shape."""
         plan = self.plan
         if plan.mode == "train":
-            indices = self.train_indices(g)
+            sample_rng, augment_rng = batch_generators(plan.seed, plan.shard_index, g)
+            indices = self.train_indices(g, sample_rng)
             shape = plan.crop_shape
         else:
             start, stop = plan.eval_batches[g % len(plan.eval_batches)]
@@ -137,13 +135,13 @@ class _Producer:
                 image, mask = _crop(record.image_hwc, (0,) * len(shape), shape), _crop(record.mask_hw, (0,) * len(shape), shape)
             elif len(shape) == 2:  # augment.py's 2-D pipeline, exactly as before volumes existed
                 params = plan.params or augmentation.AugmentParams.none()
-                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, shape, params)
+                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, augment_rng, shape, params)
             elif plan.params_3d is not None:  # context read around the crop; mirror only past the record
                 spacing = plan.spacings_zyx_um[self.database(int(index))]
-                image, mask = self.augment3d.make_sample_3d(record.image_hwc, record.mask_hw, self.augment_rng,
+                image, mask = self.augment3d.make_sample_3d(record.image_hwc, record.mask_hw, augment_rng,
                                                             shape, spacing, plan.params_3d)
             else:
-                image, mask = _random_crop(record.image_hwc, record.mask_hw, self.augment_rng, shape)
+                image, mask = _random_crop(record.image_hwc, record.mask_hw, augment_rng, shape)
             images[i] = image_io.normalize(image, mean, std)
             masks[i] = mask
         return len(indices), shape
@@ -186,7 +184,8 @@ def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buff
     try:
         ring = np.frombuffer(ring_buffer, np.uint8)
         producer = _Producer(plan, worker, ring)
-        for n, g in enumerate(itertools.count(worker, plan.workers)):
+        first = plan.start_batch + (worker - plan.start_batch) % plan.workers  # this worker's g: worker mod N
+        for n, g in enumerate(itertools.count(first, plan.workers)):
             if not _wait_for_slot(free, stop):
                 return
             slot = n % plan.slots

@@ -89,14 +89,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except Exception as exc:
-        if "ReaderWorkerError" not in f"{type(exc).__name__} {exc}":
-            raise
-        # tf.data wraps the reader's exception; show its own message and the worker's traceback tail
-        text = str(exc)
-        print("error: the image reader failed; training stopped (the last checkpoint is kept):\n"
-              + text[text.find("ReaderWorkerError"):][:3000], file=sys.stderr)
-        return 1
+    # A reader failure is loop.ReaderFailed, a full disk cliutil.FaultError: run_cli prints either (exit 1).
     print(f"done: {outcome.stopped}; best test loss {outcome.best_loss:.5f} at step {outcome.best_step}; "
           f"model: {outcome.saved_model}")
     return 0

@@ -281,6 +281,7 @@ def atomic_path(final_path: str, suffix: str = "") -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, final_path)
+        fsync_path(os.path.dirname(os.path.abspath(final_path)))  # the rename itself survives a crash
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -302,3 +303,119 @@ def atomic_write_text(final_path: str, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------- output folder lock and disk faults
+
+LOCK_FILENAME = ".lock"
+
+
+class FolderLock:
+    """An advisory lock on an output folder: ``fcntl.flock`` on ``FOLDER/.lock``, whose text names the holder
+    (``HOST PID``) so a refused run can say who holds it.
+
+    The kernel drops a flock when its holder dies, so a lock file left by a killed run (its pid dead) is
+    simply taken over. Where flock is unsupported (some network file systems) the text decides: a lock
+    naming a live process, or one on another machine, refuses; one naming a dead process of this machine
+    is stale and taken over. :meth:`acquire` raises InputError when the folder is in use.
+    """
+
+    def __init__(self, folder: str, what: str = "--output_dir"):
+        self.folder, self.what = folder, what
+        self.path = os.path.join(folder, LOCK_FILENAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(self._busy_message(self._holder() or "another process")) from None
+        except OSError:  # no flock here: the holder's text decides
+            holder = self._holder()
+            if holder and not self._stale(holder):
+                os.close(fd)
+                raise InputError(self._busy_message(holder)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def _busy_message(self, holder: str) -> str:
+        return (f"{self.what} {self.folder} is in use by {holder} (lock {self.path}); wait for that run to end, "
+                "stop it, or choose another folder")
+
+    def _holder(self) -> str | None:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                parts = fh.read().split()
+        except OSError:
+            return None
+        return f"process {parts[1]} on {parts[0]}" if len(parts) == 2 and parts[1].isdigit() else None
+
+    @staticmethod
+    def _stale(holder: str) -> bool:
+        _, pid, _, host = holder.split(" ", 3)
+        return host == socket.gethostname() and not pid_alive(int(pid))
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def mount_point(path: str) -> str:
+    """The mount point of the file system holding ``path`` (its nearest existing ancestor)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    device = os.stat(path).st_dev
+    while path != os.path.dirname(path) and os.stat(os.path.dirname(path)).st_dev == device:
+        path = os.path.dirname(path)
+    return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a full disk or quota: OSError ENOSPC / EDQUOT, or TensorFlow's
+    ResourceExhausted / other errors whose text says "No space left" (TF raises no errno)."""
+    import errno
+
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if e is not None and ("No space left" in str(e) or "Disk quota exceeded" in str(e)):
+            return True
+    return False
+
+
+@contextmanager
+def disk_space_guard(folder: str, what: str, needed_bytes: Callable[[], float], keeps: str) -> Iterator[None]:
+    """Within the block a full disk becomes one FaultError line: "no space left on MOUNT (writing WHAT in
+    FOLDER; needed about N MB, M MB free): KEEPS; free space ...". ``needed_bytes``: the estimate, computed
+    only on failure. Other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        try:
+            needed = f"{needed_bytes() / 1e6:.0f}"
+        except Exception:  # an estimate must not hide the fault
+            needed = "?"
+        free = shutil.disk_usage(mount_point(folder)).free / 1e6
+        raise FaultError(f"no space left on {mount_point(folder)} (writing {what} in {folder}; needed about "
+                         f"{needed} MB, {free:.0f} MB free): {keeps}; free space and rerun the same command") from None

@@ -101,9 +101,10 @@ def test_frozen_documented_and_run_defining_as_before():
         config.batch_size = 8
     docs = describe()
     assert set(docs) == {f.name for f in dataclasses.fields(RunConfig)} and all(len(d) > 10 for d in docs.values())
-    assert set(config.run_defining()) == PREVIOUS_RUN_DEFINING | {"max_steps"}  # cosine: decays to max_steps
+    # augmentation: the augmentation constants (issue #17), not compared when an old config.json lacks them
+    assert set(config.run_defining()) == PREVIOUS_RUN_DEFINING | {"max_steps", "augmentation"}  # cosine: max_steps
     constant = dataclasses.replace(config, lr_schedule="constant")
-    assert set(constant.run_defining()) == PREVIOUS_RUN_DEFINING
+    assert set(constant.run_defining()) == PREVIOUS_RUN_DEFINING | {"augmentation"}
     assert constant.origins == {} and "origins" not in constant.to_dict()  # written only when something was chosen
     with pytest.raises(cliutil.InputError, match="RunConfig: the field 'seed' must be an integer"):
         dataclasses.replace(config, seed="3")  # checked on construction too
@@ -111,8 +112,10 @@ def test_frozen_documented_and_run_defining_as_before():
 
 def test_resume_check_names_the_bad_field_of_the_saved_config(tmp_path):
     out = tmp_path / "run"
-    os.makedirs(out / "checkpoints")
-    (out / "checkpoints" / checkpoints.CHECKPOINT_POINTER).write_text(json.dumps({"latest": "ckpt-1", "step": 1}))
+    os.makedirs(out / "checkpoints" / "ckpt-000000001")  # the pointer is checked too: it must name a real folder
+    (out / "checkpoints" / "ckpt-000000001" / "state.json").write_text(checkpoints.RunState(step=1).to_json())
+    (out / "checkpoints" / checkpoints.CHECKPOINT_POINTER).write_text(json.dumps({"latest": "ckpt-000000001",
+                                                                                  "step": 1}))
     config = RunConfig.from_dict(dict(WRITTEN_BEFORE, output_dir=str(out)))
     write(out, dict(WRITTEN_BEFORE, output_dir=str(out)))
     assert checkpoints.check_resume(config, require=True)

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -51,10 +52,54 @@ class RunState:
         return json.dumps(asdict(self), indent=1, default=json_default)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunState":
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "state.json") -> "RunState":
+        """Parse and check every field; InputError naming ``source`` and the field."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _corrupt(source, f"not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise _corrupt(source, "expected a JSON object")
+        for name, test, want in _STATE_FIELDS:
+            if name not in data:
+                raise _corrupt(source, f"the field '{name}' is missing")
+            if not _passes(test, data[name]):
+                raise _corrupt(source, f"the field '{name}' must be {want}, got {json.dumps(data[name])[:40]}")
+        data = {name: data[name] for name, _, _ in _STATE_FIELDS}
         data["best_loss"] = float(data["best_loss"])
         return cls(**data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, float)
+
+
+_STATE_FIELDS = (  # name, test, what it must be
+    ("step", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("best_loss", lambda v: _is_number(v) and not math.isnan(v) and v >= 0, "a number >= 0 (Infinity before a test pass)"),
+    ("best_step", lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
+    ("best_metrics", lambda v: isinstance(v, dict), "a JSON object"),
+    ("evals_without_improvement", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("history", lambda v: isinstance(v, list) and all(
+        isinstance(h, dict) and _is_int(h.get("step")) and _is_number(h.get("test_loss")) for h in v),
+     'a list of {"step": integer, "test_loss": number}'),
+)
+
+
+def _passes(test, value) -> bool:
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _corrupt(path: str, problem: str) -> cliutil.InputError:
+    return cliutil.InputError(f"{path}: {problem}; the run's saved state is damaged: restore the file, move the "
+                              "folder aside or use a new --output_dir")
 
 
 def json_default(value):
@@ -67,16 +112,38 @@ def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+CHECKPOINT_NAME = re.compile(r"^ckpt-\d{9}(-\d+)?$")
+
+
 def read_pointer(output_dir: str) -> dict[str, Any] | None:
-    """The checkpoint pointer ({"latest": dir name, "best": dir name}) or None when there is none."""
-    path = os.path.join(checkpoint_dir(output_dir), CHECKPOINT_POINTER)
+    """The checkpoint pointer ({"latest": dir name, "best": dir name or null, "step": int}) or None when there is
+    none; every field checked (InputError naming the file and the field)."""
+    return _pointer_in(checkpoint_dir(output_dir))
+
+
+def _pointer_in(folder: str) -> dict[str, Any] | None:
+    path = os.path.join(folder, CHECKPOINT_POINTER)
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise cliutil.InputError(f"{path}: unreadable ({exc}); move the folder aside or use a new --output_dir") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise _corrupt(path, "expected a JSON object")
+    for key, optional in (("latest", False), ("best", True)):
+        name = data.get(key)
+        if name is None and optional:
+            continue
+        if not isinstance(name, str) or not CHECKPOINT_NAME.match(name):
+            raise _corrupt(path, f"the field '{key}' must name a checkpoint folder (ckpt-NNNNNNNNN), got "
+                                 f"{json.dumps(name)[:40]}")
+        if not os.path.isfile(os.path.join(folder, name, "state.json")):
+            raise _corrupt(path, f"the field '{key}' names {name}, which is missing or incomplete in {folder}")
+    if not _is_int(data.get("step")) or data["step"] < 0:
+        raise _corrupt(path, f"the field 'step' must be an integer >= 0, got {json.dumps(data.get('step'))[:40]}")
+    return data
 
 
 # ---------------------------------------------------------------------------- resume checks
@@ -92,7 +159,8 @@ def check_resume(config: RunConfig, require: bool) -> bool:
     if not os.path.isfile(config_path):
         raise cliutil.InputError(f"{output_dir} holds a checkpoint but no readable config.json; use a new --output_dir")
     saved, new = RunConfig.load(config_path).to_dict(), config.to_dict()
-    differing = [k for k in config.run_defining() if saved[k] != new[k]]
+    # A run-defining field an older config.json did not record (None) cannot be compared: it is accepted.
+    differing = [k for k in config.run_defining() if saved.get(k) != new.get(k) and saved.get(k) is not None]
     if differing:
         details = "; ".join(_difference(k, saved[k], new[k]) for k in differing)
         raise cliutil.InputError(f"{output_dir} holds a checkpoint of a different configuration ({details}); "
@@ -146,47 +214,85 @@ class CheckpointStore:
             cliutil.remove_stale_temporaries(self.folder, output_dir)
 
     def pointer(self) -> dict[str, Any] | None:
-        try:
-            with open(os.path.join(self.folder, CHECKPOINT_POINTER), encoding="utf-8") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return None
+        return _pointer_in(self.folder)
 
     def prefix(self, name: str) -> str:
         return os.path.join(self.folder, name, "ckpt")
 
     def save(self, checkpoint, state: RunState, best: bool) -> str:
-        """Write the checkpoint of ``state.step``; it becomes 'latest' (and 'best' when ``best``)."""
-        name = f"ckpt-{state.step:09d}"
-        tmp = cliutil.make_temp(os.path.join(self.folder, name), directory=True)
-        checkpoint.write(os.path.join(tmp, "ckpt"))
-        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
-            fh.write(state.to_json())
-        for entry in os.listdir(tmp):
-            cliutil.fsync_path(os.path.join(tmp, entry))
+        """Write the checkpoint of ``state.step``; it becomes 'latest' (and 'best' when ``best``).
+
+        Order: the new folder complete and renamed in, then the pointer switched (atomically), then the
+        folders no longer named removed; every rename fsynced. A full disk: FaultError, the previous
+        checkpoint kept and named."""
+        name = self._free_name(f"ckpt-{state.step:09d}")
         final = os.path.join(self.folder, name)
-        if os.path.exists(final):  # same step saved again (e.g. final pass after a resume)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        old = self.pointer() or {}
-        pointer = {"latest": name, "best": name if best else old.get("best"), "step": state.step}
-        cliutil.atomic_write_text(os.path.join(self.folder, CHECKPOINT_POINTER), json.dumps(pointer, indent=1))
+        with cliutil.disk_space_guard(self.folder, "a checkpoint", self._size_estimate,
+                                      f"the last complete checkpoint (step {self._saved_step()}) is kept"):
+            tmp = cliutil.make_temp(final, directory=True)
+            try:
+                self._write(checkpoint, tmp, state)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            cliutil.fsync_path(self.folder)
+            old = self.pointer() or {}
+            pointer = {"latest": name, "best": name if best else old.get("best"), "step": state.step}
+            cliutil.atomic_write_text(os.path.join(self.folder, CHECKPOINT_POINTER), json.dumps(pointer, indent=1))
         self.collect_garbage()
         if not self.is_chief:
             shutil.rmtree(self.folder, ignore_errors=True)
             os.makedirs(self.folder, exist_ok=True)
         return final
 
+    @staticmethod
+    def _write(checkpoint, tmp: str, state: RunState) -> None:
+        checkpoint.write(os.path.join(tmp, "ckpt"))
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
+            fh.write(state.to_json())
+        for entry in os.listdir(tmp):
+            cliutil.fsync_path(os.path.join(tmp, entry))
+        cliutil.fsync_path(tmp)
+
+    def _free_name(self, name: str) -> str:
+        """``name``, or ``name-K`` when a folder of that step exists already (the same step saved again, e.g.
+        the final pass after a resume): the pointer may still name the existing one."""
+        candidate, k = name, 0
+        while os.path.lexists(os.path.join(self.folder, candidate)):
+            k += 1
+            candidate = f"{name}-{k}"
+        return candidate
+
+    def _saved_step(self) -> str:
+        try:
+            pointer = self.pointer()
+        except cliutil.InputError:
+            pointer = None
+        return str(pointer["step"]) if pointer else "none yet"
+
+    def _size_estimate(self) -> float:
+        """Bytes a checkpoint needs: the size of the newest complete one (an estimate before the first)."""
+        sizes = [sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(os.path.join(self.folder, d))
+                     for f in files) for d in os.listdir(self.folder) if CHECKPOINT_NAME.match(d)]
+        return max(sizes, default=0)
+
     def collect_garbage(self) -> None:
+        """Remove checkpoint folders the pointer names no longer (never temporaries: another process's)."""
         keep = {v for k, v in (self.pointer() or {}).items() if k in ("latest", "best") and v}
         for entry in os.listdir(self.folder):
             path = os.path.join(self.folder, entry)
-            if os.path.isdir(path) and entry not in keep:
+            if CHECKPOINT_NAME.match(entry) and os.path.isdir(path) and entry not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     def load_state(self, name: str) -> RunState:
-        with open(os.path.join(self.folder, name, "state.json"), encoding="utf-8") as fh:
-            return RunState.from_json(fh.read())
+        path = os.path.join(self.folder, name, "state.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _corrupt(path, f"unreadable ({exc})") from None
+        return RunState.from_json(text, source=path)
 
 
 class MetricsCsv:
@@ -196,8 +302,11 @@ class MetricsCsv:
         self.path, self.enabled = path, enabled
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, newline="", encoding="utf-8") as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            try:
+                with open(path, newline="", encoding="utf-8") as fh:
+                    self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, csv.Error) as exc:
+                raise _corrupt(path, f"unreadable as the run's metrics table ({type(exc).__name__}: {exc})") from None
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

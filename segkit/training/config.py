@@ -37,6 +37,22 @@ class Rule:
 
 
 AT_LEAST_1 = Rule(lambda v: v >= 1, "must be >= 1")
+MAX_SIZE = 65536       # pixels per axis, samples per batch: anything larger is a typo, not a run
+MAX_SEED = 2 ** 32 - 1  # numpy SeedSequence and keras.utils.set_random_seed take 32-bit seeds
+
+
+def at_most(limit: int, lower: int = 1) -> Rule:
+    return Rule(lambda v: lower <= v <= limit, f"must be >= {lower} and <= {limit}")
+
+
+def augmentation_constants() -> dict[str, dict[str, Any]]:
+    """augment.py's AugmentParams and augment3d.py's AugmentParams3D values the reader trains with (their
+    defaults: the constants at the top of those modules), JSON-style."""
+    import augment
+    import augment3d
+
+    return json.loads(json.dumps({"2d": dataclasses.asdict(augment.AugmentParams()),
+                                  "3d": dataclasses.asdict(augment3d.AugmentParams3D())}))
 POSITIVE = Rule(lambda v: v > 0 and math.isfinite(v), "must be a positive number")
 
 
@@ -64,14 +80,14 @@ class RunConfig:
     size_factor: int = setting("image height and width must be multiples of this", rule=AT_LEAST_1)
     channels: int = setting("image channels of the databases", run_defining=True, rule=AT_LEAST_1)
     number_classes: int = setting("classes the model predicts (mask values 0..N-1)", run_defining=True,
-                                  rule=Rule(lambda v: v >= 2, "must be >= 2"))
+                                  rule=at_most(MAX_SIZE, lower=2))
     image_dtype: str = setting("pixel type of the training images (numpy name)")
     train_database: tuple = setting("absolute paths of the training databases",
                                     rule=Rule(lambda v: len(v) >= 1, "must name at least one database"))
     test_database: str = setting("absolute path of the test database")
     output_dir: str = setting("absolute path of the run's folder")
     batch_size: int = setting("samples per replica; global batch = batch_size x replicas", run_defining=True,
-                              rule=AT_LEAST_1)
+                              rule=at_most(MAX_SIZE))
     learning_rate: float = setting("Adam learning rate after warm-up", run_defining=True, rule=POSITIVE)
     lr_schedule: str = setting("after warm-up: constant, or cosine decay to a hundredth at max_steps",
                                run_defining=True, rule=one_of(LR_SCHEDULES), legacy="constant")
@@ -85,8 +101,9 @@ class RunConfig:
     use_augmentation: bool = setting("augment training samples (augment.py)", run_defining=True)
     early_stopping: int = setting("stop after this many test passes without improvement; 0 = never",
                                   rule=Rule(lambda v: v >= 0, "must be >= 0 (0 = never stop early)"))
-    reader_count: int = setting("reader processes per replica", rule=AT_LEAST_1)
-    seed: int = setting("seed of weights initialization and of the sample stream", run_defining=True)
+    reader_count: int = setting("reader processes per replica", rule=at_most(256))
+    seed: int = setting("seed of weights initialization and of the sample stream", run_defining=True,
+                        rule=at_most(MAX_SEED, lower=0))
     max_steps: Optional[int] = setting("stop after this many steps; None = early stopping only "
                                        "(run-defining under lr_schedule cosine, which decays to it)",
                                        run_defining=lambda c: c.lr_schedule == "cosine", rule=AT_LEAST_1)
@@ -97,11 +114,18 @@ class RunConfig:
                                          rule=Rule(lambda v: all(w >= 0 and math.isfinite(w) for w in v)
                                                    and max(v, default=0) > 0, "must be non-negative, not all 0"))
     crop_size: tuple = setting("training crop (height, width) in pixels", run_defining=True,
-                               rule=Rule(lambda v: len(v) == 2 and min(v) >= 1, "must be two sizes >= 1"))
+                               rule=Rule(lambda v: len(v) == 2 and 1 <= min(v) and max(v) <= MAX_SIZE,
+                                         f"must be two sizes >= 1 and <= {MAX_SIZE}"))
     train_data: tuple = setting("content fingerprint of each training database", run_defining=True)
     test_data: dict = setting("content fingerprint of the test database", run_defining=True)
     mask_map: Optional[dict] = setting("mask value -> class map of the training databases; None = they disagree",
                                        legacy=None)
+    augmentation: Optional[dict] = setting("augmentation constants: augment.py's AugmentParams ('2d') and "
+                                 "augment3d.py's AugmentParams3D ('3d'); None = not recorded (a config.json written "
+                                 "before the field existed; resumed without the check)", run_defining=True,
+                                 legacy=None, default=None, omit_empty=True,
+                                 rule=Rule(lambda v: set(v) == {"2d", "3d"} and all(isinstance(p, dict) for p in v.values()),
+                                           "must hold the '2d' and '3d' parameter objects"))
     max_minutes: Optional[float] = setting("stop stepping when this many minutes of training (steps and test passes) "
                                            "have passed in this process, then test and export; None = no time limit",
                                            rule=POSITIVE, legacy=None, default=None, omit_empty=True)

@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 from typing import Any
 
 from segkit import cliutil
@@ -20,7 +22,8 @@ import models
 
 log = logging.getLogger(__name__)
 
-TRAINING_FIELDS = ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay", "batch_size", "seed")
+TRAINING_FIELDS = ("loss", "class_weight_values", "learning_rate", "lr_schedule", "ema_decay", "batch_size", "seed",
+                   "use_augmentation", "augmentation")
 
 
 def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, final_metrics: dict[str, Any]) -> str:
@@ -35,7 +38,22 @@ def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, 
     status.expect_partial()  # the optimizer and the other model stay in the checkpoint
     meta = _metadata(config, model, final_metrics)
     final = os.path.join(output_dir, "saved_model")
-    staging = cliutil.make_temp(os.path.join(output_dir, "saved_model"), directory=True)
+    with cliutil.disk_space_guard(output_dir, "the SavedModel", lambda: _weights_bytes(model) * 1.5,
+                                  "the checkpoints are kept, the previous saved_model/ (if any) too"):
+        _write_saved_model(model, config, meta, output_dir, final)
+    log.info("exported %s (theoretical radius %d px, effective %d px)", final, meta["receptive_field_radius"],
+             meta["effective_receptive_field_radius"])
+    return final
+
+
+def _weights_bytes(model) -> float:
+    return float(sum(int(w.numpy().nbytes) for w in model.weights))
+
+
+def _write_saved_model(model, config: RunConfig, meta: dict[str, Any], output_dir: str, final: str) -> None:
+    import tensorflow as tf
+
+    staging = cliutil.make_temp(final, directory=True)
     try:
         asset_dir = os.path.join(staging, "asset_source")
         os.makedirs(asset_dir)
@@ -46,9 +64,6 @@ def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, 
         _swap_in(os.path.join(staging, "saved_model"), final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported %s (theoretical radius %d px, effective %d px)", final, meta["receptive_field_radius"],
-             meta["effective_receptive_field_radius"])
-    return final
 
 
 def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -88,11 +103,48 @@ def _serving_module(model, channels: int, metadata_file: str):
 
 
 def _swap_in(new_dir: str, final: str) -> None:
-    """Replace folder ``final`` by ``new_dir``; at every moment one complete version exists on disk."""
+    """Replace folder ``final`` by ``new_dir``; at every moment one complete version exists on disk: the old
+    one is moved aside (``.saved_model.old-HOST-PID``), restored if the new one cannot be renamed in, and
+    removed after; :func:`remove_stale_swaps` restores or removes those of killed runs."""
+    parent = os.path.dirname(final)
     old = None
     if os.path.exists(final):
-        old = final + f".old-{os.getpid()}"
+        old = os.path.join(parent, f".{os.path.basename(final)}.old-{cliutil.owner_tag()}")
         os.rename(final, old)
-    os.rename(new_dir, final)
+    try:
+        os.rename(new_dir, final)
+    except BaseException:
+        if old:
+            os.rename(old, final)
+        raise
+    finally:
+        cliutil.fsync_path(parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_OLD_SWAP = re.compile(r"^\.saved_model\.old-(?P<host>.+)-(?P<pid>\d+)$|^saved_model\.old-(?P<legacy_pid>\d+)$")
+
+
+def remove_stale_swaps(output_dir: str) -> None:
+    """Leftovers of an export killed mid-swap (its process dead on this machine): the moved-aside model is put
+    back when saved_model/ is missing, else removed."""
+    try:
+        entries = os.listdir(output_dir)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        match = _OLD_SWAP.match(entry)
+        if not match:
+            continue
+        host, pid = match["host"] or socket.gethostname(), int(match["pid"] or match["legacy_pid"])
+        if host != socket.gethostname() or pid == os.getpid() or cliutil.pid_alive(pid):
+            continue
+        path, final = os.path.join(output_dir, entry), os.path.join(output_dir, "saved_model")
+        if not os.path.exists(final):
+            os.rename(path, final)
+            log.info("restored %s from %s (an export was killed while swapping)", final, entry)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s (left by an export that was killed)", path)
+        cliutil.fsync_path(output_dir)

@@ -21,7 +21,7 @@ from segkit import cliutil
 from segkit import metrics
 from segkit.training.checkpoints import CheckpointStore, MetricsCsv, RunState, check_same_precision
 from segkit.training.config import CONFIG_FILENAME, RunConfig, config_view
-from segkit.training.export import export_saved_model
+from segkit.training import export
 from segkit.training.summaries import Summaries
 from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_readers, make_strategy, set_precision
 
@@ -31,6 +31,11 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # per-checkpoint "Sharding 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or a gradient) became NaN/Inf."""
+
+
+class ReaderFailed(cliutil.FaultError):
+    """An image reader worker failed (its ReaderWorkerError, recorded by trainer.distribute before tf.data
+    wrapped it); the message carries the worker's traceback tail."""
 
 
 @dataclass
@@ -75,18 +80,29 @@ def train(config: RunConfig | Mapping[str, Any], *, resume: bool, strategy=None,
                                  mixed_precision_active=mixed)
     if resume:
         check_same_precision(config.output_dir, mixed)
+    lock = cliutil.FolderLock(config.output_dir).acquire() if is_chief else None  # only the chief writes outputs
+    try:
+        return _train_locked(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory) -> Outcome:
     if is_chief:
-        os.makedirs(config.output_dir, exist_ok=True)
-        config.save(os.path.join(config.output_dir, CONFIG_FILENAME))
+        export.remove_stale_swaps(config.output_dir)
+        with cliutil.disk_space_guard(config.output_dir, CONFIG_FILENAME, lambda: 1e5, "nothing was trained"):
+            config.save(os.path.join(config.output_dir, CONFIG_FILENAME))
     log.info("%s on %d replica(s) x %d worker(s), global batch %d, crop %s", config.model, config.replicas,
              worker_count, config.global_batch_size, list(config.crop_size))
     run = Run(config, strategy, worker_index, worker_count, is_chief, mixed, resume, reader_factory)
     stop = StopRequest()
     try:
-        with stop.installed():
-            reason = Loop(run).until_stopped(stop)
-        if stop.signal_name:
-            run.save_interrupted(stop.signal_name)
+        with stop.installed():  # kept through the interrupted save: a second signal waits for it
+            reason = _until_stopped(run, stop)
+            if stop.signal_name:
+                with stop.deferred():
+                    run.save_interrupted(stop.signal_name)
     finally:
         run.close()
     if stop.signal_name:
@@ -96,8 +112,21 @@ def train(config: RunConfig | Mapping[str, Any], *, resume: bool, strategy=None,
     saved = None
     pointer = run.store.pointer() if is_chief else None
     if pointer and pointer.get("best"):
-        saved = export_saved_model(config, run.store.prefix(pointer["best"]), config.output_dir, run.state.best_metrics)
+        saved = export.export_saved_model(config, run.store.prefix(pointer["best"]), config.output_dir,
+                                          run.state.best_metrics)
     return Outcome(run.state.step, reason, run.state.best_loss, run.state.best_step, saved, run.state.history)
+
+
+def _until_stopped(run: "Run", stop: "StopRequest") -> str:
+    """The loop, with a reader failure (wrapped by tf.data into some other error) raised as ReaderFailed."""
+    try:
+        return Loop(run).until_stopped(stop)
+    except Exception:
+        failure = next((r.failure for r in run.readers if getattr(r, "failure", None) is not None), None)
+        if failure is None:
+            raise
+        raise ReaderFailed(f"the image reader failed; training stopped (the last checkpoint, step "
+                           f"{run.last_saved_step()}, is kept):\n{str(failure)[:3000]}") from None
 
 
 class Run:
@@ -108,6 +137,7 @@ class Run:
         out = config.output_dir
         self.trainer = Trainer(config, strategy, mixed)
         self.store = CheckpointStore(out, is_chief)
+        self.store.size_hint = self.trainer.checkpoint_bytes()
         self.state = RunState()
         if resume:
             self._restore(CheckpointStore(out, True))
@@ -123,8 +153,17 @@ class Run:
 
     def _restore(self, chief_store: CheckpointStore) -> None:
         pointer = chief_store.pointer()
-        self.trainer.checkpoint.read(chief_store.prefix(pointer["latest"])).assert_existing_objects_matched()
         self.state = chief_store.load_state(pointer["latest"])
+        prefix = chief_store.prefix(pointer["latest"])
+        import tensorflow as tf
+
+        try:  # truncated or missing shards: NotFound / DataLoss / OutOfRange; other variables: AssertionError
+            self.trainer.checkpoint.read(prefix).assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError, IndexError, OSError) as exc:  # IndexError: truncated
+            first = " ".join(str(exc).split())[:200]
+            raise cliutil.InputError(f"{prefix}: the checkpoint files are damaged or incomplete ({type(exc).__name__}: "
+                                     f"{first}); restore them, move {os.path.dirname(os.path.dirname(prefix))} aside "
+                                     "or use a new --output_dir") from None
         log.info("resuming from step %d (best test loss %.5f at step %d, %d test passes so far)",
                  self.state.step, self.state.best_loss, self.state.best_step, len(self.state.history))
 
@@ -135,8 +174,8 @@ class Run:
     def save_interrupted(self, signal_name: str) -> None:
         """Ctrl-C / SIGTERM (pre-emption): keep the steps since the last test pass as the 'latest' checkpoint,
         so a resubmitted job loses nothing finished, not up to --test_every_n_steps. It is not a test pass:
-        'best', the history and early stopping are unchanged. A second signal aborts it (the write is
-        atomic; the previous checkpoint stays). Single worker only: under the multi-worker strategy a save
+        'best', the history and early stopping are unchanged. A second signal waits for it
+        (StopRequest.deferred). Single worker only: under the multi-worker strategy a save
         is a collective step the other workers may never reach."""
         if self.config.workers > 1 or not self.is_chief or self.state.step == 0:
             return
@@ -173,10 +212,12 @@ class Loop:
         self.started = time.perf_counter()
         self.time_up = False
         self.last_test_seconds = 0.0
+        self.stop: StopRequest | None = None
 
     def until_stopped(self, stop: "StopRequest | None" = None) -> str:
         """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
         self.started = time.perf_counter()
+        self.stop = stop
         train_reader, test_reader = self.run.readers
         self.run.test_data = distribute(self.run.strategy, test_reader)
         iterator = iter(distribute(self.run.strategy, train_reader))
@@ -249,11 +290,14 @@ class Loop:
             raise TrainingDiverged(f"the test loss became NaN/Inf at step {self.state.step}; stopped without saving. "
                                    f"The last good checkpoint (step {self.run.last_saved_step()}) is kept; lower --learning_rate")
         improved = self.state.record(self.state.step, loss, result)
-        self.run.store.save(self.trainer.checkpoint, self.state, best=improved)
+        with self.stop.deferred() if self.stop is not None else contextlib.nullcontext():
+            self.run.store.save(self.trainer.checkpoint, self.state, best=improved)
         row = metrics.flat_row({"step": self.state.step, "train_loss": self.last_train_loss,
                                 "test_loss": loss, "best": int(improved), "test_pixels": result["pixels"],
                                 "elapsed_s": round(time.perf_counter() - self.started, 1)}, result)
-        self.run.csv.append(row)
+        with cliutil.disk_space_guard(self.config.output_dir, "metrics.csv", lambda: 1e5,
+                                      f"the checkpoint of step {self.state.step} is saved"):
+            self.run.csv.append(row)
         self.run.summaries.test(self.state.step, loss, result, first, self.trainer.predict)
         self.last_test_seconds = time.perf_counter() - started
         log.info("test pass at step %d: loss %.5f%s, pixel accuracy %.4f, IoU %s, Dice %s (%.1f s)",
@@ -332,12 +376,26 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.saving = False
 
     def _handle(self, signum, frame):
-        if self.signal_name:
+        if self.signal_name and not self.saving:
             raise KeyboardInterrupt
+        if self.saving and self.signal_name:
+            log.warning("%s received: finishing the checkpoint being written first", signal.Signals(signum).name)
+            return
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: stopping after the current step (again to stop at once)", self.signal_name)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A checkpoint is being written: a second signal waits for it (an exception raised inside TensorFlow's
+        write could leave native state half updated); a first one still stops after it."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def installed(self):
         """The block in which Ctrl-C / SIGTERM come here (cliutil.signals_handled)."""

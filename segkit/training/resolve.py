@@ -14,14 +14,21 @@ from typing import Any
 from segkit import cliutil
 from segkit import lmdb_format
 from segkit.training import autoconfig
-from segkit.training.config import WARMUP_MAX_STEPS, RunConfig
+from segkit.training.config import MAX_SIZE, WARMUP_MAX_STEPS, RunConfig, augmentation_constants
 import models
 
 log = logging.getLogger(__name__)
 
 # Flags range-checked by their RunConfig field's rule, in this order (messages "--flag must be ...").
 CHECKED_FLAGS = ("batch_size", "number_classes", "learning_rate", "ema_decay", "test_every_n_steps",
-                 "early_stopping", "reader_count", "max_steps", "max_minutes")
+                 "early_stopping", "reader_count", "max_steps", "max_minutes", "seed")
+# Flags that are no RunConfig field of their own: (rule, text completing "--flag ...").
+OTHER_FLAG_RULES = {
+    "dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (a rate; 0 = no dropout)"),
+    "crop_size": (lambda v: 1 <= v <= MAX_SIZE, f"must be in [1, {MAX_SIZE}] pixels"),
+    "depth": (lambda v: 1 <= v <= 16, "must be in [1, 16] (poolings)"),
+    "base_filters": (lambda v: 1 <= v <= 4096, "must be in [1, 4096]"),
+}
 # Flags the toolkit chooses from the data when they are not passed (segkit.training.autoconfig).
 SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps")
 
@@ -54,7 +61,7 @@ def resolve_config(args) -> RunConfig:
         class_weight_values=tuple(parse_class_weights(args.class_weights, args.number_classes, counts)),
         crop_size=tuple(_resolve_crop(args, size_factor)),
         train_data=tuple(_fingerprint(m) for m in train_meta), test_data=_fingerprint(test_meta),
-        mask_map=_training_mask_map(train_meta))
+        mask_map=_training_mask_map(train_meta), augmentation=augmentation_constants())
     _check_output_dir(config.output_dir)
     return config
 
@@ -83,7 +90,11 @@ def _check_numbers(args) -> None:
     for name in CHECKED_FLAGS:
         value = getattr(args, name)
         if value is not None and not rules[name].test(value):
-            raise cliutil.InputError(f"--{name} {rules[name].text}")
+            raise cliutil.InputError(f"--{name} {rules[name].text}, got {value}")
+    for name, (test, text) in OTHER_FLAG_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not test(value):  # NaN fails every comparison
+            raise cliutil.InputError(f"--{name} {text}, got {value}")
     if args.lr_schedule == "cosine" and args.max_steps is None:
         raise cliutil.InputError("--lr_schedule cosine decays to --max_steps; pass --max_steps N")
 
@@ -177,10 +188,22 @@ def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:
 
 
 def _check_output_dir(path: str) -> None:
+    """The output folder must be a folder, or creatable: no file or dangling link on the way, writable."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise cliutil.InputError(f"--output_dir {path} is a symbolic link to {os.readlink(path)}, which does not "
+                                 "exist; remove the link or pass another folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise cliutil.InputError(f"--output_dir {path} is a file; pass a folder")
     parent = path
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise cliutil.InputError(f"--output_dir {path}: {parent} is not writable; choose another folder")
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise cliutil.InputError(f"--output_dir {path}: {parent} is a symbolic link to {os.readlink(parent)}, which "
+                                 "does not exist; remove the link or choose another folder")
+    if not os.path.isdir(parent):
+        raise cliutil.InputError(f"--output_dir {path}: {parent} is a file, not a folder; choose another folder")
+    try:  # os.access says yes to root on a read-only file system: try it
+        os.remove(cliutil.make_temp(os.path.join(parent, "write-test")))
+    except OSError as exc:
+        raise cliutil.InputError(f"--output_dir {path}: cannot write in {parent} ({exc.strerror}); choose another "
+                                 "folder or fix its permissions") from None

@@ -127,6 +127,11 @@ class Trainer:
                                                             output_type=tf.int32), reduce_retracing=True,
                                    autograph=False)
 
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: the model, the optimizer's slots and the average."""
+        models_held = 2 if self.ema_model is not None else 1
+        return int(sum(int(np.prod(w.shape)) * 4 for w in self.model.weights) * (models_held + 2))
+
     def any_replica(self, flag: bool) -> bool:
         """True when ``flag`` is true on any replica of any worker (a collective: every worker must call it)."""
         import tensorflow as tf
@@ -244,12 +249,14 @@ def make_readers(config: RunConfig, replicas: int, worker_index: int, worker_cou
     from imagereader import ImageReader
 
     factory = reader_factory or ImageReader
-    seed = config.seed if start_step == 0 else int(np.random.SeedSequence([config.seed, start_step]).generate_state(1)[0])
+    # The stream is a function of (seed, shard, batch index): a resumed run starts at batch start_step and
+    # draws what the uninterrupted run would have drawn there.
     train = factory(list(config.train_database), batch_size=config.batch_size, mode="train",
                     workers=config.reader_count * replicas,
                     sampling="balanced" if config.balance_classes else "shuffle",
                     augment=config.use_augmentation, crop_size=tuple(config.crop_size),
-                    size_factor=config.size_factor, seed=seed, shard_index=worker_index, shard_count=worker_count)
+                    size_factor=config.size_factor, seed=config.seed, shard_index=worker_index, shard_count=worker_count,
+                    start_batch=start_step)
     try:
         test = factory(config.test_database, batch_size=config.batch_size, mode="eval",
                        workers=config.reader_count, size_factor=config.size_factor,
@@ -261,12 +268,26 @@ def make_readers(config: RunConfig, replicas: int, worker_index: int, worker_cou
 
 
 def distribute(strategy, reader):
-    """The reader's tf.data pipeline, one batch per replica per step (sharding is done by the reader)."""
+    """The reader's tf.data pipeline, one batch per replica per step (sharding is done by the reader).
+
+    A reader failure reaches the caller wrapped by tf.data (an UnknownError with the text): it is recorded
+    first as ``reader.failure`` (the ReaderWorkerError itself), so the loop can tell it apart by type."""
     import tensorflow as tf
+    from imagereader import ReaderWorkerError
+
+    reader.failure = None
+
+    def recorded():
+        try:
+            yield from reader
+        except ReaderWorkerError as exc:
+            reader.failure = exc
+            raise
 
     def dataset_fn(_context):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return reader.dataset().with_options(options).prefetch(2)
+        spec = reader.dataset().element_spec
+        return tf.data.Dataset.from_generator(recorded, output_signature=spec).with_options(options).prefetch(2)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
