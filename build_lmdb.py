@@ -16,16 +16,11 @@ writes ``OUT/train-NAME.lmdb`` and ``OUT/test-NAME.lmdb`` (record format: ``lmdb
 * Masks are stored in the smallest unsigned type that holds their values (uint8 below 256).
 * Validation happens in the same single pass that encodes; nothing is renamed into place
   unless every file is valid. Bad input: one line on stderr, exit code 2.
-* Crash safety: each database is written under a temporary name in the output folder
-  (``.train-NAME.lmdb.tmp-HOST-PID``), synced, then renamed into place. With ``--overwrite``
-  the complete new database is swapped with the old one atomically (Linux ``renameat2``
-  RENAME_EXCHANGE); where the file system cannot exchange, the old one is renamed aside
-  (``.train-NAME.lmdb.old-HOST-PID``) and the new one renamed in: a kill -9 between those two
-  renames leaves no database under the final name, and the next run restores the old one.
-  Temporaries of killed runs (dead PID on this host) are removed by the next run. Ctrl-C and
-  SIGTERM (Slurm) remove them on the spot (exit code 130).
-  The two databases are installed one after the other: a kill between the two leaves a new
-  train and the old test database; both carry ``build.id`` in their metadata to detect that.
+* Also writes ``OUT/split-NAME.csv`` (columns file, split).
+* Crash safety and write faults (temporary names, atomic install or swap with ``--overwrite``,
+  clean-up after killed runs, full disk): ``segkit/lmdb_store.py``. Workers die with the main
+  process; a killed worker is reported with its file (exit 1). Ctrl-C / SIGTERM: exit 130.
+  Details: README, "Building databases" and "Troubleshooting".
 
 For tests only: environment variable ``BUILD_LMDB_TEST_DELAY`` (seconds) sleeps after each
 record written, so a test can kill a build in progress.
@@ -36,13 +31,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import ctypes
 import logging
+import math
 import multiprocessing
 import os
-import re
-import shutil
-import socket
 import sys
 import time
 import uuid
@@ -54,6 +46,7 @@ import numpy as np
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
+from segkit import lmdb_store
 from segkit import tiling
 from segkit.cliutil import InputError
 
@@ -61,11 +54,12 @@ log = logging.getLogger("build_lmdb")
 
 SPLITS = ("train", "test")
 TILE_MULTIPLE = 32
+MAX_TILE = 32768          # sizes beyond are typos; a 32768^2 float32 tile is already 4 GB
+MAX_WORKERS = 256
+MAX_CLASSES = 2**31
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
-INITIAL_MAP_SIZE = 64 << 20
 TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
 MAX_LISTED = 8
-_TEMP_RE = re.compile(r"^\.(?P<base>.+\.lmdb)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -92,9 +86,21 @@ def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
     return {image_io.stem(name): name for name in names}
 
 
+def warn_dangling_links(folder: str) -> list[str]:
+    """Log (and return) the symbolic links in ``folder`` whose target is missing: they are skipped."""
+    dangling = sorted(n for n in os.listdir(folder)
+                      if os.path.islink(os.path.join(folder, n)) and not os.path.exists(os.path.join(folder, n)))
+    if dangling:
+        log.warning("%s: %d symbolic link(s) point to missing files and are skipped: %s; fix or remove them",
+                    folder, len(dangling), _listing(dangling))
+    return dangling
+
+
 def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
                mask_format: str | None = None) -> list[tuple[str, str]]:
     """(image name, mask name) pairs matched by file stem, sorted by image name."""
+    for folder in dict.fromkeys((image_folder, mask_folder)):
+        warn_dangling_links(folder)
     images = image_io.list_images(image_folder, image_format)
     if not images:
         raise InputError(image_io.no_images_message(image_folder, image_format))
@@ -202,8 +208,13 @@ def _read(path: str) -> np.ndarray:
 
 def load_image(path: str) -> np.ndarray:
     """Read and check an image; returns image_hwc."""
+    array = _read(path)
+    stack = image_io.tiff_stack_hint(path, array)
+    if stack:
+        raise InputError(f"{path}: {stack}; build_lmdb takes 2-D images (HW or HWC): save each slice as its own "
+                         "file, or a multichannel image with its channels last")
     try:
-        image = image_io.to_hwc(_read(path))
+        image = image_io.to_hwc(array)
         image_io.check_dtype(image, path)
     except ValueError as exc:
         raise InputError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from exc
@@ -289,129 +300,6 @@ def encode_pair(task: Task) -> Encoded:
     return Encoded(task, source, image.dtype.name, int(image.shape[2]), records, record_classes, counts)
 
 
-# ----------------------------------------------------------------------------- databases on disk
-
-
-def database_paths(output_folder: str, dataset_name: str) -> dict[str, str]:
-    return {s: os.path.join(output_folder, f"{s}-{dataset_name}.lmdb") for s in SPLITS}
-
-
-def _temp_name(final_path: str, kind: str) -> str:
-    folder, base = os.path.split(final_path)
-    return os.path.join(folder, f".{base}.{kind}-{socket.gethostname()}-{os.getpid()}")
-
-
-def clean_stale_temporaries(output_folder: str, final_paths: Sequence[str]) -> None:
-    """Remove temporaries of killed builds of these databases; restore an old one lost mid-swap."""
-    if not os.path.isdir(output_folder):
-        return
-    finals = {os.path.basename(p): p for p in final_paths}
-    host = socket.gethostname()
-    for entry in sorted(os.listdir(output_folder)):
-        match = _TEMP_RE.match(entry)
-        if not match or match["base"] not in finals:
-            continue
-        path, final = os.path.join(output_folder, entry), finals[match["base"]]
-        if match["host"] != host:
-            log.warning("%s was left by a build on host %s; delete it if no build is running there", path, match["host"])
-        elif int(match["pid"]) != os.getpid() and cliutil.pid_alive(int(match["pid"])):
-            log.warning("%s belongs to a running build (pid %s); leaving it alone", path, match["pid"])
-        elif match["kind"] == "old" and not os.path.exists(final):
-            os.rename(path, final)
-            log.warning("restored %s from %s (a previous build was killed while swapping databases)", final, path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s (temporary of an interrupted build)", path)
-
-
-class TempDatabase:
-    """An LMDB environment under a temporary name, grown on demand, renamed into place by install()."""
-
-    def __init__(self, final_path: str):
-        import lmdb
-
-        self.final_path = final_path
-        self.path = _temp_name(final_path, "tmp")
-        os.mkdir(self.path)
-        self.map_size = INITIAL_MAP_SIZE
-        # No fsync per commit: the temporary is worthless until finish() syncs it once.
-        self.env = lmdb.open(self.path, map_size=self.map_size, subdir=True, sync=False, metasync=False,
-                             readahead=False, meminit=False)
-        self.num_records = 0
-        self.nbytes = 0
-
-    def append(self, values: Sequence[bytes]) -> int:
-        """Write records with the next indices; returns the first index."""
-        import lmdb
-
-        first = self.num_records
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for offset, value in enumerate(values):
-                        txn.put(lmdb_format.record_key(first + offset), value, append=True)
-                break
-            except lmdb.MapFullError:  # the aborted transaction left nothing; grow and retry
-                need = sum(len(v) for v in values)
-                self.map_size = max(2 * self.map_size, self.map_size + 2 * need)
-                self.env.set_mapsize(self.map_size)
-        self.num_records += len(values)
-        self.nbytes += sum(len(v) for v in values)
-        return first
-
-    def finish(self, metadata: dict[str, Any]) -> None:
-        import lmdb
-
-        value = lmdb_format.encode_metadata(metadata)
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    txn.put(lmdb_format.META_KEY, value)
-                break
-            except lmdb.MapFullError:
-                self.map_size += 2 * len(value) + (1 << 20)
-                self.env.set_mapsize(self.map_size)
-        self.env.sync(True)
-        self.env.close()
-        self.env = None
-
-    def discard(self) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _exchange(path_a: str, path_b: str) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(path_a), at_fdcwd, os.fsencode(path_b), rename_exchange)
-    return result == 0
-
-
-def install(temp_path: str, final_path: str, overwrite: bool) -> None:
-    """Move a complete database into place; the old one (if any) is removed only afterwards."""
-    if not os.path.exists(final_path):
-        os.rename(temp_path, final_path)  # fails (directory not empty) if one appeared meanwhile
-    elif not overwrite:
-        raise InputError(f"{final_path} appeared while building; rerun with --overwrite to replace it")
-    else:
-        if not _exchange(temp_path, final_path):
-            aside = _temp_name(final_path, "old")
-            os.rename(final_path, aside)  # a kill -9 right here: the next run restores `aside`
-            os.rename(temp_path, final_path)
-            temp_path = aside
-        shutil.rmtree(temp_path)  # now the old database
-    cliutil.fsync_path(os.path.dirname(os.path.abspath(final_path)))
-
-
 # ----------------------------------------------------------------------------- the build
 
 
@@ -449,6 +337,7 @@ class BuildSummary:
     image_dtype: str
     number_classes: int
     seconds: float
+    split_csv: str | None = None
 
     def format(self) -> str:
         total = sum(s.images for s in self.splits.values())
@@ -459,6 +348,8 @@ class BuildSummary:
             lines.append(f"  {name:5s} {s.images:5d} images -> {s.records:6d} records, {s.nbytes / 1e6:8.1f} MB  "
                          f"{os.path.abspath(s.path)}")
             lines.append(f"        class pixel fractions: {fractions}")
+        if self.split_csv:
+            lines.append(f"  split (file -> train/test): {os.path.abspath(self.split_csv)}")
         return "\n".join(lines)
 
 
@@ -471,7 +362,7 @@ def default_workers() -> int:
 
 
 def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction, use_tiling, tile_size,
-                     tile_stride, number_classes, workers, test_list) -> None:
+                     tile_stride, number_classes, workers, test_list, seed=0) -> None:
     for flag, folder in (("--image_folder", image_folder), ("--mask_folder", mask_folder)):
         if not os.path.isdir(folder):
             raise InputError(f"{flag} {folder}: no such folder")
@@ -480,8 +371,10 @@ def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction,
                          "keep masks in their own folder, named like their images")
     if not dataset_name or os.sep in dataset_name or "/" in dataset_name or dataset_name.startswith("."):
         raise InputError(f"--dataset_name {dataset_name!r}: give a plain name (no '/', not starting with '.')")
-    if not 0.0 < train_fraction < 1.0 and test_list is None:
+    if not math.isfinite(train_fraction) or (not 0.0 < train_fraction < 1.0 and test_list is None):
         raise InputError(f"--train_fraction must be > 0 and < 1, got {train_fraction}; e.g. 0.8 keeps 20% for test")
+    if use_tiling and not TILE_MULTIPLE <= tile_size <= MAX_TILE:
+        raise InputError(f"--tile_size must be between {TILE_MULTIPLE} and {MAX_TILE} pixels, got {tile_size}")
     if use_tiling and (tile_size <= 0 or tile_size % TILE_MULTIPLE):
         raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
                          f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
@@ -489,10 +382,13 @@ def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction,
         raise InputError("--tile_stride only applies with --use_tiling 1")
     if use_tiling and tile_stride is not None and not 1 <= tile_stride <= tile_size:
         raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
-    if number_classes is not None and number_classes < 1:
-        raise InputError(f"--number_classes must be >= 1 (background counts as a class), got {number_classes}")
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+    if number_classes is not None and not 1 <= number_classes <= MAX_CLASSES:
+        raise InputError(f"--number_classes must be between 1 (background counts as a class) and {MAX_CLASSES}, "
+                         f"got {number_classes}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise InputError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}; e.g. {default_workers()}")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"--seed must be a non-negative integer below 2**63, got {seed}")
 
 
 def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
@@ -515,6 +411,11 @@ def _check_consistent(encoded: Encoded, first: Encoded | None) -> None:
                              f"all images of a data set need the same {what}: convert them or build separate databases")
 
 
+def _worker_init(parent_pid: int) -> None:
+    cliutil.ignore_interrupts()
+    cliutil.die_with_parent(parent_pid)
+
+
 class Encoder:
     """Encodes tasks in order, in up to ``workers`` processes with a bounded look-ahead.
 
@@ -524,14 +425,15 @@ class Encoder:
 
     def __init__(self, tasks: list[Task], workers: int):
         self.tasks = iter(tasks)
-        self.pending: collections.deque[cf.Future] = collections.deque()
+        self.pending: collections.deque[tuple[Task, cf.Future]] = collections.deque()
         self.pool = None
         if workers > 1 and len(tasks) > 1:
             threaded = "tensorflow" in sys.modules or "torch" in sys.modules  # forking those is unsafe
             context = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
-            # Workers ignore Ctrl-C / SIGTERM: the main process handles them and shuts the pool down.
+            # Workers ignore Ctrl-C / SIGTERM (the main process handles them and shuts the pool down) and die
+            # with the main process (kill -9 of it would leave them blocked on the task queue forever).
             self.pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
-                                               initializer=cliutil.ignore_interrupts)
+                                               initializer=_worker_init, initargs=(os.getpid(),))
             self.window = 2 * workers
             self._fill()
 
@@ -540,16 +442,34 @@ class Encoder:
             task = next(self.tasks, None)
             if task is None:
                 return
-            self.pending.append(self.pool.submit(encode_pair, task))
+            try:
+                future = self.pool.submit(encode_pair, task)
+            except cf.process.BrokenProcessPool as exc:  # a worker died: report it in order, never skip the task
+                future = cf.Future()
+                future.set_exception(exc)
+            self.pending.append((task, future))
+            if future.done() and future.exception() is not None:
+                return
 
     def __iter__(self) -> Iterator[Encoded]:
         if self.pool is None:
             yield from map(encode_pair, self.tasks)
             return
         while self.pending:
-            future = self.pending.popleft()
+            task, future = self.pending[0]
+            try:
+                encoded = future.result()
+            except cf.process.BrokenProcessPool:
+                raise cliutil.FaultError(self._died_message()) from None
+            self.pending.popleft()
             self._fill()
-            yield future.result()
+            yield encoded
+
+    def _died_message(self) -> str:
+        names = [os.path.basename(task.image_path) for task, _ in self.pending]
+        others = f" (or one of the {len(names) - 1} images decoded with it: {_listing(names[1:])})" if len(names) > 1 else ""
+        return (f"a build worker process died (killed by the system, most often for lack of memory) while decoding "
+                f"{self.pending[0][0].image_path}{others}; retry with --workers 1, or free memory")
 
     def close(self) -> None:
         if self.pool is not None:
@@ -568,10 +488,13 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
     workers = default_workers() if workers is None else workers
     check_parameters(image_folder=image_folder, mask_folder=mask_folder, dataset_name=dataset_name,
                      train_fraction=train_fraction, use_tiling=use_tiling, tile_size=tile_size,
-                     tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list)
+                     tile_stride=tile_stride, number_classes=number_classes, workers=workers, test_list=test_list,
+                     seed=seed)
     mapping = parse_mask_map(mask_map)
-    finals = database_paths(output_folder, dataset_name)
-    clean_stale_temporaries(output_folder, list(finals.values()))
+    lmdb_store.check_output_folder(output_folder)
+    finals = lmdb_store.database_paths(output_folder, dataset_name)
+    lmdb_store.clean_stale_temporaries(output_folder, list(finals.values()))
+    lmdb_store.check_database_paths(finals, overwrite)
     existing = [p for p in finals.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise InputError(f"{_listing(existing)} already exist(s); use --overwrite to replace, or another "
@@ -587,7 +510,7 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
              for s in SPLITS for index, n in enumerate(split[s])]
     created_folder = not os.path.isdir(output_folder)
     os.makedirs(output_folder, exist_ok=True)
-    databases: dict[str, TempDatabase] = {}
+    databases: dict[str, lmdb_store.TempDatabase] = {}
     try:
         results, first = _write_all(tasks, finals, databases, workers, progress)
         if use_tiling:
@@ -607,17 +530,36 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
             meta["build"] = build
             databases[name].finish(meta)
         for name in SPLITS:
-            install(databases[name].path, finals[name], overwrite)
-    except BaseException:
+            lmdb_store.install(databases[name].path, finals[name], overwrite)
+        split_csv = write_split_csv(output_folder, dataset_name, split)
+    except BaseException as exc:
+        written = sum(db.nbytes for db in databases.values())
         for db in databases.values():
             db.discard()
         if created_folder and not os.listdir(output_folder):
             os.rmdir(output_folder)
+        fault = lmdb_store.write_fault(exc, output_folder, [p for t in tasks for p in (t.image_path, t.mask_path)],
+                                       written)
+        if fault is not None:
+            raise fault from None
         raise
-    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start)
+    log.info("wrote %s (the file -> split of every image)", split_csv)
+    return BuildSummary(results, first.channels, first.image_dtype, classes, time.perf_counter() - start, split_csv)
 
 
-def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, TempDatabase], workers: int,
+def write_split_csv(output_folder: str, dataset_name: str, split: dict[str, list[str]]) -> str:
+    """``split-NAME.csv`` beside the databases (columns file, split; image name order), written atomically."""
+    path = os.path.join(output_folder, f"split-{dataset_name}.csv")
+    rows = sorted((name, s) for s in SPLITS for name in split[s])
+    cliutil.atomic_write_text(path, "file,split\n" + "".join(f"{_csv_field(n)},{s}\n" for n, s in rows))
+    return path
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, lmdb_store.TempDatabase], workers: int,
                progress: bool) -> tuple[dict[str, SplitResult], Encoded]:
     """The single pass: encode every pair (validating it) and append its records to its database."""
     from tqdm import tqdm
@@ -628,7 +570,7 @@ def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, T
     encoder = Encoder(tasks, workers)  # forks before LMDB and tqdm's thread exist
     try:
         for split in SPLITS:
-            databases[split] = TempDatabase(finals[split])
+            databases[split] = lmdb_store.TempDatabase(finals[split])
         with tqdm(total=len(tasks), unit="img", desc="build_lmdb", disable=not progress, dynamic_ncols=True, leave=False,
                   mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
             for encoded in encoder:
@@ -640,6 +582,10 @@ def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, T
                 bar.update(1)
                 if delay:
                     time.sleep(delay * len(encoded.records))
+    except BaseException:
+        if progress:
+            cliutil.end_progress_line()  # the error line that follows starts on a fresh line in a log
+        raise
     finally:
         encoder.close()
     return results, first
@@ -672,7 +618,7 @@ def build_parser() -> cliutil.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cliutil.setup_logging()
     summary = build_databases(**vars(args))
@@ -680,5 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: exit 0, 2 for bad input (one line), 1 for a fault, 130 on Ctrl-C / SIGTERM."""
+    return cliutil.run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cliutil.run_cli(main))
+    sys.exit(main())

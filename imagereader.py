@@ -13,13 +13,17 @@ The trainer only picks up ready batches; N worker processes make them.
   augmentation, so switching augmentation off does not change which records are drawn). The shuffled
   epoch order is a function of ``(seed, epoch)`` only, shared by every worker and shard. Same seed and
   same worker count -> identical stream.
-* Sampling (train mode): ``shuffle`` = epochs without replacement (default; the epoch is split over the
+* Sampling (train mode; ``reader_sampling``): ``shuffle`` = epochs without replacement (default; the epoch is split over the
   shards by position and over the workers by batch), ``replacement`` = uniform with replacement,
   ``balanced`` = a class uniformly among the classes present, then a record uniformly among the records
   containing it (the metadata's ``class_records``). ``database_weights`` sets the share of samples each
   database contributes (default: proportional to its size; with ``balanced``, the database is drawn first).
+* Geometry for any number of spatial axes: records are 2-D (image HWC, mask HW) or volumes (ZYXC, ZYX);
+  crop sizes, eval crops and the shared-memory slots have one size per spatial axis. 2-D train samples
+  come from ``augment.make_sample``; volumes get plain random crops until augment.py has a pipeline
+  for them (``reader_worker``).
 * Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
-  ``size_factor``, no augmentation; batches group consecutive records of equal shape. With several shards,
+  ``size_factor`` on every spatial axis, no augmentation; batches group consecutive records of equal shape. With several shards,
   shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
 * Samples: see ``augment.make_sample`` (context crop, one fused warp, intensity transforms on raw values),
   then ``image_io.normalize`` with the record's source-image statistics from the metadata.
@@ -51,14 +55,14 @@ import os
 import signal
 import sys
 import time
-import traceback
 import weakref
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 import augment as augmentation
+from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
+from reader_worker import _Plan, _Producer, _eval_shape, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
@@ -74,7 +78,6 @@ POLL_SECONDS = 0.25                           # how often a waiting consumer che
 JOIN_SECONDS = 3.0                            # how long close() waits before terminating workers
 MODES = ("train", "eval")
 SAMPLINGS = ("shuffle", "replacement", "balanced")
-_ORDER_KEY = 0x5EED0DE5                       # SeedSequence spawn-key tag of the shuffled epoch orders
 
 
 class ReaderWorkerError(RuntimeError):
@@ -83,251 +86,6 @@ class ReaderWorkerError(RuntimeError):
 
 class _Closed(Exception):
     """The reader was closed while a consumer was waiting."""
-
-
-# ---- Sampling (pure; runs in the workers) --------------------------------------------------------
-
-def _quotas(sizes: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Samples each database contributes to one shuffled epoch of ``sizes.sum()`` samples."""
-    total = int(sizes.sum())
-    if weights is None:
-        return sizes.astype(np.int64)
-    exact = weights / weights.sum() * total
-    quotas = np.floor(exact).astype(np.int64)
-    remainder = total - int(quotas.sum())
-    quotas[np.argsort(quotas - exact, kind="stable")[:remainder]] += 1  # largest remainders
-    return quotas
-
-
-class ShuffleOrder:
-    """Shuffled epochs without replacement over concatenated databases, a pure function of the seed.
-
-    Epoch ``e`` takes, from each database ``d``, the next ``quota[d]`` entries of that database's endless
-    sequence of permutations (so each database is covered without replacement, at its weight), then
-    shuffles the union. ``take(positions)`` maps stream positions to global record indices.
-    """
-
-    def __init__(self, sizes: Sequence[int], seed: int, weights: Sequence[float] | None = None):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.seed = seed
-        self.quotas = _quotas(self.sizes, None if weights is None else np.asarray(weights, np.float64))
-        self.epoch_length = int(self.quotas.sum())
-        self._cache: dict[int, np.ndarray] = {}
-
-    def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_ORDER_KEY,) + key))
-
-    def _database_sequence(self, db: int, start: int, stop: int) -> np.ndarray:
-        n = int(self.sizes[db])
-        cycles = range(start // n, (stop - 1) // n + 1)
-        seq = np.concatenate([self._rng(1, db, c).permutation(n) for c in cycles])
-        first = cycles[0] * n
-        return seq[start - first : stop - first]
-
-    def epoch(self, e: int) -> np.ndarray:
-        if e not in self._cache:
-            parts = [self.offsets[d] + self._database_sequence(d, e * q, (e + 1) * q)
-                     for d, q in enumerate(self.quotas) if q > 0]
-            order = np.concatenate(parts)
-            self._rng(2, e).shuffle(order)
-            if len(self._cache) >= 2:
-                self._cache.pop(min(self._cache))
-            self._cache[e] = order
-        return self._cache[e]
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        epochs, offsets = np.divmod(np.asarray(positions, np.int64), self.epoch_length)
-        return np.array([self.epoch(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
-
-
-class RandomSampler:
-    """With replacement (``balanced=False``) or class-balanced draws of global record indices."""
-
-    def __init__(self, sizes: Sequence[int], class_records: Sequence[dict[int, Sequence[int]]] | None = None,
-                 weights: Sequence[float] | None = None):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
-        self.pools = None  # balanced: per database (or one merged) list of per-class index arrays
-        if class_records is not None:
-            per_db = [{c: self.offsets[d] + np.asarray(idx, np.int64) for c, idx in cr.items() if len(idx)}
-                      for d, cr in enumerate(class_records)]
-            if self.weights is None:
-                merged: dict[int, list[np.ndarray]] = {}
-                for pools in per_db:
-                    for c, idx in pools.items():
-                        merged.setdefault(c, []).append(idx)
-                per_db = [{c: np.concatenate(v) for c, v in merged.items()}]
-            self.pools = [[pools[c] for c in sorted(pools)] for pools in per_db]
-
-    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            db = 0 if self.weights is None else int(rng.choice(len(self.weights), p=self.weights))
-            if self.pools is None:
-                lo, hi = (0, self.offsets[-1]) if self.weights is None else (self.offsets[db], self.offsets[db + 1])
-                out[i] = rng.integers(lo, hi)
-            else:
-                pools = self.pools[db]
-                pool = pools[int(rng.integers(len(pools)))]
-                out[i] = pool[int(rng.integers(len(pool)))]
-        return out
-
-
-# ---- Worker side ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a worker needs; pickled once at spawn."""
-
-    paths: tuple[str, ...]
-    sizes: tuple[int, ...]
-    mode: str
-    sampling: str
-    batch_size: int
-    workers: int
-    seed: int
-    shard_index: int
-    shard_count: int
-    crop_hw: tuple[int, int] | None
-    params: augmentation.AugmentParams | None   # None: no augmentation
-    weights: tuple[float, ...] | None
-    class_records: tuple[dict, ...] | None
-    eval_batches: np.ndarray | None        # (batches, 2) global [start, stop) per eval batch of this shard
-    eval_hw: np.ndarray | None             # (records, 2) eval shape of every record
-    stats: tuple[tuple[np.ndarray, np.ndarray], ...]  # per database: (mean, std) arrays (sources, C)
-    channels: int
-    mask_dtype: str
-    slots: int
-    slot_bytes: int
-
-
-def _slot_views(ring: np.ndarray, slot: int, plan: _Plan, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image (n, h, w, C) float32 and label (n, h, w) arrays stored in one slot of a ring."""
-    base = slot * plan.slot_bytes
-    image_count = n * h * w * plan.channels
-    images = np.frombuffer(ring, np.float32, image_count, base).reshape(n, h, w, plan.channels)
-    masks = np.frombuffer(ring, plan.mask_dtype, n * h * w, base + image_count * 4).reshape(n, h, w)
-    return images, masks
-
-
-class _Producer:
-    """Makes batch ``g`` into a ring slot, inside a worker process."""
-
-    def __init__(self, plan: _Plan, worker: int, ring):
-        import cv2
-
-        cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
-        self.plan = plan
-        self.ring = ring
-        self.offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
-        self.envs = [lmdb_format.open_readonly(p) for p in plan.paths]
-        self.txns = [env.begin(buffers=True) for env in self.envs]
-        stream = np.random.SeedSequence(plan.seed).spawn(plan.shard_count)[plan.shard_index].spawn(plan.workers)[worker]
-        sample_seq, augment_seq = stream.spawn(2)
-        self.sample_rng = np.random.default_rng(sample_seq)
-        self.augment_rng = np.random.default_rng(augment_seq)
-        self.order = self.sampler = None
-        if plan.mode == "train" and plan.sampling == "shuffle":
-            self.order = ShuffleOrder(plan.sizes, plan.seed, plan.weights)
-        elif plan.mode == "train":
-            balanced = plan.class_records if plan.sampling == "balanced" else None
-            self.sampler = RandomSampler(plan.sizes, balanced, plan.weights)
-
-    def close(self) -> None:
-        for txn in self.txns:
-            txn.abort()
-        for env in self.envs:
-            env.close()
-
-    def record(self, index: int) -> tuple[lmdb_format.Record, np.ndarray, np.ndarray]:
-        db = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        local = int(index - self.offsets[db])
-        value = self.txns[db].get(lmdb_format.record_key(local))
-        if value is None:
-            raise ValueError(f"{self.plan.paths[db]}: record {local} is missing; rebuild the database with build_lmdb.py")
-        try:
-            record = lmdb_format.decode_record(value)
-        except ValueError as exc:
-            raise ValueError(f"{self.plan.paths[db]}: record {local}: {exc}") from exc
-        means, stds = self.plan.stats[db]
-        return record, means[record.source_index], stds[record.source_index]
-
-    def train_indices(self, g: int) -> np.ndarray:
-        b = self.plan.batch_size
-        if self.order is not None:
-            stream = np.arange(g * b, (g + 1) * b, dtype=np.int64)
-            return self.order.take(stream * self.plan.shard_count + self.plan.shard_index)
-        return self.sampler.draw(self.sample_rng, b)
-
-    def fill(self, slot: int, g: int) -> tuple[int, int, int]:
-        """Write batch ``g`` into ``slot``; returns its (n, h, w)."""
-        plan = self.plan
-        if plan.mode == "train":
-            indices = self.train_indices(g)
-            h, w = plan.crop_hw
-        else:
-            start, stop = plan.eval_batches[g % len(plan.eval_batches)]
-            indices = np.arange(start, stop)
-            h, w = plan.eval_hw[start]
-        images, masks = _slot_views(self.ring, slot, plan, len(indices), int(h), int(w))
-        for i, index in enumerate(indices):
-            record, mean, std = self.record(int(index))
-            if plan.mode == "train":
-                params = plan.params or augmentation.AugmentParams.none()
-                image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, self.augment_rng, (h, w), params)
-            else:
-                image, mask = _eval_crop(record.image_hwc, h, w), _eval_crop(record.mask_hw, h, w)
-            images[i] = image_io.normalize(image, mean, std)
-            masks[i] = mask
-        return len(indices), int(h), int(w)
-
-
-def _eval_hw(h: int, w: int, size_factor: int) -> tuple[int, int]:
-    """Eval shape of an h x w record: cropped down to a multiple of size_factor (padded up to one factor)."""
-    return max(h // size_factor, 1) * size_factor, max(w // size_factor, 1) * size_factor
-
-
-def _eval_crop(array: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Top-left h x w of a record; mirror-padded where the record is smaller (only below one size factor)."""
-    part = array[:h, :w]
-    return image_io.mirror_pad(part, (0, h - part.shape[0]), (0, w - part.shape[1]))
-
-
-def _wait_for_slot(free, stop) -> bool:
-    parent = mp.parent_process()
-    while not free.acquire(timeout=0.1):
-        if stop.is_set() or (parent is not None and not parent.is_alive()):
-            return False
-    return not stop.is_set()
-
-
-def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buffer) -> None:
-    """Worker process entry: make batches g = worker, worker + N, ... until stopped."""
-    cliutil.ignore_interrupts()  # Ctrl-C and SIGTERM are the consumer's to handle; it ends the workers
-    g = None
-    producer = None
-    try:
-        ring = np.frombuffer(ring_buffer, np.uint8)
-        producer = _Producer(plan, worker, ring)
-        for n, g in enumerate(itertools.count(worker, plan.workers)):
-            if not _wait_for_slot(free, stop):
-                return
-            slot = n % plan.slots
-            shape = producer.fill(slot, g)
-            produced[worker] += 1
-            conn.send(("batch", g, slot) + shape)
-    except Exception:
-        if not stop.is_set():
-            try:
-                conn.send(("error", g, traceback.format_exc()))
-            except OSError:
-                pass
-            raise SystemExit(1)
-    finally:
-        if producer is not None:
-            producer.close()
 
 
 # ---- Consumer side -------------------------------------------------------------------------------
@@ -399,26 +157,29 @@ def _main_module_hidden():
 
 
 def _record_shapes(path: str, count: int) -> np.ndarray:
-    """(count, 2) heights and widths of a database's records (headers only; no pixel data is read)."""
+    """(count, spatial axes) sizes of a database's records (headers only; no pixel data is read)."""
     env = lmdb_format.open_readonly(path)
     try:
         with env.begin(buffers=True) as txn:
-            shapes = np.empty((count, 2), np.int64)
+            shapes = []
             for i in range(count):
                 value = txn.get(lmdb_format.record_key(i))
                 if value is None:
                     raise ValueError(f"{path}: record {i} of {count} is missing; rebuild the database with build_lmdb.py")
                 try:
-                    shapes[i] = lmdb_format.decode_record(value).mask_hw.shape
+                    shapes.append(lmdb_format.decode_record(value).mask_hw.shape)
                 except ValueError as exc:
                     raise ValueError(f"{path}: record {i}: {exc}") from None
-            return shapes
     finally:
         env.close()
+    if len({len(shape) for shape in shapes}) > 1:
+        raise ValueError(f"{path}: records have {sorted({len(sh) for sh in shapes})} spatial axes; a database holds "
+                         "2-D images or volumes, not both: rebuild it from one kind")
+    return np.array(shapes, np.int64).reshape(count, -1)
 
 
 class ImageReader:
-    """Batches (images_nhwc float32 normalized, masks_nhw int32 class ids) from LMDB databases.
+    """Batches (images float32 normalized, (n, *spatial, C); masks int32 class ids, (n, *spatial)) from LMDB databases.
 
     Args:
         databases: one path or several (concatenated; they must have the same channel count).
@@ -428,7 +189,8 @@ class ImageReader:
         sampling: ``"shuffle"`` | ``"replacement"`` | ``"balanced"`` (train mode).
         database_weights: share of the samples each database contributes (train mode; default by size).
         augment: apply ``augment.py``'s augmentation (train mode; off = plain random crops).
-        crop_size: train crop (int or (h, w)), a multiple of ``size_factor``. Default: the databases' tile
+        crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
+            ``size_factor``. Default: the databases' tile
             size, else the smallest record, rounded down to the size factor.
         size_factor: the model's size factor; eval records are cropped to a multiple of it.
         seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
@@ -452,32 +214,34 @@ class ImageReader:
         self._check_databases(sampling if mode == "train" else None)
         self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
         sizes = tuple(int(m["num_records"]) for m in self._metadata)
-        eval_hw = eval_batches = None
+        eval_shapes = eval_batches = None
         if mode == "eval":
-            eval_hw = np.concatenate([[_eval_hw(h, w, size_factor) for h, w in _record_shapes(p, n)]
-                                      for p, n in zip(self._paths, sizes)]).astype(np.int64)
-            eval_batches = _eval_batches(eval_hw, batch_size)[shard_index::shard_count]
+            eval_shapes = np.array([_eval_shape(shape, size_factor) for shape in self._all_record_shapes()], np.int64)
+            eval_batches = _eval_batches(eval_shapes, batch_size)[shard_index::shard_count]
             if len(eval_batches) == 0:
                 raise ValueError(f"shard {shard_index} of {shard_count} gets no evaluation batch: "
                                  f"there are fewer batches than shards; use fewer shards or a smaller batch size")
-            shapes = {tuple(hw) for hw in eval_hw}
-            self._crop_hw = shapes.pop() if len(shapes) == 1 else None
+            shapes = {tuple(int(v) for v in shape) for shape in eval_shapes}
+            self._crop_shape = shapes.pop() if len(shapes) == 1 else None
         else:
-            self._crop_hw = self._resolve_crop(crop_size, size_factor)
+            self._crop_shape = self._resolve_crop(crop_size, size_factor)
+            if augment and len(self._crop_shape) != 2:
+                log.warning("augment.py augments 2-D images only; these %d-D records get plain random crops",
+                            len(self._crop_shape))
         mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
             (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
-        max_pixels = int(max(h * w for h, w in eval_hw)) if mode == "eval" else self._crop_hw[0] * self._crop_hw[1]
+        max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(self._crop_shape)
         slot_bytes = -(-batch_size * max_pixels * (4 * self.channels + mask_dtype.itemsize) // 64) * 64
         wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size
         slots = max(2, min(math.ceil(wanted / batch_size), MAX_RING_BYTES // slot_bytes))
         self._plan = _Plan(
             paths=self._paths, sizes=sizes, mode=mode, sampling=sampling, batch_size=self.batch_size,
             workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
-            crop_hw=self._crop_hw if mode == "train" else None,
+            crop_shape=self._crop_shape if mode == "train" else None,
             params=augmentation.AugmentParams() if (augment and mode == "train") else None,
             weights=None if database_weights is None else tuple(float(w) for w in database_weights),
             class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
-            eval_batches=eval_batches, eval_hw=eval_hw,
+            eval_batches=eval_batches, eval_shapes=eval_shapes,
             stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
             channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes))
         self._next_g = 0
@@ -500,20 +264,29 @@ class ImageReader:
             if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
                 raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
 
-    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, int]:
+    def _all_record_shapes(self) -> np.ndarray:
+        """(records, spatial axes) of every database, concatenated; one number of spatial axes for all."""
+        shapes = [_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)]
+        if len({s.shape[1] for s in shapes}) > 1:
+            listing = ", ".join(f"{p}: {s.shape[1]}-D" for p, s in zip(self._paths, shapes))
+            raise ValueError(f"the databases mix 2-D images and volumes ({listing}); train on one kind")
+        return np.concatenate(shapes)
+
+    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, ...]:
+        """The train crop, one size per spatial axis (the records' number of spatial axes)."""
+        tiles = {m.get("tile_size") for m in self._metadata}
+        ndim = _record_shapes(self._paths[0], 1).shape[1]  # the first record tells 2-D from volumes
         if crop_size is None:
-            tiles = {m.get("tile_size") for m in self._metadata}
             if len(tiles) == 1 and None not in tiles:
-                hw = (int(tiles.pop()),) * 2
+                sizes = (int(tiles.pop()),) * ndim
             else:
-                shapes = np.concatenate([_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)])
-                hw = tuple(int(v) for v in shapes.min(axis=0))
-            crop = tuple(max(v // size_factor, 1) * size_factor for v in hw)
-        else:
-            crop = (crop_size, crop_size) if np.isscalar(crop_size) else tuple(crop_size)
-            if len(crop) != 2 or any(int(v) != v or v < 1 or v % size_factor for v in crop):
-                raise ValueError(f"crop size must be one or two positive multiples of the size factor {size_factor}, got {crop_size}")
-        return int(crop[0]), int(crop[1])
+                sizes = tuple(int(v) for v in self._all_record_shapes().min(axis=0))
+            return tuple(max(v // size_factor, 1) * size_factor for v in sizes)
+        crop = (crop_size,) * ndim if np.isscalar(crop_size) else tuple(crop_size)
+        if len(crop) != ndim or any(int(v) != v or v < 1 or v % size_factor for v in crop):
+            raise ValueError(f"crop size must be one or {ndim} positive multiples of the size factor {size_factor} "
+                             f"(the records have {ndim} spatial axes), got {crop_size}")
+        return tuple(int(v) for v in crop)
 
     @property
     def channels(self) -> int:
@@ -528,8 +301,14 @@ class ImageReader:
         return sum(int(m["num_records"]) for m in self._metadata)
 
     @property
-    def crop_hw(self) -> tuple[int, int] | None:
-        return self._crop_hw
+    def crop_shape(self) -> tuple[int, ...] | None:
+        """The batches' spatial shape (train crop; eval: None when records differ), one size per axis."""
+        return self._crop_shape
+
+    @property
+    def crop_hw(self) -> tuple[int, ...] | None:
+        """:attr:`crop_shape` under its 2-D name."""
+        return self._crop_shape
 
     @property
     def image_dtype(self) -> str:
@@ -636,12 +415,12 @@ class ImageReader:
             message = self._recv(w)
             if message[0] == "error":
                 self._fail(f"reader worker {w} (pid {self._procs[w].pid}) failed:\n{message[2]}")
-            _, mg, slot, n, h, width = message
+            _, mg, slot, n, shape = message
             rings = self._rings  # close() from another thread empties the list; this reference stays valid
             if self._closed or not rings:
                 raise _Closed
             if mg == g:
-                images, masks = _slot_views(rings[w], slot, self._plan, n, h, width)
+                images, masks = _slot_views(rings[w], slot, self._plan, n, shape)
                 batch = np.array(images), masks.astype(np.int32)
             self._consumed[w] += 1
             self._free[w].release()
@@ -698,18 +477,18 @@ class ImageReader:
         import tensorflow as tf
 
         n = self.batch_size if self.mode == "train" else None
-        h, w = self._crop_hw if self._crop_hw is not None else (None, None)
-        signature = (tf.TensorSpec([n, h, w, self.channels], tf.float32), tf.TensorSpec([n, h, w], tf.int32))
+        spatial = list(self._crop_shape) if self._crop_shape is not None else [None] * self._plan.eval_shapes.shape[1]
+        signature = (tf.TensorSpec([n, *spatial, self.channels], tf.float32), tf.TensorSpec([n, *spatial], tf.int32))
         return tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
 
 
 
-def _eval_batches(eval_hw: np.ndarray, batch_size: int) -> np.ndarray:
+def _eval_batches(eval_shapes: np.ndarray, batch_size: int) -> np.ndarray:
     """[start, stop) of each eval batch: consecutive records of equal shape, at most batch_size each."""
     batches = []
     start = 0
-    for i in range(1, len(eval_hw) + 1):
-        if i == len(eval_hw) or i - start == batch_size or tuple(eval_hw[i]) != tuple(eval_hw[start]):
+    for i in range(1, len(eval_shapes) + 1):
+        if i == len(eval_shapes) or i - start == batch_size or tuple(eval_shapes[i]) != tuple(eval_shapes[start]):
             batches.append((start, i))
             start = i
     return np.array(batches, np.int64).reshape(-1, 2)

@@ -1,8 +1,8 @@
 """Small helpers shared by the three command-line stages.
 
-One home for: the user-facing error type and its exit code, the original
+One home for: the user-facing error types and their exit codes (bad input 2, a fault 1), the original
 toolkit's 0/1 boolean flags, logging setup, signals (SIGTERM as Ctrl-C; workers
-that ignore both), and atomic file writes with temporaries a later run can clean up.
+that ignore both and die with their parent), and atomic file writes with temporaries a later run can clean up.
 No TensorFlow here.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_FAULT = 1
 log = logging.getLogger(__name__)
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -32,6 +33,11 @@ class InputError(Exception):
 
     The message should say what is wrong, which file, and how to fix it.
     """
+
+
+class FaultError(Exception):
+    """The run failed for a reason outside the input (a worker killed for lack of memory, a full disk):
+    reported as one line on stderr, exit code 1, no traceback. The message says what to do."""
 
 
 def str2bool(value: str) -> bool:
@@ -126,9 +132,53 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] 
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FaultError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAULT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def end_progress_line(stream=None) -> None:
+    """End a progress bar's unfinished line in a log (not a terminal), so what follows -- an ``error:``
+    line -- starts on a fresh line. tqdm redraws with carriage returns and never ends its line."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        stream.write("\n")
+        stream.flush()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCHDOG_SECONDS = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """For worker processes: end this process when ``parent_pid`` dies (kill -9, out-of-memory killer),
+    instead of blocking forever on a queue nobody writes to any more.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere, or
+    if prctl fails, a daemon thread checks every second whether the process was re-parented.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        threading.Event().wait(WATCHDOG_SECONDS)
+    os._exit(1)
 
 
 # Temporaries are named ".BASE.tmp-HOST-PID-RANDOM[SUFFIX]": whoever finds one can tell which process

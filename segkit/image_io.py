@@ -1,7 +1,8 @@
 """Image reading and normalization: one home for both, used by every stage.
 
-Axis order: images are handled as HWC (``image_hwc``) everywhere; the one
-conversion from whatever the file holds happens in :func:`to_hwc`.
+Axis order: spatial axes, then channels last (HWC for 2-D images, ZYXC for
+volumes); statistics, normalization and mirror padding are written once for
+any number of spatial axes. The one conversion of a 2-D file to HWC is :func:`to_hwc`.
 Normalization is per-channel z-score with statistics over the WHOLE source
 image, so training (which stores the statistics in the LMDB metadata) and
 inference (which computes them on the image it segments) agree exactly.
@@ -10,7 +11,7 @@ No TensorFlow here.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence, Tuple
 
 import numpy as np
 
@@ -77,7 +78,47 @@ def read_image(path: str) -> np.ndarray:
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: file not found") from exc
     except Exception as exc:  # every decoder raises its own types
-        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        if ext in TIFF_EXTENSIONS and _looks_truncated(path, exc):
+            raise ImageReadError(f"{path}: cannot read image: the TIFF file is truncated or corrupt ({_one_line(exc)})") from exc
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _looks_truncated(path: str, exc: Exception) -> bool:
+    """Whether a TIFF decoder error means missing bytes (tifffile raises IndexError, ValueError
+    'failed to read', or TiffFileError 'corrupted IFD' for a cut-off file)."""
+    text = str(exc).lower()
+    return isinstance(exc, (IndexError, EOFError)) or "failed to read" in text or "corrupt" in text
+
+
+STACK_AXES = ("Z", "I", "T")  # tifffile's depth, ImageJ's image-sequence and time axes
+MAX_PLAIN_CHANNELS = 16
+
+
+def tiff_stack_hint(path: str, image: np.ndarray) -> str | None:
+    """Why a 3-D TIFF looks like a z-stack rather than a multichannel image, else None.
+
+    Reads the series axes: an explicit Z / I / T axis, or several YX pages that :func:`to_hwc`
+    would turn into more than ``MAX_PLAIN_CHANNELS`` channels (the pages' width).
+    """
+    if os.path.splitext(path)[1].lower() not in TIFF_EXTENSIONS or image.ndim != 3:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes, pages = tif.series[0].axes, len(tif.pages)
+    except Exception:  # read_image already succeeded; no axes, no hint
+        return None
+    hwc_channels = to_hwc(image).shape[-1]
+    explicit = axes[:1] in STACK_AXES
+    if explicit or (pages == image.shape[0] > 1 and hwc_channels > max(MAX_PLAIN_CHANNELS, pages)):
+        return (f"this looks like a z-stack (TIFF axes {axes}, {image.shape[0]} slices of "
+                f"{image.shape[1]}x{image.shape[2]}), not a {hwc_channels}-channel image")
+    return None
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
@@ -94,34 +135,51 @@ def to_hwc(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a 2-D image (HW or HWC), got shape {image.shape}")
 
 
-def image_stats(image_hwc: np.ndarray, rows_per_chunk: int = 1024,
+def _stat_blocks(image: np.ndarray, rows_per_chunk: int, cols_per_chunk: int | None) -> Iterator[np.ndarray]:
+    """Blocks of ``rows_per_chunk`` along the first axis (and ``cols_per_chunk`` along the second when the
+    image has two spatial axes or more), every other axis whole. Indexes with at most two slices, so
+    lazy HWC readers (inference's out-of-core images) work too."""
+    rows = max(1, rows_per_chunk)
+    if image.ndim < 3 or cols_per_chunk is None:
+        for y in range(0, image.shape[0], rows):
+            yield image[y : y + rows]
+        return
+    for y in range(0, image.shape[0], rows):
+        for x in range(0, image.shape[1], max(1, cols_per_chunk)):
+            yield image[y : y + rows, x : x + cols_per_chunk]
+
+
+def image_stats(image: np.ndarray, rows_per_chunk: int = 1024,
                 cols_per_chunk: int | None = None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation over the whole image.
+    """Per-channel mean and standard deviation over every spatial axis (``image``: spatial axes, then
+    channels last: HWC, ZYXC, ...).
 
-    Works on in-memory arrays and on memory-mapped / zarr-backed arrays alike:
-    it walks ``rows_per_chunk`` rows at a time in float64, so peak memory does
-    not depend on the image height. With ``cols_per_chunk`` it walks blocks of
-    rows x columns, so it depends on neither height nor width (out-of-core
-    inference); without it the result is bit-identical to the row walk.
+    Walks blocks (:func:`_stat_blocks`) in float64, so peak memory depends on the block, not the image
+    (in-memory, memory-mapped and zarr-backed arrays alike). Numerically stable: each block's mean and
+    sum of squared deviations are merged with Chan et al.'s pairwise update, so int32 data near 1e9
+    keeps its small spread (the sum-of-squares formula lost it to cancellation).
     """
-    height, width, channels = image_hwc.shape[0], image_hwc.shape[1], image_hwc.shape[2]
-    cols = max(1, width if cols_per_chunk is None else cols_per_chunk)
-    total = np.zeros(channels, np.float64)
-    total_sq = np.zeros(channels, np.float64)
-    count = 0
-    for y in range(0, height, rows_per_chunk):
-        for x in range(0, width, cols):
-            block = np.asarray(image_hwc[y : y + rows_per_chunk, x : x + cols], dtype=np.float64).reshape(-1, channels)
-            total += block.sum(axis=0)
-            total_sq += np.square(block).sum(axis=0)
-            count += block.shape[0]
-    mean = total / max(count, 1)
-    var = np.maximum(total_sq / max(count, 1) - np.square(mean), 0.0)
-    return [float(m) for m in mean], [float(s) for s in np.sqrt(var)]
+    channels = image.shape[-1]
+    count, mean, m2 = 0, np.zeros(channels, np.float64), np.zeros(channels, np.float64)
+    for block in _stat_blocks(image, rows_per_chunk, cols_per_chunk):
+        block = np.asarray(block, dtype=np.float64).reshape(-1, channels)
+        n = block.shape[0]
+        if n == 0:
+            continue
+        block_mean = block.mean(axis=0)
+        block_m2 = np.square(block - block_mean).sum(axis=0)
+        total = count + n
+        delta = block_mean - mean
+        mean = mean + delta * (n / total)
+        m2 = m2 + block_m2 + np.square(delta) * (count * n / total)
+        count = total
+    std = np.sqrt(m2 / max(count, 1))
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
-def normalize(image_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Per-channel z-score: (x - mean) / max(std, epsilon), as float32.
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-channel z-score: (x - mean) / max(std, epsilon), as float32; ``image``: spatial axes then
+    channels last (HWC, ZYXC, ...).
 
     The original divided only when std > 1; that silently skipped scaling for
     float images in [0, 1]. Here every channel is divided, with an epsilon
@@ -129,10 +187,10 @@ def normalize(image_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float]
     """
     mean_arr = np.asarray(mean, np.float32).reshape(-1)
     std_arr = np.maximum(np.asarray(std, np.float32), NORMALIZATION_EPSILON).reshape(-1)
-    out = image_hwc.astype(np.float32, copy=True)
+    out = image.astype(np.float32, copy=True)
     if out.size == 0:
         return out
-    # Broadcast over (H, W*C) rows: numpy is ~5x slower when the innermost broadcast axis is C (e.g. 3).
+    # Broadcast over (first axis, rest*C) rows: numpy is ~5x slower when the innermost broadcast axis is C (e.g. 3).
     rows = out.reshape(out.shape[0], -1)
     width = rows.shape[1] // max(mean_arr.size, 1)
     rows -= np.tile(mean_arr, width)
@@ -140,27 +198,41 @@ def normalize(image_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return out
 
 
-def mirror_pad(array: np.ndarray, pad_y: tuple[int, int], pad_x: tuple[int, int]) -> np.ndarray:
-    """Mirror-pad the two spatial axes (reflect without repeating the edge).
+Pad = Tuple[int, int]
 
-    Works for any pad size, also larger than the array, by reflecting repeatedly.
+
+def _pad_pairs(pads: tuple) -> list[Pad]:
+    """``(pad_y, pad_x)`` (one pair per argument) or ``([pad_z, pad_y, pad_x],)`` (one sequence) -> pairs."""
+    if len(pads) == 1 and len(pads[0]) and not np.isscalar(pads[0][0]):
+        pads = tuple(pads[0])
+    pairs = [(int(before), int(after)) for before, after in pads]
+    if any(before < 0 or after < 0 for before, after in pairs):
+        raise ValueError(f"mirror_pad widths must be >= 0, got {pairs}")
+    return pairs
+
+
+def mirror_pad(array: np.ndarray, *pads) -> np.ndarray:
+    """Mirror-pad the leading spatial axes: reflect without repeating the edge (``np.pad(mode="reflect")``).
+
+    ``pads``: one (before, after) pair per leading axis, as arguments (``mirror_pad(a, pad_y, pad_x)``,
+    the 2-D form) or as one sequence (``mirror_pad(a, [pad_z, pad_y, pad_x])``); later axes (channels)
+    are not padded. Any pad size works: beyond the array the reflection repeats, and a 1-pixel axis
+    repeats its pixel, exactly as ``tiling.reflect_index`` maps positions on the infinite mirror extension.
     """
-    widths = [pad_y, pad_x] + [(0, 0)] * (array.ndim - 2)
-    if all(a == 0 and b == 0 for a, b in widths):
+    pairs = _pad_pairs(pads)
+    if len(pairs) > array.ndim:
+        raise ValueError(f"mirror_pad got {len(pairs)} pad pairs for an array of shape {array.shape}")
+    if all(before == 0 and after == 0 for before, after in pairs):
         return array
+    sizes = array.shape[: len(pairs)]
+    if all(size > 1 and max(pad) < size for size, pad in zip(sizes, pairs)):  # numpy's own reflect covers it
+        return np.pad(array, pairs + [(0, 0)] * (array.ndim - len(pairs)), mode="reflect")
+    from segkit.tiling import reflect_index
+
     out = array
-    # numpy 'reflect' needs pad < size; pad in steps for tiny arrays.
-    while any(a > 0 or b > 0 for a, b in widths[:2]):
-        step = []
-        for axis, (a, b) in enumerate(widths[:2]):
-            limit = max(out.shape[axis] - 1, 0)
-            if limit == 0:
-                step.append((a, b))  # size-1 axis: edge == reflect
-            else:
-                step.append((min(a, limit), min(b, limit)))
-        mode = "reflect" if all(out.shape[i] > 1 for i in range(2)) else "edge"
-        out = np.pad(out, step + [(0, 0)] * (array.ndim - 2), mode=mode)
-        widths = [(a - s[0], b - s[1]) for (a, b), s in zip(widths[:2], step)] + widths[2:]
+    for axis, (size, (before, after)) in enumerate(zip(sizes, pairs)):
+        if before or after:
+            out = np.take(out, reflect_index(np.arange(-before, size + after), size), axis=axis)
     return out
 
 
@@ -216,10 +288,28 @@ def apply_mask_map(mask: np.ndarray, mask_map: dict[int, int]) -> np.ndarray:
     return mapped[inverse].reshape(mask.shape)
 
 
+GREY_LEVEL_MAXIMA = (255, 65535)  # a mask whose top value is one of these was saved for display
+MAX_HINTED_VALUES = 8
+
+
 def mask_values_hint(values: Iterable[int]) -> str | None:
-    """The fix for masks whose values are exactly {0, 255} (a binary mask saved for display), else None."""
-    if set(int(v) for v in values) == {0, 255}:
-        return "the values are exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"
+    """The ``--mask_map`` fix for masks saved as display grey levels, else None.
+
+    {0, 255} -> ``255:1``; several levels such as {0, 128, 255} (top value 255 or 65535, or evenly
+    spaced like 0/50/100) -> ``128:1,255:2``: the nonzero values, in order, become classes 1, 2, ...
+    Values that already count 0, 1, 2, ... get no hint.
+    """
+    found = sorted(set(int(v) for v in values))
+    levels = [v for v in found if v != 0]
+    if not levels or 0 not in found or levels == list(range(1, len(levels) + 1)) or len(levels) > MAX_HINTED_VALUES:
+        return None
+    fix = format_mask_map({v: c for c, v in enumerate(levels, start=1)})
+    if found == [0, 255]:
+        return f"the values are exactly {{0, 255}}: a binary mask saved as 0/255, use --mask_map {fix}"
+    evenly_spaced = len(levels) > 1 and all(v == levels[0] * (i + 1) for i, v in enumerate(levels))
+    if levels[-1] in GREY_LEVEL_MAXIMA or evenly_spaced:
+        shown = ", ".join(map(str, found))
+        return f"the values are {{{shown}}}: classes saved as grey levels, use --mask_map {fix}"
     return None
 
 

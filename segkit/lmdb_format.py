@@ -10,9 +10,10 @@ A record is self-describing and versioned; no protobuf, no compile step::
     MAGIC (4 bytes b"SSR1") | header length (uint32 little endian) | header JSON | payload
 
 The header JSON names, for each array (``image`` in HWC order, ``mask`` in HW
-order), its dtype, shape, byte offset into the payload and byte count, plus
-``source_index`` (into the metadata's ``sources`` list), ``origin`` ([y, x] of
-the record's top-left pixel in the source image, negative when mirror padding
+order; a volume's are ZYXC and ZYX: spatial axes, channels last), its dtype,
+shape, byte offset into the payload and byte count, plus ``source_index`` (into
+the metadata's ``sources`` list), ``origin`` ([y, x] -- [z, y, x] for a volume --
+of the record's first pixel in the source image, negative when mirror padding
 was added) and ``classes`` (the class ids present in the mask).
 Decoding is zero-copy: arrays are ``numpy.frombuffer`` views of the value.
 """
@@ -42,29 +43,35 @@ def record_key(index: int) -> bytes:
 
 @dataclass
 class Record:
-    """One training sample: an image (HWC) and its class mask (HW)."""
+    """One training sample: an image (HWC; ZYXC for a volume) and its class mask (HW; ZYX).
+
+    The field names say the 2-D order; a volume's arrays have one more leading axis.
+    """
 
     image_hwc: np.ndarray
     mask_hw: np.ndarray
     source_index: int = 0
-    origin: tuple[int, int] = (0, 0)
+    origin: tuple[int, ...] = (0, 0)
     classes: list[int] = field(default_factory=list)
 
 
 def encode_record(record: Record) -> bytes:
     image = np.ascontiguousarray(record.image_hwc)
     mask = np.ascontiguousarray(record.mask_hw)
-    if image.ndim != 3:
-        raise ValueError(f"image must be HWC, got shape {image.shape}")
-    if mask.ndim != 2 or mask.shape != image.shape[:2]:
+    if image.ndim < 3:
+        raise ValueError(f"image must be HWC (or ZYXC), got shape {image.shape}")
+    if mask.shape != image.shape[:-1]:
         raise ValueError(f"mask shape {mask.shape} does not match image {image.shape}")
+    origin = [int(v) for v in record.origin] if any(record.origin) else [0] * mask.ndim
+    if len(origin) != mask.ndim:
+        raise ValueError(f"origin {record.origin} needs one value per spatial axis of mask {mask.shape}")
     classes = record.classes or [int(c) for c in np.unique(mask)]
     header = {
         "version": FORMAT_VERSION,
         "image": {"dtype": image.dtype.str, "shape": list(image.shape), "offset": 0, "nbytes": image.nbytes},
         "mask": {"dtype": mask.dtype.str, "shape": list(mask.shape), "offset": image.nbytes, "nbytes": mask.nbytes},
         "source_index": int(record.source_index),
-        "origin": [int(record.origin[0]), int(record.origin[1])],
+        "origin": origin,
         "classes": [int(c) for c in classes],
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")

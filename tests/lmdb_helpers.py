@@ -14,13 +14,14 @@ from segkit import lmdb_format
 def write_database(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], *, source_index: Sequence[int] | None = None,
                    sources: list[dict] | None = None, tile_size: int | None = None, number_classes: int | None = None,
                    corrupt: Sequence[int] = ()) -> str:
-    """Write ``samples`` ((image HW or HWC, mask HW) pairs) as records 0..n-1 of a database at ``path``.
+    """Write ``samples`` ((image HW or HWC, mask HW), or (ZYXC, ZYX) volume pairs) as records 0..n-1 of a database at ``path``.
 
     By default every sample is its own source image, with statistics computed over the sample
     (``image_io.image_stats``); pass ``sources`` and ``source_index`` to share sources. Records whose
     index is in ``corrupt`` get garbage bytes (to test worker faults).
     """
-    images = [image_io.to_hwc(np.asarray(image)) for image, _ in samples]
+    images = [np.asarray(image) if np.ndim(image) == np.ndim(mask) + 1 else image_io.to_hwc(np.asarray(image))
+              for image, mask in samples]  # HW, HWC, or a volume ZYXC with its ZYX mask
     masks = [np.asarray(mask) for _, mask in samples]
     if sources is None:
         sources = []
@@ -38,7 +39,7 @@ def write_database(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], 
             class_pixel_counts[value] = class_pixel_counts.get(value, 0) + count
             class_records.setdefault(value, []).append(i)
     meta = lmdb_format.make_metadata(
-        channels=images[0].shape[2], image_dtype=images[0].dtype.name, tile_size=tile_size, tile_stride=None,
+        channels=images[0].shape[-1], image_dtype=images[0].dtype.name, tile_size=tile_size, tile_stride=None,
         num_records=len(images), class_pixel_counts=class_pixel_counts, class_records=class_records,
         sources=sources, split="train", seed=0, number_classes=number_classes)
     total = sum(i.nbytes + m.nbytes for i, m in zip(images, masks))

@@ -13,6 +13,7 @@ import build_lmdb
 from segkit import cliutil
 from segkit import image_io
 from segkit import lmdb_format
+from segkit import lmdb_store
 from conftest import ROOT, SHARED_DATA, signal_group_when_ready
 
 EXAMPLE = os.path.join(ROOT, "data")
@@ -407,7 +408,7 @@ def test_kill_9_mid_build_leaves_old_database_intact(tmp_path):
     stale = [n for n in os.listdir(out) if ".tmp-" in n]
     assert stale  # the killed build's temporary is still there ...
     build(tmp_path, images, masks, overwrite=True)
-    assert sorted(os.listdir(out)) == ["test-ds.lmdb", "train-ds.lmdb"]  # ... until the next run removes it
+    assert sorted(os.listdir(out)) == ["split-ds.csv", "test-ds.lmdb", "train-ds.lmdb"]  # ... until the next run removes it
     assert lmdb_format.read_metadata(old["train"])["build"]["id"] != old_id
 
 
@@ -417,11 +418,11 @@ def test_overwrite_replaces_only_complete_database(tmp_path, monkeypatch, exchan
     build(tmp_path, images, masks)
     first = lmdb_format.read_metadata(str(tmp_path / "out" / "train-ds.lmdb"))["build"]["id"]
     if not exchange:
-        monkeypatch.setattr(build_lmdb, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(lmdb_store, "_exchange", lambda a, b: False)
     build(tmp_path, images, masks, overwrite=True, use_tiling=True, tile_size=32)
     meta = lmdb_format.read_metadata(str(tmp_path / "out" / "train-ds.lmdb"))
     assert meta["build"]["id"] != first and meta["tile_size"] == 32
-    assert sorted(os.listdir(tmp_path / "out")) == ["test-ds.lmdb", "train-ds.lmdb"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["split-ds.csv", "test-ds.lmdb", "train-ds.lmdb"]
 
 
 def test_sigterm_mid_build_exits_130_and_leaves_no_temporaries(tmp_path):
@@ -433,7 +434,7 @@ def test_sigterm_mid_build_exits_130_and_leaves_no_temporaries(tmp_path):
     proc, err = _signal_slow_overwrite(images, masks, out, signal.SIGTERM)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert "Traceback" not in err, err
-    assert sorted(os.listdir(out)) == ["test-ds.lmdb", "train-ds.lmdb"]  # removed on the spot, not by a next run
+    assert sorted(os.listdir(out)) == ["split-ds.csv", "test-ds.lmdb", "train-ds.lmdb"]  # removed on the spot, not by a next run
     assert {s: _sha(str(out / f"{s}-ds.lmdb")) for s in ("train", "test")} == old_sha
 
 
@@ -441,13 +442,13 @@ def test_stale_temporaries_are_cleaned_and_interrupted_swap_restored(tmp_path):
     images, masks = make_pairs(str(tmp_path), n=4)
     build(tmp_path, images, masks)
     out = tmp_path / "out"
-    host, pid = build_lmdb.socket.gethostname(), _dead_pid()
+    host, pid = lmdb_store.socket.gethostname(), _dead_pid()
     # A swap killed between its two renames: the old test database sits aside, no final name.
     os.rename(out / "test-ds.lmdb", out / f".test-ds.lmdb.old-{host}-{pid}")
     (out / f".train-ds.lmdb.tmp-{host}-{pid}").mkdir()
     (out / f".other.lmdb.tmp-{host}-{pid}").mkdir()  # not ours: left alone
-    build_lmdb.clean_stale_temporaries(str(out), list(build_lmdb.database_paths(str(out), "ds").values()))
-    assert sorted(os.listdir(out)) == [f".other.lmdb.tmp-{host}-{pid}", "test-ds.lmdb", "train-ds.lmdb"]
+    lmdb_store.clean_stale_temporaries(str(out), list(lmdb_store.database_paths(str(out), "ds").values()))
+    assert sorted(os.listdir(out)) == [f".other.lmdb.tmp-{host}-{pid}", "split-ds.csv", "test-ds.lmdb", "train-ds.lmdb"]
     assert read_db(str(out / "test-ds.lmdb"))[0]["split"] == "test"
 
 

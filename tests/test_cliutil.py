@@ -92,3 +92,24 @@ def test_atomic_path_renames_on_success_and_removes_the_temporary_on_failure(tmp
     except RuntimeError:
         pass
     assert final.read_text() == "one" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_run_cli_fault_is_one_line_and_exit_1(capsys):
+    def main(argv):
+        raise cliutil.FaultError("no space left on /data (needed about 12 MB)")
+
+    assert cliutil.run_cli(main, []) == cliutil.EXIT_FAULT == 1
+    assert capsys.readouterr().err == "error: no space left on /data (needed about 12 MB)\n"
+
+
+def test_end_progress_line_only_in_logs():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log_file, terminal = io.StringIO(), Terminal()
+    cliutil.end_progress_line(log_file)
+    cliutil.end_progress_line(terminal)
+    assert log_file.getvalue() == "\n" and terminal.getvalue() == ""
