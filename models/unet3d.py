@@ -6,7 +6,7 @@ ReLU, max pooling by the level's ``pool_sizes``; up: a transposed convolution of
 pool size, concatenation with the skip, two convolutions. :func:`plan` derives the per-level pool and
 kernel sizes from ``voxel_size`` (z, y, x): an axis is pooled, and mixed by a 3-wide kernel, only while
 its current spacing is within ``ANISOTROPY_RATIO`` of the finest, e.g. (1, 2, 2) for 4x4x40 nm. The
-plan is stored in the config, so a saved config rebuilds the exact architecture. README.md, "Volumes".
+plan is stored in the config, so a saved config rebuilds the exact architecture. README.md, "Stage 2" (Volumes).
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class RunConfig:
                                          rule=Rule(lambda v: all(w >= 0 and math.isfinite(w) for w in v)
                                                    and max(v, default=0) > 0, "must be non-negative, not all 0"))
     crop_size: tuple = setting("training crop (height, width), or (z, y, x) for volumes, in pixels", run_defining=True,
-                               rule=Rule(lambda v: len(v) in (2, 3) and min(v) >= 1, "must be two (or three) sizes >= 1"))
+                               rule=Rule(lambda v: len(v) in (2, 3) and min(v) >= 1, "must be two sizes >= 1 (three for volumes)"))
     train_data: tuple = setting("content fingerprint of each training database", run_defining=True)
     test_data: dict = setting("content fingerprint of the test database", run_defining=True)
     mask_map: Optional[dict] = setting("mask value -> class map of the training databases; None = they disagree",
