@@ -54,10 +54,11 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--early_stopping", type=int, default=10,
                    help="stop after this many test passes without test-loss improvement (> 1e-4); 0 = never")
     p.add_argument("--reader_count", type=int, default=1, help="reader processes per replica")
-    p.add_argument("--model", choices=models.MODEL_NAMES, default=models.DEFAULT_MODEL, help="architecture")
-    p.add_argument("--depth", type=int, default=None, help=f"unet only: poolings (default {models.unet.DEFAULTS['depth']})")
+    p.add_argument("--model", choices=models.ALL_MODEL_NAMES, default=None,
+                   help=f"architecture (default: {models.DEFAULT_MODEL}, or {models.DEFAULT_VOLUME_MODEL} for volume databases)")
+    p.add_argument("--depth", type=int, default=None, help=f"unet/unet3d only: poolings (default {models.unet.DEFAULTS['depth']})")
     p.add_argument("--base_filters", type=int, default=None,
-                   help=f"unet only: filters of the first level (default {models.unet.DEFAULTS['base_filters']})")
+                   help=f"unet/unet3d only: filters of the first level (default {models.unet.DEFAULTS['base_filters']})")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's, unet 0, fcdensenet 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights initialization and of the sample stream")
     p.add_argument("--max_steps", type=int, default=None,

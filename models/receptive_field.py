@@ -17,7 +17,8 @@ from fractions import Fraction
 # Layers that act on each pixel independently (no spatial extent).
 _POINTWISE = {
     "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization", "LayerNormalization",
-    "GroupNormalization", "FusedBatchNormalization", "Dropout", "GaussianNoise", "GaussianDropout", "SpatialDropout2D", "Identity",
+    "GroupNormalization", "FusedBatchNormalization", "Dropout", "GaussianNoise", "GaussianDropout", "SpatialDropout2D",
+    "SpatialDropout3D", "Identity",
     "Rescaling", "Normalization", "InputLayer",
 }
 _MERGE = {"Concatenate", "Add", "Multiply", "Average", "Maximum", "Minimum", "Subtract"}
@@ -34,8 +35,11 @@ class Extent:
         return int(max(-self.lo, self.hi))
 
 
-def _pair(value) -> int:
+def _pair(value, axis: int | None = None) -> int:
+    """The size along spatial ``axis``; with ``axis`` None (2-D models) the sizes must be equal."""
     values = value if isinstance(value, (tuple, list)) else (value, value)
+    if axis is not None:
+        return int(values[axis]) if isinstance(value, (tuple, list)) else int(value)
     if values[0] != values[1]:
         raise ValueError(f"non-square kernel/stride {values} is not supported by the receptive-field walk")
     return int(values[0])
@@ -62,33 +66,38 @@ def _transposed(e: Extent, kernel: int, stride: int, padding: str) -> Extent:
     return Extent(jump, e.lo + (pad_before - kernel + 1) * jump, e.hi + pad_before * jump)
 
 
-def _layer_extent(layer, inputs: list[Extent]) -> Extent:
+def _layer_extent(layer, inputs: list[Extent], axis: int | None = None) -> Extent:
+    """``layer``'s output extent along spatial ``axis`` (None: 2-D layers with square windows)."""
     kind = type(layer).__name__
     cfg = layer.get_config()
+
+    def size(key: str) -> int:
+        return _pair(cfg[key], axis)
+
     if kind in _POINTWISE:
         return inputs[0]
     if kind in _MERGE:
         if len({e.jump for e in inputs}) != 1:
             raise ValueError(f"{layer.name}: merging tensors of different resolutions")
         return Extent(inputs[0].jump, min(e.lo for e in inputs), max(e.hi for e in inputs))
-    if kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
-        return _window(inputs[0], _pair(cfg["kernel_size"]), _pair(cfg["strides"]),
-                       _pair(cfg["dilation_rate"]), cfg["padding"])
-    if kind in ("MaxPooling2D", "AveragePooling2D"):
-        return _window(inputs[0], _pair(cfg["pool_size"]), _pair(cfg["strides"]), 1, cfg["padding"])
-    if kind == "Conv2DTranspose":
-        if _pair(cfg["dilation_rate"]) != 1:
+    if kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv3D"):
+        return _window(inputs[0], size("kernel_size"), size("strides"), size("dilation_rate"), cfg["padding"])
+    if kind in ("MaxPooling2D", "AveragePooling2D", "MaxPooling3D", "AveragePooling3D"):
+        return _window(inputs[0], size("pool_size"), size("strides"), 1, cfg["padding"])
+    if kind in ("Conv2DTranspose", "Conv3DTranspose"):
+        if size("dilation_rate") != 1:
             raise ValueError(f"{layer.name}: dilated transposed convolutions are not supported")
-        return _transposed(inputs[0], _pair(cfg["kernel_size"]), _pair(cfg["strides"]), cfg["padding"])
-    if kind == "UpSampling2D" and cfg.get("interpolation", "nearest") == "nearest":
-        size = _pair(cfg["size"])
-        jump = inputs[0].jump / size
-        return Extent(jump, inputs[0].lo - (size - 1) * jump, inputs[0].hi)
+        return _transposed(inputs[0], size("kernel_size"), size("strides"), cfg["padding"])
+    if kind in ("UpSampling2D", "UpSampling3D") and cfg.get("interpolation", "nearest") == "nearest":
+        factor = size("size")
+        jump = inputs[0].jump / factor
+        return Extent(jump, inputs[0].lo - (factor - 1) * jump, inputs[0].hi)
     raise ValueError(f"{layer.name}: layer type {kind} is not known to the receptive-field walk")
 
 
-def graph_extent(model) -> Extent:
-    """Walk a single-input, single-output functional model; every layer used once."""
+def graph_extent(model, axis: int | None = None) -> Extent:
+    """Walk a single-input, single-output functional model along spatial ``axis`` (None: a 2-D model with
+    square windows); every layer used once."""
     known = {id(model.inputs[0]): Extent(Fraction(1), Fraction(0), Fraction(0))}
     pending = [op for op in model.operations if type(op).__name__ != "InputLayer"]
     while pending:
@@ -96,7 +105,7 @@ def graph_extent(model) -> Extent:
         for op in list(pending):
             op_inputs = op.input if isinstance(op.input, (list, tuple)) else [op.input]
             if all(id(t) in known for t in op_inputs):
-                known[id(op.output)] = _layer_extent(op, [known[id(t)] for t in op_inputs])
+                known[id(op.output)] = _layer_extent(op, [known[id(t)] for t in op_inputs], axis)
                 pending.remove(op)
                 progressed = True
         if not progressed:
@@ -110,6 +119,12 @@ def graph_extent(model) -> Extent:
 def receptive_field_radius(model) -> int:
     """Theoretical receptive-field radius (pixels) of a functional model's output."""
     return graph_extent(model).radius
+
+
+def receptive_field_radii(model) -> tuple[int, ...]:
+    """Theoretical receptive-field radius along each spatial axis (z, y, x for a volume model)."""
+    rank = len(model.input_shape) - 2
+    return tuple(graph_extent(model, axis).radius for axis in range(rank))
 
 
 def effective_receptive_field(model, *, size_factor: int, theoretical_radius: int, fraction: float = 0.99,

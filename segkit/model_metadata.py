@@ -46,8 +46,11 @@ class ModelMetadata:
     number_classes: int = _field("output classes K (class 0 = background)", "int", minimum=1)
     normalization: Mapping[str, Any] = _field(
         "{'method': ..., 'epsilon': ...}: how images are normalized before the model (image_io)", "mapping")
-    size_factor: int = _field("input spatial sizes must be multiples of this (pooling depth)", "int", minimum=1)
-    receptive_field_radius: float = _field("theoretical receptive-field radius in pixels: the exact halo", "number")
+    size_factor: int | tuple[int, ...] = _field(
+        "input spatial sizes must be multiples of this (pooling depth); a list: one per spatial axis ((z, y, x) "
+        "for volumes)", "int|axes", minimum=1)
+    receptive_field_radius: float | tuple[float, ...] = _field(
+        "theoretical receptive-field radius in pixels: the exact halo; a list: one per spatial axis", "number|axes")
     model_config: Mapping[str, Any] = _field("the network's get_config()-style keyword arguments", "mapping", {})
     image_dtype: str | None = _field("pixel type of the training images (informational)", "str?", None)
     effective_receptive_field_radius: float | None = _field(
@@ -64,6 +67,12 @@ class ModelMetadata:
                                           SIGNATURE)
     format: str = _field(f"always {FORMAT!r}", "str", FORMAT)
     format_version: int = _field(f"version of this layout ({FORMAT_VERSION})", "int", FORMAT_VERSION, minimum=1)
+    # Written only when not the default, so 2-D models' files stay as they were.
+    spatial_rank: int = _field("spatial axes of the images: 2 (NHWC) or 3 (volumes, NDHWC)", "rank", 2,
+                               omit_default=True)
+    voxel_size_um: tuple[float, ...] | None = _field(
+        "(z, y, x) voxel size in micrometres the volume model was planned for; null for 2-D models", "spacing?", None,
+        omit_default=True)
     extra: Mapping[str, Any] = _field("keys this version does not know, kept as they are", "mapping", {})
 
     def __post_init__(self) -> None:
@@ -71,6 +80,16 @@ class ModelMetadata:
             object.__setattr__(self, spec.name, _checked(spec, getattr(self, spec.name)))
         if self.format != FORMAT or self.format_version != FORMAT_VERSION:
             raise MetadataError(f"unsupported metadata format {self.format!r} v{self.format_version}")
+        for name in ("size_factor", "receptive_field_radius", "voxel_size_um"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != self.spatial_rank:
+                raise MetadataError(f"metadata field {name} must have one value per spatial axis "
+                                    f"({self.spatial_rank}), got {list(value)}")
+
+    def per_axis(self, name: str) -> tuple:
+        """``size_factor`` or ``receptive_field_radius`` as one value per spatial axis (a number repeated)."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * self.spatial_rank
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelMetadata":
@@ -82,7 +101,8 @@ class ModelMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON dict (the layout of ``segmentation_metadata.json``), extra keys included."""
-        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"
+                and not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
         return {**data, **_plain(self.extra)}
 
     def write(self, saved_model_dir: str) -> str:
@@ -134,13 +154,27 @@ def _checked(spec: dataclasses.Field, value: Any) -> Any:
         if value is None:
             return None
         kind = kind[:-1]
-    problem = _problem(kind, value, spec.metadata.get("minimum", 0))
+    if kind.endswith("|axes"):  # a number, or one per spatial axis
+        scalar = kind[:-len("|axes")]
+        if not isinstance(value, (list, tuple)):
+            return _checked_kind(name, scalar, value, spec.metadata.get("minimum", 0))
+        if len(value) not in (2, 3):
+            raise MetadataError(f"metadata field {name} must be a number or a list of 2 or 3 (one per spatial "
+                                f"axis), got {value!r}")
+        return tuple(_checked_kind(name, scalar, v, spec.metadata.get("minimum", 0)) for v in value)
+    return _checked_kind(name, kind, value, spec.metadata.get("minimum", 0))
+
+
+def _checked_kind(name: str, kind: str, value: Any, minimum: int) -> Any:
+    problem = _problem(kind, value, minimum)
     if problem:
         raise MetadataError(f"metadata field {name} must be {problem}, got {value!r}")
     if kind == "int":
         return int(value)
-    if kind == "sizes":
-        return tuple(int(v) for v in value)
+    if kind in ("sizes", "rank"):
+        return tuple(int(v) for v in value) if kind == "sizes" else int(value)
+    if kind == "spacing":
+        return tuple(float(v) for v in value)
     if kind in ("mapping", "mask_map"):
         return MappingProxyType(dict(value))
     return value
@@ -157,6 +191,11 @@ def _problem(kind: str, value: Any, minimum: int) -> str | None:
     if kind == "sizes":
         ok = isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(_is_int(v) and v > 0 for v in value)
         return None if ok else "a list of 2 or 3 positive integers (one per spatial axis)"
+    if kind == "rank":
+        return None if _is_int(value) and value in (2, 3) else "2 or 3"
+    if kind == "spacing":
+        ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) and v > 0 for v in value)
+        return None if ok else "a list of 3 positive numbers (z, y, x micrometres)"
     if not isinstance(value, Mapping):
         return "a JSON object"
     if kind == "mask_map":

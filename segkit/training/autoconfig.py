@@ -21,6 +21,11 @@ from typing import Any, Mapping, Sequence
 CROP_PIXELS = {"cpu": 256 * 256, "gpu": 512 * 512}
 BATCH_PIXELS = {"cpu": 8 * 256 * 256, "gpu": 4 * 512 * 512}
 BATCH_RANGE = (2, 64)
+# Volumes (rank 3): voxels of one crop and of one replica's batch. CPU: 32x64x64 crops, two per batch (a depth-4
+# unet3d with 8 base filters steps in about a second on 2 cores); GPU: 128^3 crops, two per batch (nnU-Net's
+# 3D plans on a 10 GB card are of this size).
+CROP_VOXELS = {"cpu": 32 * 64 * 64, "gpu": 128 ** 3}
+BATCH_VOXELS = {"cpu": 2 * 32 * 64 * 64, "gpu": 2 * 128 ** 3}
 LEARNING_RATE = 1e-3           # Adam; the step size the measured recipes used (README quality section)
 TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training records ...
 TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
@@ -94,18 +99,21 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
     kind = "gpu" if gpus > 0 else "cpu"
     where = f"{gpus} GPU(s)" if gpus else "a CPU"
     chosen: dict[str, Choice] = {}
+    rank = len(data.record_shape)
+    factors = tuple(size_factor) if isinstance(size_factor, (tuple, list)) else (int(size_factor),) * rank
     crop = user.get("crop_size")
     if crop is None:
-        edge = math.sqrt(CROP_PIXELS[kind])
-        crop = tuple(max(size_factor, min(int(v), int(edge)) // size_factor * size_factor) for v in data.record_shape)
+        crop, reason = _volume_crop(data.record_shape, factors, kind) if rank == 3 else _image_crop(data, factors, kind)
         chosen["crop_size"] = Choice(crop, f"median training record {'x'.join(map(str, data.record_shape))}, "
-                                           f"at most {int(edge)} px per axis on {where}, a multiple of the size factor "
-                                           f"{size_factor}")
-    crop_pixels = math.prod(crop) if isinstance(crop, (tuple, list)) else int(crop) ** len(data.record_shape)
+                                           f"{reason} on {where}, a multiple of the size factor "
+                                           f"{'x'.join(map(str, factors))}")
+    crop_pixels = math.prod(crop) if isinstance(crop, (tuple, list)) else int(crop) ** rank
     batch = user.get("batch_size")
     if batch is None:
-        batch = int(min(max(round(BATCH_PIXELS[kind] / crop_pixels), BATCH_RANGE[0]), BATCH_RANGE[1]))
-        chosen["batch_size"] = Choice(batch, f"about {BATCH_PIXELS[kind] // 1024}k pixels per batch on {where} "
+        budget = (BATCH_VOXELS if rank == 3 else BATCH_PIXELS)[kind]
+        batch = int(min(max(round(budget / crop_pixels), BATCH_RANGE[0]), BATCH_RANGE[1]))
+        unit = "voxels" if rank == 3 else "pixels"
+        chosen["batch_size"] = Choice(batch, f"about {budget // 1024}k {unit} per batch on {where} "
                                              f"({crop_pixels} per crop), within {BATCH_RANGE[0]}-{BATCH_RANGE[1]}")
     if user.get("learning_rate") is None:
         chosen["learning_rate"] = Choice(LEARNING_RATE, "Adam at 1e-3 (the original's 1e-4 suits week-long runs)")
@@ -122,3 +130,24 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
         chosen["max_steps"] = Choice(steps, f"{BUDGET_TEST_PASSES} test intervals, at least {MIN_AUTO_STEPS} steps "
                                             "(pass --max_steps or --max_minutes to set the budget)")
     return chosen
+
+
+def _image_crop(data: DataSummary, factors: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], str]:
+    """2-D: the median record, at most the CROP_PIXELS edge per axis, floored to the size factor."""
+    edge = int(math.sqrt(CROP_PIXELS[kind]))
+    crop = tuple(max(f, min(int(v), edge) // f * f) for v, f in zip(data.record_shape, factors))
+    return crop, f"at most {edge} px per axis"
+
+
+def _volume_crop(record_zyx: tuple[int, ...], factors: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], str]:
+    """Volumes: the median record floored to the per-axis size factor, then the largest axis shrunk by one
+    factor at a time until the crop holds at most CROP_VOXELS[kind] voxels (no axis below its factor)."""
+    crop = [max(f, int(v) // f * f) for v, f in zip(record_zyx, factors)]
+    budget = CROP_VOXELS[kind]
+    while math.prod(crop) > budget:
+        shrinkable = [a for a in range(len(crop)) if crop[a] > factors[a]]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: (crop[a], a))
+        crop[axis] -= factors[axis]
+    return tuple(crop), f"at most {budget} voxels per crop"

@@ -75,7 +75,7 @@ def setting(doc: str, *, run_defining: bool | Callable[["RunConfig"], bool] = Fa
 class RunConfig:
     """Every resolved setting of one training run; see each field's ``doc`` (:func:`describe`)."""
 
-    model: str = setting("architecture, one of models.MODEL_NAMES", run_defining=True, rule=one_of(models.MODEL_NAMES))
+    model: str = setting("architecture, one of models.ALL_MODEL_NAMES", run_defining=True, rule=one_of(models.ALL_MODEL_NAMES))
     model_config: dict = setting("the architecture's full settings (models.model_config)", run_defining=True)
     size_factor: int = setting("image height and width must be multiples of this", rule=AT_LEAST_1)
     channels: int = setting("image channels of the databases", run_defining=True, rule=AT_LEAST_1)
@@ -113,9 +113,9 @@ class RunConfig:
     class_weight_values: tuple = setting("resolved weight per class", run_defining=True,
                                          rule=Rule(lambda v: all(w >= 0 and math.isfinite(w) for w in v)
                                                    and max(v, default=0) > 0, "must be non-negative, not all 0"))
-    crop_size: tuple = setting("training crop (height, width) in pixels", run_defining=True,
-                               rule=Rule(lambda v: len(v) == 2 and 1 <= min(v) and max(v) <= MAX_SIZE,
-                                         f"must be two sizes >= 1 and <= {MAX_SIZE}"))
+    crop_size: tuple = setting("training crop (height, width), or (z, y, x) for volumes, in pixels", run_defining=True,
+                               rule=Rule(lambda v: len(v) in (2, 3) and 1 <= min(v) and max(v) <= MAX_SIZE,
+                                         f"must be two sizes >= 1 (three for volumes) and <= {MAX_SIZE}"))
     train_data: tuple = setting("content fingerprint of each training database", run_defining=True)
     test_data: dict = setting("content fingerprint of the test database", run_defining=True)
     mask_map: Optional[dict] = setting("mask value -> class map of the training databases; None = they disagree",
@@ -283,7 +283,7 @@ def _kind(f: dataclasses.Field) -> tuple[type, bool]:
 
 def _check_model(values: dict[str, Any], source: str) -> None:
     """The architecture settings must describe a model this toolkit builds (models.model_config)."""
-    if values.get("model") not in models.MODEL_NAMES:
+    if values.get("model") not in models.ALL_MODEL_NAMES:
         return  # the field check names it
     try:
         models.model_config(values["model"], **values["model_config"])

@@ -41,7 +41,7 @@ def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, 
     with cliutil.disk_space_guard(output_dir, "the SavedModel", lambda: _weights_bytes(model) * 1.5,
                                   "the checkpoints are kept, the previous saved_model/ (if any) too"):
         _write_saved_model(model, config, meta, output_dir, final)
-    log.info("exported %s (theoretical radius %d px, effective %d px)", final, meta["receptive_field_radius"],
+    log.info("exported %s (theoretical radius %s px, effective %s px)", final, meta["receptive_field_radius"],
              meta["effective_receptive_field_radius"])
     return final
 
@@ -59,7 +59,8 @@ def _write_saved_model(model, config: RunConfig, meta: dict[str, Any], output_di
         os.makedirs(asset_dir)
         with open(os.path.join(asset_dir, model_metadata.METADATA_FILENAME), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1, default=json_default)
-        module = _serving_module(model, config.channels, os.path.join(asset_dir, model_metadata.METADATA_FILENAME))
+        module = _serving_module(model, config.channels, os.path.join(asset_dir, model_metadata.METADATA_FILENAME),
+                                 models.spatial_rank(config.model))
         tf.saved_model.save(module, os.path.join(staging, "saved_model"), signatures={"serving_default": module.serve})
         _swap_in(os.path.join(staging, "saved_model"), final)
     finally:
@@ -69,6 +70,9 @@ def _write_saved_model(model, config: RunConfig, meta: dict[str, Any], output_di
 def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[str, Any]:
     """What the SavedModel carries, including the receptive field measured on the trained weights."""
     from models.receptive_field import effective_receptive_field
+
+    if models.spatial_rank(config.model) == 3:
+        return _volume_metadata(config, final_metrics)
 
     radius = models.receptive_field_radius(config.model, **config.model_config)
     # Probe no larger than one training batch's pixels: export then needs no more memory than training.
@@ -85,14 +89,29 @@ def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[s
         training={k: config.to_dict()[k] for k in TRAINING_FIELDS})
 
 
-def _serving_module(model, channels: int, metadata_file: str):
+def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any]) -> dict[str, Any]:
+    """A volume model's metadata: spatial rank 3, voxel size, size factor and radius per axis (z, y, x). The
+    gradient probe of the effective receptive field is 2-D only: inference uses the exact theoretical halo."""
+    return model_metadata.make_metadata(
+        model=config.model, model_config=config.model_config, channels=config.channels,
+        number_classes=config.number_classes, image_dtype=config.image_dtype, spatial_rank=3,
+        voxel_size_um=list(config.model_config["voxel_size"]),
+        normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": image_io.NORMALIZATION_EPSILON},
+        size_factor=list(models.size_factors(config.model, **config.model_config)),
+        receptive_field_radius=list(models.receptive_field_radii(config.model, **config.model_config)),
+        training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS})
+
+
+def _serving_module(model, channels: int, metadata_file: str, spatial_rank: int = 2):
+    """serving_default: "images" (NHWC, or NDHWC for volumes) float32 -> "probabilities" of the same layout."""
     import tensorflow as tf
 
     module = tf.Module()
     module.model = model
     module.metadata = tf.saved_model.Asset(metadata_file)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="images")],
+    @tf.function(input_signature=[tf.TensorSpec([None] * (spatial_rank + 1) + [channels], tf.float32, name="images")],
                  autograph=False)
     def serve(images):
         logits = tf.cast(model(images, training=False), tf.float32)

@@ -38,9 +38,10 @@ def resolve_config(args) -> RunConfig:
     _check_numbers(args)
     train_meta = [_read_database(p) for p in args.train_database]
     test_meta = _read_database(args.test_database)
-    model_config, size_factor = _model_settings(args)
+    args = _choose_model_for_rank(args, train_meta, test_meta)
+    model_config, size_factor = _model_settings(args, _voxel_size(args, train_meta))
     channels = _check_databases(train_meta, test_meta, args)
-    args, origins = _self_configure(args, train_meta, size_factor)
+    args, origins = _self_configure(args, train_meta, size_factor, models.spatial_rank(args.model))
     counts: dict[int, int] = {}
     for meta in train_meta:
         for c, n in meta["class_pixel_counts"].items():
@@ -66,7 +67,8 @@ def resolve_config(args) -> RunConfig:
     return config
 
 
-def _self_configure(args, train_meta: list[dict], size_factor: int) -> tuple[argparse.Namespace, dict[str, str]]:
+def _self_configure(args, train_meta: list[dict], size_factor: int,
+                    rank: int = 2) -> tuple[argparse.Namespace, dict[str, str]]:
     """Fill the SELF_CONFIGURED flags the user did not pass; log and return why each was chosen."""
     user = {name: getattr(args, name) for name in SELF_CONFIGURED + ("max_minutes",)}
     try:
@@ -74,7 +76,8 @@ def _self_configure(args, train_meta: list[dict], size_factor: int) -> tuple[arg
     except (KeyError, TypeError, ValueError) as exc:
         raise cliutil.InputError(f"{args.train_database[0]}: its metadata do not describe the records ({exc}); "
                                  "rebuild it with build_lmdb.py") from None
-    chosen = autoconfig.choose(user, data, size_factor, autoconfig.visible_gpus())
+    # The reader takes one size factor for every axis (the largest per-axis one; they are powers of 2).
+    chosen = autoconfig.choose(user, data, (size_factor,) * rank, autoconfig.visible_gpus())
     args = argparse.Namespace(**{**vars(args), **{name: c.value for name, c in chosen.items()}})
     for name, c in chosen.items():
         log.info("chose --%s %s: %s", name, _flag_text(c.value), c.reason)
@@ -133,12 +136,14 @@ def parse_class_weights(text: str, number_classes: int, class_pixel_counts: dict
     return weights
 
 
-def _model_settings(args) -> tuple[dict[str, Any], int]:
+def _model_settings(args, voxel_size: list[float] | None = None) -> tuple[dict[str, Any], int]:
     overrides = {"dropout": args.dropout}
-    if args.model == "unet":
+    if args.model in ("unet", "unet3d"):
         overrides.update(depth=args.depth, base_filters=args.base_filters)
     elif args.depth is not None or args.base_filters is not None:
-        raise cliutil.InputError(f"--depth and --base_filters apply to --model unet only, not {args.model}")
+        raise cliutil.InputError(f"--depth and --base_filters apply to --model unet or unet3d only, not {args.model}")
+    if args.model == "unet3d":
+        overrides["voxel_size"] = voxel_size
     try:
         config = models.model_config(args.model, **overrides)
     except ValueError as exc:
@@ -207,3 +212,62 @@ def _check_output_dir(path: str) -> None:
     except OSError as exc:
         raise cliutil.InputError(f"--output_dir {path}: cannot write in {parent} ({exc.strerror}); choose another "
                                  "folder or fix its permissions") from None
+
+
+# ---- 2-D or volumes (issue #15): the databases' spatial rank picks the model family ------------------
+
+def _database_rank(path: str, meta: dict[str, Any]) -> int:
+    """Spatial axes of a database's records: its metadata's ``spatial_rank``, else its first record's mask."""
+    if meta.get("spatial_rank") is not None:
+        return int(meta["spatial_rank"])
+    env = lmdb_format.open_readonly(path)
+    try:
+        with env.begin(buffers=True) as txn:
+            value = txn.get(lmdb_format.record_key(0))
+            if value is None:
+                raise cliutil.InputError(f"{path}: the database has no records; rebuild it with build_lmdb.py")
+            return lmdb_format.decode_record(value).mask_hw.ndim
+    except ValueError as exc:
+        raise cliutil.InputError(f"{path}: record 0: {exc}; rebuild the database with build_lmdb.py") from None
+    finally:
+        env.close()
+
+
+def _choose_model_for_rank(args, train_meta: list[dict], test_meta: dict) -> argparse.Namespace:
+    """--model defaults to unet (images) or unet3d (volumes); a model of the other rank is refused."""
+    paths = list(args.train_database) + [args.test_database]
+    ranks = {p: _database_rank(p, m) for p, m in zip(paths, train_meta + [test_meta])}
+    if len(set(ranks.values())) > 1:
+        listing = ", ".join(f"{p}: {r}-D" for p, r in ranks.items())
+        raise cliutil.InputError(f"the databases mix 2-D images and volumes ({listing}); train and test on one kind")
+    rank = ranks[paths[0]]
+    if args.model is None:
+        model = models.DEFAULT_VOLUME_MODEL if rank == 3 else models.DEFAULT_MODEL
+        return argparse.Namespace(**{**vars(args), "model": model})
+    if models.spatial_rank(args.model) != rank:
+        kind, fit = ("volumes", models.VOLUME_MODEL_NAMES) if rank == 3 else ("2-D images", models.MODEL_NAMES)
+        raise cliutil.InputError(f"--model {args.model} is a {models.spatial_rank(args.model)}-D model but "
+                                 f"{paths[0]} holds {kind}; pass --model {' or '.join(fit)} (or leave --model out)")
+    return args
+
+
+def _voxel_size(args, train_meta: list[dict]) -> list[float] | None:
+    """(z, y, x) micrometres of the training volumes (metadata ``voxel_size``); isotropic 1.0 when missing."""
+    if models.spatial_rank(args.model) != 3:
+        return None
+    sizes = {tuple(float(v) for v in _meta_voxel_size(m)) if _meta_voxel_size(m) else None for m in train_meta}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{p}: {_meta_voxel_size(m)}" for p, m in zip(args.train_database, train_meta))
+        raise cliutil.InputError(f"the training databases have different voxel sizes ({listing}); "
+                                 "rebuild them with one --voxel_size z,y,x")
+    size = sizes.pop()
+    if size is None:
+        log.info("the training databases carry no voxel size; treating the volumes as isotropic (1.0 um per axis): "
+                 "rebuild with build_lmdb.py --voxel_size z,y,x for anisotropic data")
+        return [1.0, 1.0, 1.0]
+    return list(size)
+
+
+def _meta_voxel_size(meta: dict[str, Any]):
+    """The database's voxel size (z, y, x) in micrometres, as build_lmdb.py records it; None when unknown."""
+    return meta.get("voxel_size_zyx_um") or meta.get("voxel_size")

@@ -48,6 +48,14 @@ def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.
     return np.concatenate(panels, axis=2).clip(0, 255).astype(np.uint8)
 
 
+def middle_sections(images, truth, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Volumes (NDHWC images, NDHW classes) -> their middle z sections (NHWC, NHW); 2-D batches unchanged."""
+    if truth.ndim == 3:
+        return images, truth, pred
+    middle = truth.shape[1] // 2
+    return images[:, middle], truth[:, middle], pred[:, middle]
+
+
 class Summaries:
     """The run's two event writers; on workers other than the chief they write nothing."""
 
@@ -84,7 +92,8 @@ class Summaries:
             if first is not None and self.is_chief:
                 images, labels = (t[:OVERLAY_IMAGES] for t in first)
                 pred = predict(images).numpy()
-                summary_images("image_truth_prediction", overlay_panels(images.numpy(), labels.numpy(), pred))
+                shown = middle_sections(images.numpy(), labels.numpy(), pred)
+                summary_images("image_truth_prediction", overlay_panels(*shown))
         self.flush()
 
     def flush(self) -> None:

@@ -1,0 +1,171 @@
+"""train_unet.py on volume databases (issue #15): unet3d by default, planned from the voxel size; 3-D crops chosen
+by autoconfig; export serving NDHWC in bare TensorFlow; resume; a 2-D model on volumes refused in one line."""
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import lmdb
+import numpy as np
+import pytest
+
+import train_unet
+from lmdb_helpers import write_database
+from segkit import lmdb_format
+from segkit.training import autoconfig
+from segkit.training.resolve import resolve_config
+from segkit.training.summaries import middle_sections
+
+ANISOTROPIC = [0.04, 0.004, 0.004]
+TINY = ["--depth", "2", "--base_filters", "4", "--crop_size", "16", "--batch_size", "2", "--seed", "1",
+        "--reader_count", "1"]
+
+
+def blob_volumes(count, shape_zyx=(16, 32, 32), seed=0):
+    """Volumes with a bright ball (class 1) on a dark, noisy background (class 0): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape_zyx)
+    out = []
+    for _ in range(count):
+        centre = rng.uniform(0.3, 0.7, 3) * np.array(shape_zyx)
+        mask = (((z - centre[0]) / 5) ** 2 + ((y - centre[1]) / 9) ** 2 + ((x - centre[2]) / 9) ** 2 < 1).astype(np.uint8)
+        image = (100 + 50 * mask + rng.normal(0, 5, shape_zyx)).astype(np.float32)[..., None]
+        out.append((image, mask))
+    return out
+
+
+def set_metadata(path, **fields):
+    """Add keys to a database's metadata record (what build_lmdb.py writes for volumes, e.g. voxel_size)."""
+    env = lmdb.open(path, subdir=True)
+    with env.begin(write=True) as txn:
+        meta = lmdb_format.decode_metadata(txn.get(lmdb_format.META_KEY))
+        txn.put(lmdb_format.META_KEY, lmdb_format.encode_metadata({**meta, **fields}))
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def volume_dbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("volumes")
+    dbs = {}
+    for name, voxel in (("aniso", ANISOTROPIC), ("plain", None)):
+        train = write_database(str(root / f"train-{name}.lmdb"), blob_volumes(4, seed=1))
+        test = write_database(str(root / f"test-{name}.lmdb"), blob_volumes(2, seed=2))
+        if voxel:
+            for path in (train, test):
+                set_metadata(path, spatial_rank=3, voxel_size=voxel)
+        dbs[name] = (train, test)
+    flat = write_database(str(root / "flat.lmdb"), [(np.zeros((32, 32, 1), np.float32), np.zeros((32, 32), np.uint8))])
+    dbs["flat"] = (flat, flat)
+    return dbs
+
+
+def argv(dbs, out, *extra, kind="aniso"):
+    train, test = dbs[kind]
+    return ["--train_database", train, "--test_database", test, "--output_dir", str(out), "--number_classes", "2",
+            *TINY, *map(str, extra)]
+
+
+def read_steps(out):
+    with open(os.path.join(out, "metrics.csv"), newline="") as fh:
+        return [int(row["step"]) for row in csv.DictReader(fh)]
+
+
+SERVE = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    x = np.random.default_rng(0).normal(size=(1, 8, 24, 16, 1)).astype(np.float32)
+    probs = serve(images=tf.constant(x))["probabilities"].numpy()
+    project = [m for m in ("models", "train_unet", "imagereader") if m in sys.modules]
+    print(json.dumps({"shape": probs.shape, "sum_err": float(abs(probs.sum(-1) - 1).max()), "project": project}))
+""")
+
+
+def test_volumes_train_unet3d_planned_from_the_voxel_size_and_export_ndhwc(volume_dbs, tmp_path):
+    out = tmp_path / "run"
+    assert train_unet.main(argv(volume_dbs, out, "--max_steps", 4, "--test_every_n_steps", 2)) == 0
+    assert read_steps(out) == [2, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "unet3d" and config["crop_size"] == [16, 16, 16]
+    assert config["model_config"]["voxel_size"] == ANISOTROPIC
+    assert config["model_config"]["pool_sizes"] == [[1, 2, 2], [1, 2, 2]]
+    meta = json.loads((out / "saved_model" / "assets" / "segmentation_metadata.json").read_text())
+    assert meta["spatial_rank"] == 3 and meta["voxel_size_um"] == ANISOTROPIC
+    assert meta["size_factor"] == [1, 4, 4] and meta["receptive_field_radius"] == [0, 23, 23]
+    assert meta["training_tile_size"] == [16, 16, 16]
+    assert os.listdir(out / "logs" / "test")  # the middle-section overlays and scores were written
+    served = subprocess.run([sys.executable, "-c", SERVE, str(out / "saved_model")], capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    result = json.loads(served.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [1, 8, 24, 16, 2] and result["sum_err"] < 1e-4 and result["project"] == []
+
+
+def test_a_3d_run_resumes_from_its_checkpoint(volume_dbs, tmp_path):
+    out = tmp_path / "run"
+    assert train_unet.main(argv(volume_dbs, out, "--max_steps", 2, "--test_every_n_steps", 2, kind="plain")) == 0
+    with open(out / "checkpoints" / "checkpoint.json") as fh:
+        assert json.load(fh)["latest"] == "ckpt-000000002"
+    assert train_unet.main(argv(volume_dbs, out, "--max_steps", 4, "--test_every_n_steps", 2, "--resume", 1,
+                                kind="plain")) == 0
+    assert read_steps(out) == [2, 4]  # continued at step 2, not restarted
+    with open(out / "checkpoints" / "checkpoint.json") as fh:
+        assert json.load(fh)["latest"] == "ckpt-000000004"
+
+
+def test_missing_voxel_size_is_isotropic_and_logged(volume_dbs, tmp_path, caplog):
+    args = train_unet.build_parser().parse_args(argv(volume_dbs, tmp_path / "run", kind="plain"))
+    with caplog.at_level(logging.INFO):
+        config = resolve_config(args)
+    assert config.model == "unet3d" and config.model_config["voxel_size"] == [1.0, 1.0, 1.0]
+    assert config.model_config["pool_sizes"] == [[2, 2, 2], [2, 2, 2]]
+    assert "treating the volumes as isotropic" in caplog.text
+
+
+@pytest.mark.parametrize("model,kind,message", [
+    ("unet", "aniso", "--model unet is a 2-D model but"),
+    ("fcdensenet56", "aniso", "pass --model unet3d"),
+    ("unet3d", "flat", "--model unet3d is a 3-D model but"),
+])
+def test_a_model_of_the_wrong_rank_is_refused_in_one_line(volume_dbs, tmp_path, capsys, model, kind, message):
+    train, test = volume_dbs[kind]
+    args = ["--train_database", train, "--test_database", test, "--output_dir", str(tmp_path / "run"),
+            "--model", model, "--crop_size", "16", "--batch_size", "2"]
+    assert train_unet.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("record,factors,gpus,crop", [
+    ((16, 32, 32), (1, 4, 4), 0, (16, 32, 32)),         # small records: the record itself
+    ((40, 512, 512), (1, 4, 4), 0, (40, 56, 56)),        # the largest axis shrinks first, by one factor a time
+    ((37, 300, 301), (2, 8, 8), 0, (36, 64, 56)),        # multiples of the per-axis factor
+    ((200, 200, 200), (4, 4, 4), 0, (52, 52, 48)),       # 131072 voxels on a CPU
+    ((200, 200, 200), (4, 4, 4), 1, (128, 128, 128)),    # GPU budget 128^3
+    ((3, 5, 5), (4, 4, 4), 0, (4, 4, 4)),                # never below one factor
+])
+def test_autoconfig_chooses_3d_crops_within_a_voxel_budget(record, factors, gpus, crop):
+    data = autoconfig.DataSummary(record_shape=record, records=10)
+    user = dict.fromkeys(("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps",
+                          "max_minutes"))
+    chosen = autoconfig.choose(user, data, factors, gpus)
+    kind = "gpu" if gpus else "cpu"
+    assert chosen["crop_size"].value == crop
+    assert all(c % f == 0 and c <= max(r // f * f, f) for c, f, r in zip(crop, factors, record))
+    assert np.prod(crop) <= max(autoconfig.CROP_VOXELS[kind], np.prod(factors))
+    expected_batch = min(max(round(autoconfig.BATCH_VOXELS[kind] / np.prod(crop)), 2), 64)
+    assert chosen["batch_size"].value == expected_batch and "voxels" in chosen["batch_size"].reason
+
+
+def test_tensorboard_shows_the_middle_z_section_of_volumes():
+    images = np.arange(2 * 5 * 4 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 4, 1)
+    truth = np.arange(2 * 5 * 4 * 4).reshape(2, 5, 4, 4) % 3
+    shown = middle_sections(images, truth, truth + 1)
+    np.testing.assert_array_equal(shown[0], images[:, 2])
+    np.testing.assert_array_equal(shown[1], truth[:, 2]) and np.testing.assert_array_equal(shown[2], truth[:, 2] + 1)
+    flat = middle_sections(images[:, 0], truth[:, 0], truth[:, 0])
+    assert flat[0] is not None and flat[0].shape == (2, 4, 4, 1)
