@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
-import math
 import multiprocessing
 import os
 import sys
@@ -43,341 +42,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
-from segkit import build_volume
 from segkit import cliutil
-from segkit import image_io
 from segkit import instance_targets
 from segkit import lmdb_format
 from segkit import lmdb_store
-from segkit import tiling
 from segkit import volume_io
+from segkit.build_encode import Encoded, Task, check_consistent, encode_pair  # noqa: F401 (tests patch encode_pair here)
+from segkit.build_inputs import (_check_instance_flags, _check_tile_fits, _listing, check_parameters,  # noqa: F401
+                                 default_workers, pair_files, parse_mask_map, parse_tile_size, read_test_list,
+                                 split_names)
+from segkit.build_inputs import SPLITS, TEST_DELAY_ENV, MASK_TYPES  # noqa: F401
 from segkit.cliutil import InputError
 
 log = logging.getLogger("build_lmdb")
 
-SPLITS = ("train", "test")
-TILE_MULTIPLE = 32
-MAX_TILE = 32768          # sizes beyond are typos; a 32768^2 float32 tile is already 4 GB
-MAX_WORKERS = 256
-MAX_CLASSES = 2**31
-MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".pgm", ".pbm", ".gif")
-TEST_DELAY_ENV = "BUILD_LMDB_TEST_DELAY"
-MAX_LISTED = 8
-MASK_TYPES = ("classes", "instances")
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def parse_mask_map(text: str | dict | None) -> dict[int, int]:
-    """``"255:1,128:2"`` -> ``{255: 1, 128: 2}`` (mask value -> class id); see ``image_io.parse_mask_map``."""
-    try:
-        return image_io.parse_mask_map(text)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
-
-
-def _by_stem(names: list[str], folder: str, flag: str) -> dict[str, str]:
-    clashes = image_io.stem_clashes(names)
-    if clashes:
-        raise InputError(f"{folder}: several files share a stem ({_listing(clashes)}), so pairing by name is "
-                         f"ambiguous; remove the extra files or pick one extension with {flag}")
-    return {image_io.stem(name): name for name in names}
-
-
-def warn_dangling_links(folder: str) -> list[str]:
-    """Log (and return) the symbolic links in ``folder`` whose target is missing: they are skipped."""
-    dangling = sorted(n for n in os.listdir(folder)
-                      if os.path.islink(os.path.join(folder, n)) and not os.path.exists(os.path.join(folder, n)))
-    if dangling:
-        log.warning("%s: %d symbolic link(s) point to missing files and are skipped: %s; fix or remove them",
-                    folder, len(dangling), _listing(dangling))
-    return dangling
-
-
-def pair_files(image_folder: str, mask_folder: str, image_format: str = "tif",
-               mask_format: str | None = None) -> list[tuple[str, str]]:
-    """(image name, mask name) pairs matched by file stem, sorted by image name."""
-    for folder in dict.fromkeys((image_folder, mask_folder)):
-        warn_dangling_links(folder)
-    if build_volume.is_container_format(image_format):
-        return _pair_containers(image_folder, mask_folder, image_format, mask_format or image_format)
-    images = image_io.list_images(image_folder, image_format)
-    if not images:
-        raise InputError(image_io.no_images_message(image_folder, image_format))
-    if mask_format:
-        masks = image_io.list_images(mask_folder, mask_format)
-    else:
-        accept = MASK_EXTENSIONS + (image_io.normalize_extension(image_format),)
-        masks = [n for n in image_io.list_images(mask_folder) if os.path.splitext(n)[1].lower() in accept]
-    if not masks:
-        raise InputError(f"{mask_folder}: no mask files found (looked for "
-                         f"{mask_format or ', '.join(MASK_EXTENSIONS)}); check --mask_folder")
-    return _pair_by_stem(images, masks, image_folder, mask_folder)
-
-
-def _pair_containers(image_folder: str, mask_folder: str, image_format: str,
-                     mask_format: str) -> list[tuple[str, str]]:
-    """Pairs of ``.zarr`` stores or HDF5 files by stem (masks may be the image files themselves)."""
-    images = build_volume.list_containers(image_folder, image_format)
-    if not images:
-        raise InputError(image_io.no_images_message(image_folder, image_format))
-    masks = build_volume.list_containers(mask_folder, mask_format)
-    if not masks:
-        raise InputError(f"{mask_folder}: no {image_io.normalize_extension(mask_format)} mask volumes found; "
-                         "check --mask_folder and --mask_format")
-    return _pair_by_stem(images, masks, image_folder, mask_folder)
-
-
-def _pair_by_stem(images: list[str], masks: list[str], image_folder: str, mask_folder: str) -> list[tuple[str, str]]:
-    image_by_stem = _by_stem(images, image_folder, "--image_format")
-    mask_by_stem = _by_stem(masks, mask_folder, "--mask_format")
-    lonely_images = sorted(image_by_stem[s] for s in image_by_stem.keys() - mask_by_stem.keys())
-    lonely_masks = sorted(mask_by_stem[s] for s in mask_by_stem.keys() - image_by_stem.keys())
-    if lonely_images or lonely_masks:
-        parts = []
-        if lonely_images:
-            parts.append(f"{len(lonely_images)} image(s) in {image_folder} have no mask: {_listing(lonely_images)}")
-        if lonely_masks:
-            parts.append(f"{len(lonely_masks)} mask(s) in {mask_folder} have no image: {_listing(lonely_masks)}")
-        raise InputError("; ".join(parts) + "; masks pair with images by file stem (a.png masks a.tif): "
-                         "add or remove files so that every image has exactly one mask")
-    return sorted((image_by_stem[s], mask_by_stem[s]) for s in image_by_stem)
-
-
-def read_test_list(path: str, image_names: Sequence[str]) -> set[str]:
-    """Image names listed in ``path`` (one per line, by file name or stem; # comments)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = [ln.split("#", 1)[0].strip() for ln in fh]
-    except OSError as exc:
-        raise InputError(f"--test_list {path}: cannot read it ({exc.strerror}); give a text file of image names") from exc
-    lookup = {n: n for n in image_names} | {image_io.stem(n): n for n in image_names}
-    wanted = [os.path.basename(ln) for ln in lines if ln]
-    unknown = [w for w in wanted if w not in lookup]
-    if unknown:
-        raise InputError(f"--test_list {path}: {len(unknown)} name(s) match no image in the image folder: "
-                         f"{_listing(unknown)}; list image file names (or stems), one per line")
-    return {lookup[w] for w in wanted}
-
-
-def split_names(names: Sequence[str], train_fraction: float, seed: int,
-                test_names: set[str] | None = None) -> dict[str, list[str]]:
-    """{'train': [...], 'test': [...]}, each sorted; reproducible for a given seed."""
-    if test_names is not None:
-        split = {"train": [n for n in names if n not in test_names], "test": [n for n in names if n in test_names]}
-        empty = [s for s in SPLITS if not split[s]]
-        if empty:
-            raise InputError(f"--test_list leaves the {empty[0]} split empty ({len(split['train'])} train / "
-                             f"{len(split['test'])} test images); list some but not all images")
-        return split
-    if len(names) < 2:
-        raise InputError(f"only {len(names)} image pair found: a train/test split needs at least 2 images; "
-                         "add images")
-    n_train = int(round(train_fraction * len(names)))
-    clamped = min(max(n_train, 1), len(names) - 1)
-    if clamped != n_train:
-        log.warning("--train_fraction %s of %d images would leave the %s split empty; using %d train / %d test",
-                    train_fraction, len(names), "test" if n_train >= len(names) else "train",
-                    clamped, len(names) - clamped)
-    order = np.random.default_rng(seed).permutation(len(names))
-    train = {names[i] for i in order[:clamped]}
-    return {"train": [n for n in names if n in train], "test": [n for n in names if n not in train]}
-
-
-# ----------------------------------------------------------------------------- per image (worker)
-
-
-@dataclass(frozen=True)
-class Task:
-    image_path: str
-    mask_path: str
-    split: str
-    tile_size: int | tuple[int, ...] | None  # one value, or (z, y, x) for volumes
-    tile_stride: int | None
-    mask_map: dict[int, int]
-    number_classes: int | None
-    source_index: int  # position of the image in its split's metadata "sources"
-    mask_type: str = "classes"
-    instance_target: str | None = None  # None: chosen from each mask (instance_targets.choose_target)
-    voxel_size: tuple[float, float, float] | None = None  # --voxel_size, overrides the files' metadata
-    image_dataset: str | None = None
-    mask_dataset: str | None = None
-
-
-@dataclass
-class Encoded:
-    """One source image, encoded: what the parent writes and summarizes."""
-
-    task: Task
-    source: dict[str, Any]
-    image_dtype: str
-    channels: int
-    records: list[bytes]
-    record_classes: list[list[int]]
-    class_counts: np.ndarray  # pixels per class id, over the records (tiles may overlap)
-    spatial_rank: int = 2
-    voxel_size: tuple[float, float, float] | None = None
-    choice: instance_targets.Choice | None = None  # --mask_type instances: the target and why
-
-
-def _read(path: str) -> np.ndarray:
-    fix = "the file is unreadable or corrupt: re-export it or remove it (and its pair)"
-    try:
-        array = image_io.read_image(path)
-    except image_io.ImageReadError as exc:
-        raise InputError(f"{exc}; {fix}") from exc
-    if array.size == 0 or array.ndim < 2:
-        raise InputError(f"{path}: cannot read image (decoded {array.shape}, no pixels); {fix}")
-    return array
-
-
-def load_image(path: str, array: np.ndarray | None = None) -> np.ndarray:
-    """Read (unless ``array`` was read already) and check an image; returns image_hwc."""
-    array = _read(path) if array is None else array
-    stack = image_io.tiff_stack_hint(path, array)
-    if stack:
-        raise InputError(f"{path}: {stack}; build_lmdb takes 2-D images (HW or HWC): save each slice as its own "
-                         "file, or a multichannel image with its channels last")
-    try:
-        image = image_io.to_hwc(array)
-        image_io.check_dtype(image, path)
-    except ValueError as exc:
-        raise InputError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from exc
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise InputError(f"{path}: image contains NaN or infinite pixels; replace them before building")
-    return image
-
-
-def _values_hint(values: np.ndarray, number_classes: int) -> str:
-    hint = image_io.mask_values_hint(values.tolist())
-    if hint:
-        return "; " + hint
-    return f"; values found: {_listing([str(v) for v in values.tolist()])}; fix the mask or raise --number_classes"
-
-
-def load_mask(path: str, image_hw: tuple[int, int], mask_map: dict[int, int],
-              number_classes: int | None) -> np.ndarray:
-    """Read and check a mask against its image; returns mask_hw in the smallest unsigned type."""
-    return class_mask(read_mask(path, image_hw), path, mask_map, number_classes)
-
-
-def read_mask(path: str, image_hw: tuple[int, int]) -> np.ndarray:
-    """Read a 2-D mask and check its shape against its image (values unchecked)."""
-    mask = _read(path)
-    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[2]):
-        mask = mask.reshape(mask.shape[:2] if mask.shape[2] == 1 else mask.shape[1:])
-    if mask.ndim != 2:
-        raise InputError(f"{path}: mask has shape {mask.shape}; masks must be single-channel (one class id per "
-                         "pixel): save it as a grayscale image")
-    if mask.shape != tuple(image_hw):
-        raise InputError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                         f"{image_hw[0]}x{image_hw[1]} (height x width); they must match pixel for pixel")
-    return mask
-
-
-def class_mask(mask: np.ndarray, path: str, mask_map: dict[int, int], number_classes: int | None) -> np.ndarray:
-    """Check a mask's class ids (any number of spatial axes); returns it in the smallest unsigned type."""
-    if mask.dtype == bool:
-        mask = mask.astype(np.uint8)
-    if mask.dtype.kind not in "ui":
-        raise InputError(f"{path}: mask pixel type is {mask.dtype.name}, not an integer type; masks hold integer "
-                         "class ids: save it as uint8, uint16 or int32")
-    if mask.size and mask.dtype.kind == "i" and int(mask.min()) < 0:
-        raise InputError(f"{path}: mask has negative values (minimum {int(mask.min())}); class ids must be "
-                         ">= 0 with 0 = background")
-    mask = image_io.apply_mask_map(mask, mask_map)
-    top = int(mask.max()) if mask.size else 0
-    if number_classes is not None and top >= number_classes:
-        values = np.unique(mask)
-        raise InputError(f"{path}: mask value {top} is >= --number_classes {number_classes}"
-                         + _values_hint(values, number_classes))
-    if top >= 2**31:
-        raise InputError(f"{path}: mask value {top} is too large for a class id; renumber the classes from 0")
-    return mask.astype(image_io.dtype_for_classes(top + 1), copy=False)
-
-
-def _centered_pad(short_by: int) -> tuple[int, int]:
-    before = max(short_by, 0) // 2
-    return before, max(short_by, 0) - before
-
-
-def iter_records(image: np.ndarray, mask: np.ndarray, tile_size: int | tuple[int, ...] | None,
-                 tile_stride: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
-    """(image, mask, origin) per record (HWC / HW or ZYXC / ZYX): the whole array, or tiles of the padded one."""
-    if tile_size is None:
-        yield image, mask, (0,) * mask.ndim
-        return
-    tiles = tiling.per_axis(tile_size, mask.ndim, "--tile_size")
-    strides = tiles if tile_stride is None else tiling.per_axis(tile_stride, mask.ndim, "--tile_stride")
-    pads = [_centered_pad(t - n) for t, n in zip(tiles, mask.shape)]
-    image, mask = image_io.mirror_pad(image, pads), image_io.mirror_pad(mask, pads)
-    for origin in tiling.tile_origins(mask.shape, tiles, strides):
-        region = tuple(slice(o, o + t) for o, t in zip(origin, tiles))
-        yield image[region], mask[region], tuple(o - pad[0] for o, pad in zip(origin, pads))
-
-
-def target_mask(mask: np.ndarray, task: Task) -> tuple[np.ndarray, instance_targets.Choice | None]:
-    """The stored class mask: the mask's class ids, or the training target of an instance mask."""
-    if task.mask_type == "classes":
-        return class_mask(mask, task.mask_path, task.mask_map, task.number_classes), None
-    instance_targets.check_instances(mask, task.mask_path)
-    choice = instance_targets.choose_target(mask, task.instance_target)
-    return instance_targets.make_target(mask, choice.target), choice
-
-
-def encode_pair(task: Task) -> Encoded:
-    """Read, validate and encode one image/mask pair, 2-D or volume (runs in a worker process)."""
-    array = None if build_volume.is_volume_file(task.image_path) else _read(task.image_path)
-    if build_volume.is_volume_file(task.image_path, array):
-        return encode_volume(task, image_io.tiff_stack_hint(task.image_path, array) if array is not None else None)
-    image = load_image(task.image_path, array)
-    if isinstance(task.tile_size, tuple):
-        raise InputError(f"{task.image_path}: a 2-D image, but --tile_size {','.join(map(str, task.tile_size))} "
-                         "has one value per axis of a volume; give one tile size for 2-D images")
-    mask, choice = target_mask(read_mask(task.mask_path, image.shape[:2]), task)
-    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
-              "height": int(image.shape[0]), "width": int(image.shape[1])}
-    return _encode_records(task, image, mask, source, choice=choice)
-
-
-def encode_volume(task: Task, stack_hint: str | None = None) -> Encoded:
-    """Read, validate and encode one volume pair (TIFF stack, Zarr, HDF5): image ZYXC, mask ZYX."""
-    image, labels, spacing = build_volume.load_volume_pair(
-        task.image_path, task.mask_path, image_dataset=task.image_dataset, mask_dataset=task.mask_dataset,
-        voxel_size_zyx_um=task.voxel_size, stack_hint=stack_hint)
-    mask, choice = target_mask(labels, task)
-    source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
-              "depth": int(image.shape[0]), "height": int(image.shape[1]), "width": int(image.shape[2]),
-              "voxel_size_zyx_um": list(spacing)}
-    return _encode_records(task, image, mask, source, spacing, choice)
-
-
-def _encode_records(task: Task, image: np.ndarray, mask: np.ndarray, source: dict[str, Any],
-                    spacing: tuple[float, float, float] | None = None,
-                    choice: instance_targets.Choice | None = None) -> Encoded:
-    mean, std = image_io.image_stats(image)
-    source.update(mean=mean, std=std)
-    records, record_classes = [], []
-    counts = np.zeros(int(mask.max()) + 1 if mask.size else 1, np.int64)
-    for tile_image, tile_mask, origin in iter_records(image, mask, task.tile_size, task.tile_stride):
-        tile_counts = np.bincount(tile_mask.ravel(), minlength=counts.size)
-        counts += tile_counts
-        classes = [int(c) for c in np.flatnonzero(tile_counts)]
-        record = lmdb_format.Record(tile_image, tile_mask, task.source_index, origin, classes)
-        records.append(lmdb_format.encode_record(record))
-        record_classes.append(classes)
-    if choice is not None:
-        source["instance_target"] = {"target": choice.target, "reason": choice.reason}
-    return Encoded(task, source, image.dtype.name, int(image.shape[-1]), records, record_classes, counts,
-                   mask.ndim, spacing, choice)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -433,117 +112,6 @@ class BuildSummary:
         if self.split_csv:
             lines.append(f"  split (file -> train/test): {os.path.abspath(self.split_csv)}")
         return "\n".join(lines)
-
-
-def default_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))  # respects Slurm / taskset CPU limits
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
-
-
-def parse_tile_size(value: int | str | Sequence[int]) -> int | tuple[int, int, int]:
-    """``--tile_size``: one edge (``512``) or one per volume axis (``16,128,128``, z,y,x)."""
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    parts = [p for p in str(value).replace(",", " ").split()] if isinstance(value, str) else list(value)
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 3):
-        raise InputError(f"--tile_size must be one integer or three (z,y,x, for volumes), got {value!r}")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _check_tile(tile_size: int | tuple[int, ...], tile_stride: int | None, volumes: bool) -> None:
-    """2-D tiles (one value) are multiples of 32; volume tiles are free (the reader crops to the size factor)."""
-    if isinstance(tile_size, tuple) or volumes:
-        tiles = tile_size if isinstance(tile_size, tuple) else (tile_size,)
-        if not all(1 <= t <= MAX_TILE for t in tiles):
-            raise InputError(f"--tile_size must be between 1 and {MAX_TILE} voxels per axis, got {tile_size}")
-        if tile_stride is not None and not 1 <= tile_stride <= min(tiles):
-            raise InputError(f"--tile_stride must be between 1 and the smallest --tile_size {min(tiles)}, got {tile_stride}")
-        return
-    if not TILE_MULTIPLE <= tile_size <= MAX_TILE:
-        raise InputError(f"--tile_size must be between {TILE_MULTIPLE} and {MAX_TILE} pixels, got {tile_size}")
-    if tile_size <= 0 or tile_size % TILE_MULTIPLE:
-        raise InputError(f"--tile_size must be a positive multiple of {TILE_MULTIPLE}, got {tile_size}; "
-                         f"e.g. {max(TILE_MULTIPLE, tile_size // TILE_MULTIPLE * TILE_MULTIPLE)}")
-    if tile_stride is not None and not 1 <= tile_stride <= tile_size:
-        raise InputError(f"--tile_stride must be between 1 and --tile_size {tile_size}, got {tile_stride}")
-
-
-def _check_instance_flags(mask_type: str, instance_target: str | None, number_classes: int | None,
-                          mask_map: str | dict | None) -> None:
-    if mask_type not in MASK_TYPES:
-        raise InputError(f"--mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
-    if instance_target not in (None, "auto") + instance_targets.TARGETS:
-        raise InputError(f"--instance_target must be one of auto, {', '.join(instance_targets.TARGETS)}, "
-                         f"got {instance_target!r}")
-    if mask_type == "classes":
-        if instance_target not in (None, "auto"):
-            raise InputError("--instance_target only applies with --mask_type instances")
-        return
-    for flag, value in (("--number_classes", number_classes), ("--mask_map", mask_map)):
-        if value:
-            raise InputError(f"{flag} does not apply to --mask_type instances (the instance target sets the "
-                             "classes); drop it")
-
-
-def check_parameters(*, image_folder, mask_folder, dataset_name, train_fraction, use_tiling, tile_size,
-                     tile_stride, number_classes, workers, test_list, seed=0, image_format="tif") -> None:
-    for flag, folder in (("--image_folder", image_folder), ("--mask_folder", mask_folder)):
-        if not os.path.isdir(folder):
-            raise InputError(f"{flag} {folder}: no such folder")
-    containers = build_volume.is_container_format(image_format)
-    if os.path.samefile(image_folder, mask_folder) and not containers:
-        raise InputError(f"--image_folder and --mask_folder are the same folder ({image_folder}); "
-                         "keep masks in their own folder, named like their images")
-    if not dataset_name or os.sep in dataset_name or "/" in dataset_name or dataset_name.startswith("."):
-        raise InputError(f"--dataset_name {dataset_name!r}: give a plain name (no '/', not starting with '.')")
-    if not math.isfinite(train_fraction) or (not 0.0 < train_fraction < 1.0 and test_list is None):
-        raise InputError(f"--train_fraction must be > 0 and < 1, got {train_fraction}; e.g. 0.8 keeps 20% for test")
-    if tile_stride is not None and not use_tiling:
-        raise InputError("--tile_stride only applies with --use_tiling 1")
-    if use_tiling:
-        _check_tile(tile_size, tile_stride, containers)
-    if number_classes is not None and not 1 <= number_classes <= MAX_CLASSES:
-        raise InputError(f"--number_classes must be between 1 (background counts as a class) and {MAX_CLASSES}, "
-                         f"got {number_classes}")
-    if not 1 <= workers <= MAX_WORKERS:
-        raise InputError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}; e.g. {default_workers()}")
-    if not 0 <= seed < 2**63:
-        raise InputError(f"--seed must be a non-negative integer below 2**63, got {seed}")
-
-
-def _check_tile_fits(tile_size: int, sizes: list[tuple[int, int]]) -> None:
-    """Refuse a tile larger than every image in both directions: every record would be mostly padding."""
-    if any(max(hw) >= tile_size for hw in sizes):
-        return
-    best = max(max(hw) for hw in sizes) // TILE_MULTIPLE * TILE_MULTIPLE
-    fix = f"use --tile_size {best} or smaller" if best else "use --use_tiling 0"
-    largest = max(sizes, key=lambda hw: hw[0] * hw[1])
-    raise InputError(f"--tile_size {tile_size} is larger than every image (largest is {largest[0]}x{largest[1]}); {fix}")
-
-
-def _check_consistent(encoded: Encoded, first: Encoded | None) -> None:
-    if first is None:
-        return
-    if encoded.spatial_rank != first.spatial_rank:
-        kinds = {2: "a 2-D image", 3: "a volume"}
-        raise InputError(f"{encoded.task.image_path} is {kinds[encoded.spatial_rank]} but {first.task.image_path} is "
-                         f"{kinds[first.spatial_rank]}; a database holds one kind: build them separately")
-    if encoded.choice is not None and encoded.choice.target != first.choice.target:
-        raise InputError(f"{encoded.task.mask_path}: instance target {encoded.choice.target} ({encoded.choice.reason}) "
-                         f"differs from {first.task.mask_path}'s {first.choice.target} ({first.choice.reason}); "
-                         f"choose one with --instance_target {'|'.join(instance_targets.TARGETS)}")
-    for what, a, b in (("channels", encoded.channels, first.channels),
-                       ("pixel type", encoded.image_dtype, first.image_dtype)):
-        if a != b:
-            raise InputError(f"{encoded.task.image_path}: {what} {a} differs from {first.task.image_path} ({b}); "
-                             f"all images of a data set need the same {what}: convert them or build separate databases")
 
 
 def _worker_init(parent_pid: int) -> None:
@@ -748,7 +316,7 @@ def _write_all(tasks: list[Task], finals: dict[str, str], databases: dict[str, l
         with tqdm(total=len(tasks), unit="img", desc="build_lmdb", disable=not progress, dynamic_ncols=True, leave=False,
                   mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
             for encoded in encoder:
-                _check_consistent(encoded, first)
+                check_consistent(encoded, first)
                 first = first or encoded
                 result = results[encoded.task.split]
                 first_index = databases[encoded.task.split].append(encoded.records)
@@ -822,3 +390,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
