@@ -63,9 +63,9 @@ import numpy as np
 import augment as augmentation
 from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
 from reader_worker import _Plan, _Producer, _eval_shape, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
+from reader_databases import ReaderDatabases, _record_shapes, _tile_tuple  # noqa: F401
 from segkit import cliutil
 from segkit import image_io
-from segkit import lmdb_format
 
 log = logging.getLogger(__name__)
 
@@ -156,203 +156,9 @@ def _main_module_hidden():
         main.__dict__.update(saved)
 
 
-def _record_shapes(path: str, count: int) -> np.ndarray:
-    """(count, spatial axes) sizes of a database's records (headers only; no pixel data is read)."""
-    env = lmdb_format.open_readonly(path)
-    try:
-        with env.begin(buffers=True) as txn:
-            shapes = []
-            for i in range(count):
-                value = txn.get(lmdb_format.record_key(i))
-                if value is None:
-                    raise ValueError(f"{path}: record {i} of {count} is missing; rebuild the database with build_lmdb.py")
-                try:
-                    shapes.append(lmdb_format.decode_record(value).mask_hw.shape)
-                except ValueError as exc:
-                    raise ValueError(f"{path}: record {i}: {exc}") from None
-    finally:
-        env.close()
-    if len({len(shape) for shape in shapes}) > 1:
-        raise ValueError(f"{path}: records have {sorted({len(sh) for sh in shapes})} spatial axes; a database holds "
-                         "2-D images or volumes, not both: rebuild it from one kind")
-    return np.array(shapes, np.int64).reshape(count, -1)
-
-
-class ImageReader:
-    """Batches (images float32 normalized, (n, *spatial, C); masks int32 class ids, (n, *spatial)) from LMDB databases.
-
-    Args:
-        databases: one path or several (concatenated; they must have the same channel count).
-        batch_size: samples per batch (train: every batch is full; eval: the last of a shape group may be shorter).
-        mode: ``"train"`` (endless augmented stream of crops) or ``"eval"`` (one in-order pass per iteration).
-        workers: worker processes.
-        sampling: ``"shuffle"`` | ``"replacement"`` | ``"balanced"`` (train mode).
-        database_weights: share of the samples each database contributes (train mode; default by size).
-        augment: apply ``augment.py``'s augmentation (train mode; off = plain random crops).
-        crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
-            ``size_factor``. Default: the databases' tile
-            size, else the smallest record, rounded down to the size factor.
-        size_factor: the model's size factor; eval records are cropped to a multiple of it.
-        seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
-        queue_size: samples buffered per worker (default 100, at most 512 MB of shared memory per worker,
-            at least 2 batches).
-
-    Raises ValueError with a user-facing message for a bad or missing database or bad arguments.
-    """
-
-    def __init__(self, databases: str | Sequence[str], *, batch_size: int, mode: str = "train", workers: int = 1,
-                 sampling: str = "shuffle", database_weights: Sequence[float] | None = None, augment: bool = True,
-                 crop_size: int | tuple[int, int] | None = None, size_factor: int = 1, seed: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None, start_batch: int = 0):
-        self._closed = True  # until fully constructed: close() is a no-op
-        self._procs: list = []
-        paths = (databases,) if isinstance(databases, (str, os.PathLike)) else tuple(databases)
-        _check_arguments(paths, batch_size, mode, workers, sampling, database_weights, size_factor,
-                         shard_index, shard_count, queue_size)
-        self._paths = tuple(os.fspath(p) for p in paths)
-        self._metadata = [lmdb_format.read_metadata(p) for p in self._paths]
-        self._check_databases(sampling if mode == "train" else None)
-        self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
-        sizes = tuple(int(m["num_records"]) for m in self._metadata)
-        eval_shapes = eval_batches = None
-        if mode == "eval":
-            eval_shapes = np.array([_eval_shape(shape, size_factor) for shape in self._all_record_shapes()], np.int64)
-            eval_batches = _eval_batches(eval_shapes, batch_size)[shard_index::shard_count]
-            if len(eval_batches) == 0:
-                raise ValueError(f"shard {shard_index} of {shard_count} gets no evaluation batch: "
-                                 f"there are fewer batches than shards; use fewer shards or a smaller batch size")
-            shapes = {tuple(int(v) for v in shape) for shape in eval_shapes}
-            self._crop_shape = shapes.pop() if len(shapes) == 1 else None
-        else:
-            self._crop_shape = self._resolve_crop(crop_size, size_factor)
-        volume_augment = augment and mode == "train" and len(self._crop_shape) == 3
-        spacings = self._voxel_sizes() if volume_augment else None
-        params_3d = None
-        if volume_augment:
-            import augment3d  # only for volumes: its imports (scipy) cost a second
-
-            params_3d = augment3d.AugmentParams3D()
-        mask_dtype = image_io.dtype_for_classes(max(self.number_classes, max(
-            (max(m["classes_seen"], default=0) + 1 for m in self._metadata), default=1)))
-        max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(self._crop_shape)
-        slot_bytes = -(-batch_size * max_pixels * (4 * self.channels + mask_dtype.itemsize) // 64) * 64
-        wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size
-        slots = max(2, min(math.ceil(wanted / batch_size), MAX_RING_BYTES // slot_bytes))
-        self._plan = _Plan(
-            paths=self._paths, sizes=sizes, mode=mode, sampling=sampling, batch_size=self.batch_size,
-            workers=self.workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
-            crop_shape=self._crop_shape if mode == "train" else None,
-            params=augmentation.AugmentParams() if (augment and mode == "train") else None,
-            params_3d=params_3d, spacings_zyx_um=spacings,
-            weights=None if database_weights is None else tuple(float(w) for w in database_weights),
-            class_records=tuple(m["class_records"] for m in self._metadata) if sampling == "balanced" else None,
-            eval_batches=eval_batches, eval_shapes=eval_shapes,
-            stats=tuple(_source_stats(m, p) for m, p in zip(self._metadata, self._paths)),
-            channels=self.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes),
-            start_batch=int(start_batch) if mode == "train" else 0)
-        self._next_g = self._plan.start_batch
-        # Delivered batches, and those whose worker had none ready when asked (the ring was empty).
-        self.batches_delivered = self.batches_starved = 0
-        self._closed = False
-        self._watch = QueueWatch(grace=2 * slots * self.workers)
-        self._finalizer = None
-
-    # ---- validation and properties -----------------------------------------------------------------
-
-    def _check_databases(self, sampling: str | None) -> None:
-        channels = {m["channels"] for m in self._metadata}
-        if len(channels) > 1:
-            listing = ", ".join(f"{p}: {m['channels']}" for p, m in zip(self._paths, self._metadata))
-            raise ValueError(f"the databases have different channel counts ({listing}); use databases built from images with the same channels")
-        for path, meta in zip(self._paths, self._metadata):
-            if meta["num_records"] < 1:
-                raise ValueError(f"{path}: the database has no records; rebuild it with build_lmdb.py from a non-empty image folder")
-            if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
-                raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
-
-    def _voxel_sizes(self) -> tuple[tuple[float, float, float], ...]:
-        """Each database's voxel size (z, y, x) in micrometres, which 3D augmentation needs."""
-        missing = [p for p, m in zip(self._paths, self._metadata) if not m.get("voxel_size_zyx_um")]
-        if missing:
-            raise ValueError(f"{missing[0]}: volume database without a voxel size in its metadata, which 3D "
-                             "augmentation needs; rebuild it with build_lmdb.py (--voxel_size z,y,x if the files "
-                             "lack it), or read it with augment=False")
-        return tuple(tuple(float(v) for v in m["voxel_size_zyx_um"]) for m in self._metadata)
-
-    def _all_record_shapes(self) -> np.ndarray:
-        """(records, spatial axes) of every database, concatenated; one number of spatial axes for all."""
-        shapes = [_record_shapes(p, m["num_records"]) for p, m in zip(self._paths, self._metadata)]
-        if len({s.shape[1] for s in shapes}) > 1:
-            listing = ", ".join(f"{p}: {s.shape[1]}-D" for p, s in zip(self._paths, shapes))
-            raise ValueError(f"the databases mix 2-D images and volumes ({listing}); train on one kind")
-        return np.concatenate(shapes)
-
-    def _resolve_crop(self, crop_size, size_factor: int) -> tuple[int, ...]:
-        """The train crop, one size per spatial axis (the records' number of spatial axes)."""
-        tiles = {_tile_tuple(m.get("tile_size")) for m in self._metadata}
-        ndim = _record_shapes(self._paths[0], 1).shape[1]  # the first record tells 2-D from volumes
-        if crop_size is None:
-            if len(tiles) == 1 and None not in tiles:
-                tile = tiles.pop()
-                sizes = tile if len(tile) == ndim else tile * ndim
-            else:
-                sizes = tuple(int(v) for v in self._all_record_shapes().min(axis=0))
-            return tuple(max(v // size_factor, 1) * size_factor for v in sizes)
-        crop = (crop_size,) * ndim if np.isscalar(crop_size) else tuple(crop_size)
-        if len(crop) != ndim or any(int(v) != v or v < 1 or v % size_factor for v in crop):
-            raise ValueError(f"crop size must be one or {ndim} positive multiples of the size factor {size_factor} "
-                             f"(the records have {ndim} spatial axes), got {crop_size}")
-        return tuple(int(v) for v in crop)
-
-    @property
-    def channels(self) -> int:
-        return int(self._metadata[0]["channels"])
-
-    @property
-    def number_classes(self) -> int:
-        return max(int(m["number_classes"]) for m in self._metadata)
-
-    @property
-    def num_records(self) -> int:
-        return sum(int(m["num_records"]) for m in self._metadata)
-
-    @property
-    def crop_shape(self) -> tuple[int, ...] | None:
-        """The batches' spatial shape (train crop; eval: None when records differ), one size per axis."""
-        return self._crop_shape
-
-    @property
-    def crop_hw(self) -> tuple[int, ...] | None:
-        """:attr:`crop_shape` under its 2-D name."""
-        return self._crop_shape
-
-    @property
-    def image_dtype(self) -> str:
-        """The databases' stored pixel type (numpy's promotion when they differ)."""
-        return np.result_type(*[np.dtype(m["image_dtype"]) for m in self._metadata]).name
-
-    @property
-    def class_pixel_counts(self) -> dict[int, int]:
-        total: dict[int, int] = {}
-        for meta in self._metadata:
-            for c, n in meta["class_pixel_counts"].items():
-                total[int(c)] = total.get(int(c), 0) + int(n)
-        return dict(sorted(total.items()))
-
-    @property
-    def metadata(self) -> list[dict]:
-        return list(self._metadata)
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
-    @property
-    def batches_per_pass(self) -> int | None:
-        """Eval mode: batches in one pass of this shard."""
-        return None if self._plan.eval_batches is None else len(self._plan.eval_batches)
-
-    # ---- workers -------------------------------------------------------------------------------------
+class _WorkerPool:
+    """The reader's worker processes, their shared-memory rings and pipes: start, watch, close. The
+    consuming side (:class:`ImageReader`) sets ``workers``, ``_plan``, ``_closed`` and ``_procs``."""
 
     def start(self) -> None:
         """Start the workers (iteration does this on first use; call it to warm up early)."""
@@ -396,6 +202,161 @@ class ImageReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _fill(self) -> float:
+        ready = sum(self._produced[w] - self._consumed[w] for w in range(self.workers))
+        return ready / (self._plan.slots * self.workers)
+
+
+    def _ready(self, w: int) -> bool:
+        try:
+            return bool(self._conns[w].poll(0))
+        except (OSError, EOFError, IndexError):
+            return False  # closed or dying: _recv reports it
+
+
+    def _recv(self, w: int):
+        conn = self._conns[w] if not self._closed else None
+        try:
+            while conn is not None and not conn.poll(POLL_SECONDS):
+                if self._closed:
+                    break
+                self._check_workers()
+            if self._closed:
+                raise _Closed
+            return conn.recv()
+        except (EOFError, OSError):
+            if self._closed:
+                raise _Closed from None
+            self._procs[w].join(POLL_SECONDS)  # it is exiting: report how
+            self._check_workers()
+            self._fail(f"reader worker {w} (pid {self._procs[w].pid}) closed its pipe unexpectedly")
+
+
+    def _check_workers(self) -> None:
+        for w, proc in enumerate(self._procs):
+            if proc.exitcode is None:
+                continue
+            try:
+                while self._conns[w].poll(0):
+                    message = self._conns[w].recv()
+                    if message[0] == "error":
+                        self._fail(f"reader worker {w} (pid {proc.pid}) failed:\n{message[2]}")
+            except (EOFError, OSError):
+                pass
+            how = (f"was killed by signal {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
+                   else f"exited with code {proc.exitcode}")
+            self._fail(f"reader worker {w} (pid {proc.pid}) {how} (out of memory?); the input stream cannot continue")
+
+
+    def _fail(self, message: str):
+        self.close()
+        raise ReaderWorkerError(message)
+
+
+class ImageReader(_WorkerPool):
+    """Batches (images float32 normalized, (n, *spatial, C); masks int32 class ids, (n, *spatial)) from LMDB databases.
+
+    Args:
+        databases: one path or several (concatenated; they must have the same channel count).
+        batch_size: samples per batch (train: every batch is full; eval: the last of a shape group may be shorter).
+        mode: ``"train"`` (endless augmented stream of crops) or ``"eval"`` (one in-order pass per iteration).
+        workers: worker processes.
+        sampling: ``"shuffle"`` | ``"replacement"`` | ``"balanced"`` (train mode).
+        database_weights: share of the samples each database contributes (train mode; default by size).
+        augment: apply ``augment.py``'s augmentation (train mode; off = plain random crops).
+        crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
+            ``size_factor``. Default: the databases' tile
+            size, else the smallest record, rounded down to the size factor.
+        size_factor: the model's size factor; eval records are cropped to a multiple of it.
+        seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
+        queue_size: samples buffered per worker (default 100, at most 512 MB of shared memory per worker,
+            at least 2 batches).
+
+    Raises ValueError with a user-facing message for a bad or missing database or bad arguments.
+    """
+
+    def __init__(self, databases: str | Sequence[str], *, batch_size: int, mode: str = "train", workers: int = 1,
+                 sampling: str = "shuffle", database_weights: Sequence[float] | None = None, augment: bool = True,
+                 crop_size: int | tuple[int, int] | None = None, size_factor: int = 1, seed: int = 0,
+                 shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None, start_batch: int = 0):
+        self._closed = True  # until fully constructed: close() is a no-op
+        self._procs: list = []
+        paths = (databases,) if isinstance(databases, (str, os.PathLike)) else tuple(databases)
+        _check_arguments(paths, batch_size, mode, workers, sampling, database_weights, size_factor,
+                         shard_index, shard_count, queue_size)
+        self._db = ReaderDatabases(os.fspath(p) for p in paths)
+        self._paths, self._metadata = self._db.paths, self._db.metadata
+        self._db.check(sampling if mode == "train" else None)
+        self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
+        eval_shapes = eval_batches = None
+        if mode == "eval":
+            eval_shapes = np.array([_eval_shape(shape, size_factor) for shape in self._db.all_record_shapes()], np.int64)
+            eval_batches = _eval_batches(eval_shapes, batch_size)[shard_index::shard_count]
+            if len(eval_batches) == 0:
+                raise ValueError(f"shard {shard_index} of {shard_count} gets no evaluation batch: "
+                                 f"there are fewer batches than shards; use fewer shards or a smaller batch size")
+            shapes = {tuple(int(v) for v in shape) for shape in eval_shapes}
+            self._crop_shape = shapes.pop() if len(shapes) == 1 else None
+        else:
+            self._crop_shape = self._db.resolve_crop(crop_size, size_factor)
+        self._plan = _make_plan(self._db, mode=mode, sampling=sampling, batch_size=self.batch_size, workers=self.workers,
+                                seed=seed, shard_index=shard_index, shard_count=shard_count, crop_shape=self._crop_shape,
+                                augment=augment, database_weights=database_weights, eval_batches=eval_batches,
+                                eval_shapes=eval_shapes, queue_size=queue_size, start_batch=start_batch)
+        slots = self._plan.slots
+        self._next_g = self._plan.start_batch
+        # Delivered batches, and those whose worker had none ready when asked (the ring was empty).
+        self.batches_delivered = self.batches_starved = 0
+        self._closed = False
+        self._watch = QueueWatch(grace=2 * slots * self.workers)
+        self._finalizer = None
+
+    # ---- validation and properties -----------------------------------------------------------------
+
+    @property
+    def channels(self) -> int:
+        return self._db.channels
+
+    @property
+    def number_classes(self) -> int:
+        return self._db.number_classes
+
+    @property
+    def num_records(self) -> int:
+        return self._db.num_records
+
+    @property
+    def crop_shape(self) -> tuple[int, ...] | None:
+        """The batches' spatial shape (train crop; eval: None when records differ), one size per axis."""
+        return self._crop_shape
+
+    @property
+    def crop_hw(self) -> tuple[int, ...] | None:
+        """:attr:`crop_shape` under its 2-D name."""
+        return self._crop_shape
+
+    @property
+    def image_dtype(self) -> str:
+        """The databases' stored pixel type (numpy's promotion when they differ)."""
+        return self._db.image_dtype
+
+    @property
+    def class_pixel_counts(self) -> dict[int, int]:
+        return self._db.class_pixel_counts
+
+    @property
+    def metadata(self) -> list[dict]:
+        return list(self._metadata)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def batches_per_pass(self) -> int | None:
+        """Eval mode: batches in one pass of this shard."""
+        return None if self._plan.eval_batches is None else len(self._plan.eval_batches)
+
     # ---- consuming -----------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -420,10 +381,6 @@ class ImageReader:
             self.close()
             raise
 
-    def _fill(self) -> float:
-        ready = sum(self._produced[w] - self._consumed[w] for w in range(self.workers))
-        return ready / (self._plan.slots * self.workers)
-
     def _receive(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         w = g % self.workers
         ready = self._ready(w)
@@ -446,48 +403,6 @@ class ImageReader:
                 return batch
             # mg < g: a batch of an abandoned eval pass; skip it
 
-    def _ready(self, w: int) -> bool:
-        try:
-            return bool(self._conns[w].poll(0))
-        except (OSError, EOFError, IndexError):
-            return False  # closed or dying: _recv reports it
-
-    def _recv(self, w: int):
-        conn = self._conns[w] if not self._closed else None
-        try:
-            while conn is not None and not conn.poll(POLL_SECONDS):
-                if self._closed:
-                    break
-                self._check_workers()
-            if self._closed:
-                raise _Closed
-            return conn.recv()
-        except (EOFError, OSError):
-            if self._closed:
-                raise _Closed from None
-            self._procs[w].join(POLL_SECONDS)  # it is exiting: report how
-            self._check_workers()
-            self._fail(f"reader worker {w} (pid {self._procs[w].pid}) closed its pipe unexpectedly")
-
-    def _check_workers(self) -> None:
-        for w, proc in enumerate(self._procs):
-            if proc.exitcode is None:
-                continue
-            try:
-                while self._conns[w].poll(0):
-                    message = self._conns[w].recv()
-                    if message[0] == "error":
-                        self._fail(f"reader worker {w} (pid {proc.pid}) failed:\n{message[2]}")
-            except (EOFError, OSError):
-                pass
-            how = (f"was killed by signal {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
-                   else f"exited with code {proc.exitcode}")
-            self._fail(f"reader worker {w} (pid {proc.pid}) {how} (out of memory?); the input stream cannot continue")
-
-    def _fail(self, message: str):
-        self.close()
-        raise ReaderWorkerError(message)
-
     def dataset(self):
         """A ``tf.data.Dataset`` of the same batches as iteration (eval: one pass per dataset iteration)."""
         import tensorflow as tf
@@ -497,13 +412,6 @@ class ImageReader:
         signature = (tf.TensorSpec([n, *spatial, self.channels], tf.float32), tf.TensorSpec([n, *spatial], tf.int32))
         return tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
 
-
-
-def _tile_tuple(tile_size) -> tuple[int, ...] | None:
-    """A database's tile size: None, one edge, or one per axis (volumes) -> None or a tuple."""
-    if tile_size is None:
-        return None
-    return tuple(int(v) for v in tile_size) if isinstance(tile_size, (list, tuple)) else (int(tile_size),)
 
 
 def _eval_batches(eval_shapes: np.ndarray, batch_size: int) -> np.ndarray:
@@ -549,3 +457,35 @@ def _check_arguments(paths, batch_size, mode, workers, sampling, weights, size_f
         if len(weights) != len(paths) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"database_weights must be {len(paths)} non-negative numbers (one per database) "
                              f"with a positive sum, got {weights}")
+
+
+def _make_plan(db: ReaderDatabases, *, mode, sampling, batch_size, workers, seed, shard_index, shard_count, crop_shape,
+               augment, database_weights, eval_batches, eval_shapes, queue_size, start_batch) -> _Plan:
+    """What every worker needs to know (picklable): databases, sampling, crop, augmentation, ring sizes."""
+    paths, metadata = db.paths, db.metadata
+    sizes = tuple(int(m["num_records"]) for m in metadata)
+    volume_augment = augment and mode == "train" and len(crop_shape) == 3
+    spacings = db.voxel_sizes() if volume_augment else None
+    params_3d = None
+    if volume_augment:
+        import augment3d  # only for volumes: its imports (scipy) cost a second
+
+        params_3d = augment3d.AugmentParams3D()
+    mask_dtype = image_io.dtype_for_classes(max(db.number_classes, max(
+        (max(m["classes_seen"], default=0) + 1 for m in metadata), default=1)))
+    max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(crop_shape)
+    slot_bytes = -(-batch_size * max_pixels * (4 * db.channels + mask_dtype.itemsize) // 64) * 64
+    wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size
+    slots = max(2, min(math.ceil(wanted / batch_size), MAX_RING_BYTES // slot_bytes))
+    return _Plan(
+        paths=paths, sizes=sizes, mode=mode, sampling=sampling, batch_size=batch_size,
+        workers=workers, seed=int(seed), shard_index=int(shard_index), shard_count=int(shard_count),
+        crop_shape=crop_shape if mode == "train" else None,
+        params=augmentation.AugmentParams() if (augment and mode == "train") else None,
+        params_3d=params_3d, spacings_zyx_um=spacings,
+        weights=None if database_weights is None else tuple(float(w) for w in database_weights),
+        class_records=tuple(m["class_records"] for m in metadata) if sampling == "balanced" else None,
+        eval_batches=eval_batches, eval_shapes=eval_shapes,
+        stats=tuple(_source_stats(m, p) for m, p in zip(metadata, paths)),
+        channels=db.channels, mask_dtype=mask_dtype.name, slots=int(slots), slot_bytes=int(slot_bytes),
+        start_batch=int(start_batch) if mode == "train" else 0)
