@@ -110,13 +110,13 @@ class AugmentParams:
             raise ValueError(f"augmentation elastic_spacing must be >= 2 pixels, got {self.elastic_spacing}")
 
     @classmethod
-    def none(cls, **enabled) -> "AugmentParams":
+    def none(cls, **enabled) -> AugmentParams:
         """Everything off, except the settings given as keyword arguments."""
         off = dict(reflection=False, rotation=False, jitter_fraction=0.0, scale_fraction=0.0, noise_fraction=0.0,
                    blur_max_sigma=0.0, intensity_fraction=0.0, gamma_fraction=0.0, elastic_sigma=0.0)
         return cls(**{**off, **enabled})
 
-    def replace(self, **changes) -> "AugmentParams":
+    def replace(self, **changes) -> AugmentParams:
         return dataclasses.replace(self, **changes)
 
 

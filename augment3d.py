@@ -100,7 +100,7 @@ class AugmentParams3D:
             raise ValueError(f"3D augmentation elastic_spacing_um must be > 0, got {self.elastic_spacing_um}")
 
     @classmethod
-    def none(cls, **enabled) -> "AugmentParams3D":
+    def none(cls, **enabled) -> AugmentParams3D:
         """Everything off, except the settings given as keyword arguments."""
         off = dict(mirror=False, transpose=False, rotation=False, scale_fraction=0.0, elastic_jitter_um=(0, 0, 0),
                    slip_probability=0.0, shift_probability=0.0, section_scale_fraction=0.0,
@@ -108,7 +108,7 @@ class AugmentParams3D:
                    noise_fraction=0.0)
         return cls(**{**off, **enabled})
 
-    def replace(self, **changes) -> "AugmentParams3D":
+    def replace(self, **changes) -> AugmentParams3D:
         return dataclasses.replace(self, **changes)
 
 

@@ -42,17 +42,23 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-
-from segkit import cliutil
-from segkit import instance_targets
-from segkit import lmdb_format
-from segkit import lmdb_store
-from segkit import volume_io
+from segkit import cliutil, instance_targets, lmdb_format, lmdb_store, volume_io
 from segkit.build_encode import Encoded, Task, check_consistent, encode_pair  # noqa: F401 (tests patch encode_pair here)
-from segkit.build_inputs import (_check_instance_flags, _check_tile_fits, _listing, check_parameters,  # noqa: F401
-                                 default_workers, pair_files, parse_mask_map, parse_tile_size, read_test_list,
-                                 split_names)
-from segkit.build_inputs import SPLITS, TEST_DELAY_ENV, MASK_TYPES  # noqa: F401
+from segkit.build_inputs import (  # noqa: F401  # noqa: F401
+    MASK_TYPES,
+    SPLITS,
+    TEST_DELAY_ENV,
+    _check_instance_flags,
+    _check_tile_fits,
+    _listing,
+    check_parameters,
+    default_workers,
+    pair_files,
+    parse_mask_map,
+    parse_tile_size,
+    read_test_list,
+    split_names,
+)
 from segkit.cliutil import InputError
 
 log = logging.getLogger("build_lmdb")
@@ -351,7 +357,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--tile_stride", type=int, default=None,
                    help="tile step in pixels (default: --tile_size; the last tile slides inward to the border)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--test_list", default=None, help="text file naming the test images, one per line (overrides --train_fraction)")
+    p.add_argument("--test_list", default=None,
+                   help="text file naming the test images, one per line (overrides --train_fraction)")
     p.add_argument("--number_classes", type=int, default=None,
                    help="check every mask value is below this (default: no check, classes = max value + 1)")
     p.add_argument("--mask_map", default=None, help="remap mask values first, e.g. 255:1 or 255:1,128:2")

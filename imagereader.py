@@ -61,11 +61,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import augment as augmentation
-from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
-from reader_worker import _Plan, _Producer, _eval_shape, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
 from reader_databases import ReaderDatabases, _record_shapes, _tile_tuple  # noqa: F401
-from segkit import cliutil
-from segkit import image_io
+from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
+from reader_worker import _eval_shape, _Plan, _Producer, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
+from segkit import cliutil, image_io
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ class _WorkerPool:
             self._finalizer()  # runs _shutdown once
         self._rings = []
 
-    def __enter__(self) -> "ImageReader":
+    def __enter__(self) -> ImageReader:
         return self
 
     def __exit__(self, *exc) -> None:

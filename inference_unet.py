@@ -14,25 +14,37 @@ import argparse
 import sys
 from typing import Sequence
 
-from segkit import cliutil
-from segkit import model_metadata
-from segkit import tfquiet
+from segkit import cliutil, model_metadata, tfquiet
 from segkit.cliutil import InputError
-from segkit.inference.folder import (OVERLAY_MAX_SIDE, Summary, confusion_from_files, predict_image,
-                                     segment_folder, write_overlay)
+from segkit.inference.folder import OVERLAY_MAX_SIDE, Summary, confusion_from_files, predict_image, segment_folder, write_overlay
 from segkit.inference.predictor import D4, SavedModelPredictor, with_tta
-from segkit.inference.regions import (MAX_BLOCK_BYTES, LazyHWC, Source, open_any, open_lazy, open_source, opened,
-                                      working_set_bytes)
-from segkit.inference.settings import (BORDERS, DEFAULT_BORDER, DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TILE_SIZE, OUTPUT_FORMATS,
-                                       PROBABILITY_DTYPES, OutputPaths, Settings, output_paths, pair_masks,
-                                       resolve_halo, resolve_mask_map, resolve_settings, resolve_shard,
-                                       resolve_tile_size, shard_names)
+from segkit.inference.regions import MAX_BLOCK_BYTES, LazyHWC, Source, open_any, open_lazy, open_source, opened, working_set_bytes
+from segkit.inference.settings import (
+    BORDERS,
+    DEFAULT_BORDER,
+    DEFAULT_MEMORY_LIMIT_MB,
+    DEFAULT_TILE_SIZE,
+    OUTPUT_FORMATS,
+    PROBABILITY_DTYPES,
+    OutputPaths,
+    Settings,
+    output_paths,
+    pair_masks,
+    resolve_halo,
+    resolve_mask_map,
+    resolve_settings,
+    resolve_shard,
+    resolve_tile_size,
+    shard_names,
+)
 from segkit.inference.writers import atomic_dir
 
 __all__ = [
-    "BORDERS", "D4", "DEFAULT_BORDER", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError", "LazyHWC",
+    "BORDERS", "D4", "DEFAULT_BORDER", "DEFAULT_MEMORY_LIMIT_MB", "DEFAULT_TILE_SIZE", "EXIT_IMAGES_FAILED", "InputError",
+    "LazyHWC",
     "MAX_BLOCK_BYTES", "OUTPUT_FORMATS", "OVERLAY_MAX_SIDE", "OutputPaths", "PROBABILITY_DTYPES",
-    "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "check_original_flags", "confusion_from_files",
+    "SavedModelPredictor", "Settings", "Source", "Summary", "atomic_dir", "build_parser", "check_original_flags",
+    "confusion_from_files",
     "main", "open_any", "open_lazy", "open_source", "opened", "output_paths", "pair_masks", "predict_image",
     "resolve_halo", "resolve_mask_map", "resolve_settings", "resolve_shard", "resolve_tile_size",
     "segment_folder", "shard_names", "with_tta", "working_set_bytes", "write_overlay",

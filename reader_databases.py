@@ -46,12 +46,15 @@ class ReaderDatabases:
         channels = {m["channels"] for m in self.metadata}
         if len(channels) > 1:
             listing = ", ".join(f"{p}: {m['channels']}" for p, m in zip(self.paths, self.metadata))
-            raise ValueError(f"the databases have different channel counts ({listing}); use databases built from images with the same channels")
+            raise ValueError(f"the databases have different channel counts ({listing}); use databases built from "
+                             f"images with the same channels")
         for path, meta in zip(self.paths, self.metadata):
             if meta["num_records"] < 1:
-                raise ValueError(f"{path}: the database has no records; rebuild it with build_lmdb.py from a non-empty image folder")
+                raise ValueError(f"{path}: the database has no records; rebuild it with build_lmdb.py from a "
+                                 f"non-empty image folder")
             if sampling == "balanced" and not any(len(v) for v in meta["class_records"].values()):
-                raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; rebuild it with build_lmdb.py")
+                raise ValueError(f"{path}: the metadata lists no records per class, needed for class balancing; "
+                                 f"rebuild it with build_lmdb.py")
 
     def voxel_sizes(self) -> tuple[tuple[float, float, float], ...]:
         """Each database's voxel size (z, y, x) in micrometres, which 3D augmentation needs."""

@@ -12,15 +12,16 @@ import math
 import multiprocessing as mp
 import traceback
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 import augment as augmentation
 from reader_sampling import RandomSampler, ShuffleOrder, batch_generators
-from segkit import cliutil
-from segkit import image_io
-from segkit import lmdb_format
+from segkit import cliutil, image_io, lmdb_format
+
+if TYPE_CHECKING:
+    import augment3d
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class _Plan:
     mask_dtype: str
     slots: int
     slot_bytes: int
-    params_3d: "augment3d.AugmentParams3D | None" = None  # volumes; None: plain random crops
+    params_3d: augment3d.AugmentParams3D | None = None  # volumes; None: plain random crops
     spacings_zyx_um: tuple | None = None                 # per database, the voxel size (volumes)
     start_batch: int = 0                   # train: the first batch index (a resumed run's step)
 
@@ -198,7 +199,7 @@ def _worker_main(plan: _Plan, worker: int, conn, free, stop, produced, ring_buff
                 conn.send(("error", g, traceback.format_exc()))
             except OSError:
                 pass
-            raise SystemExit(1)
+            raise SystemExit(1) from None
     finally:
         if producer is not None:
             producer.close()

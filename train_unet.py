@@ -15,15 +15,14 @@ import os
 import sys
 from typing import Sequence
 
-from segkit import cliutil
-from segkit import tfquiet
+import models
+from segkit import cliutil, tfquiet
 from segkit.training.checkpoints import RunState, check_resume  # noqa: F401  (re-exported)
 from segkit.training.config import EMA_DEFAULT_DECAY, LOSSES, LR_SCHEDULES, RunConfig  # noqa: F401
-from segkit.training.losses import batch_statistics, loss_from_statistics  # noqa: F401
 from segkit.training.loop import Outcome, StopRequest, TrainingDiverged, stop_reason, train  # noqa: F401
+from segkit.training.losses import batch_statistics, loss_from_statistics  # noqa: F401
 from segkit.training.resolve import _training_mask_map, parse_class_weights, resolve_config  # noqa: F401
 from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_readers  # noqa: F401
-import models
 
 EXIT_DIVERGED = 3
 
@@ -56,7 +55,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--reader_count", type=int, default=1, help="reader processes per replica")
     p.add_argument("--model", choices=models.ALL_MODEL_NAMES, default=None,
                    help=f"architecture (default: {models.DEFAULT_MODEL}, or {models.DEFAULT_VOLUME_MODEL} for volume databases)")
-    p.add_argument("--depth", type=int, default=None, help=f"unet/unet3d only: poolings (default {models.unet.DEFAULTS['depth']})")
+    p.add_argument("--depth", type=int, default=None,
+        help=f"unet/unet3d only: poolings (default {models.unet.DEFAULTS['depth']})")
     p.add_argument("--base_filters", type=int, default=None,
                    help=f"unet/unet3d only: filters of the first level (default {models.unet.DEFAULTS['base_filters']})")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's, unet 0, fcdensenet 0.2)")

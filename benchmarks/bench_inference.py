@@ -85,8 +85,8 @@ def export_default_unet(path: str) -> str:
 
 def export_random_model(path: str, name: str) -> str:
     """Registry model ``name`` (default configuration, random weights) + softmax, exported per the contract."""
-    from segkit import model_metadata
     import models
+    from segkit import model_metadata
 
     config = models.model_config(name)
     try:
@@ -148,9 +148,8 @@ def write_big_tiff(path: str, size: int, tile: int = 512) -> float:
 def part_a(args: argparse.Namespace) -> dict:
     import tifffile
 
-    from segkit import image_io
     import inference_unet as inf
-    from segkit import tiling
+    from segkit import image_io, tiling
 
     model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
     folder = os.path.join(args.work_dir, "a_images")
@@ -195,8 +194,8 @@ def part_a(args: argparse.Namespace) -> dict:
 
 
 def part_b(args: argparse.Namespace) -> dict:
-    from segkit import cliutil
     import inference_unet as inf
+    from segkit import cliutil
 
     model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
     folder = os.path.join(args.work_dir, f"b_images_{args.big_size}")

@@ -85,8 +85,9 @@ def build_nist(work: str) -> str | None:
                         "--output_folder", work, "--dataset_name", "nist", "--train_fraction", "0.8"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return os.path.join(work, "train-nist.lmdb")
-    from segkit import image_io
     from lmdb_helpers import write_database
+
+    from segkit import image_io
 
     names = image_io.list_images(images, "tif")
     samples = [(image_io.read_image(os.path.join(images, n)), image_io.read_image(os.path.join(masks, n))) for n in names]

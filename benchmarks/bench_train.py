@@ -194,13 +194,15 @@ def bench_reference(steps: int, batch: int) -> None:
     y = tf.constant(rng.random((batch, 256, 256)) > 0.7, tf.int32)
     medians = alternate(steps, stock=lambda: float(stock(x, y)), ours=lambda: float(ours(x, y)))
     s, o = medians["stock"], medians["ours"]
-    print(f"fcdensenet56 plain step, stock Keras BatchNormalization {s:.3f} s vs fused {o:.3f} s: ratio {o / s:.2f}   [load {load()}]")
+    print(f"fcdensenet56 plain step, stock Keras BatchNormalization {s:.3f} s vs fused {o:.3f} s: ratio "
+          f"{o / s:.2f}   [load {load()}]")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcdensenet56", "unet"])
-    parser.add_argument("--steps", type=int, default=6, help="timed FC-DenseNet steps per measurement (UNet: 4x; after 3 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=6, help="timed FC-DenseNet steps per measurement (UNet: 4x; "
+                                                             "after 3 warm-up steps)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--reference", type=int, default=1, help="1 = also time FC-DenseNet56 with stock Keras BN")
     parser.add_argument("--ema", type=int, default=1, help="1 = also time each model's step with and without --ema_decay")

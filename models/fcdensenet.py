@@ -44,11 +44,13 @@ def size_factor(**_: Any) -> int:
 def check_config(layers_per_block: Sequence[int], growth_rate: int, first_filters: int, dropout: float,
                  weight_decay: float, bn_momentum: float) -> None:
     if len(layers_per_block) != 2 * N_POOL + 1 or min(layers_per_block) < 1:
-        raise ValueError(f"layers_per_block needs {2 * N_POOL + 1} positive counts (down, bottleneck, up), got {list(layers_per_block)}")
+        raise ValueError(f"layers_per_block needs {2 * N_POOL + 1} positive counts (down, bottleneck, up), got "
+                         f"{list(layers_per_block)}")
     if growth_rate < 1 or first_filters < 1:
         raise ValueError(f"growth_rate and first_filters must be >= 1, got {growth_rate}, {first_filters}")
     if not 0.0 <= dropout < 1.0 or weight_decay < 0 or not 0.0 < bn_momentum < 1.0:
-        raise ValueError(f"need 0 <= dropout < 1, weight_decay >= 0, 0 < bn_momentum < 1; got {dropout}, {weight_decay}, {bn_momentum}")
+        raise ValueError(f"need 0 <= dropout < 1, weight_decay >= 0, 0 < bn_momentum < 1; got {dropout}, "
+                         f"{weight_decay}, {bn_momentum}")
 
 
 class _Builder:

@@ -16,9 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from segkit import image_io
-from segkit import model_metadata
-from segkit import tiling
+from segkit import image_io, model_metadata, tiling
 from segkit.cliutil import InputError
 from segkit.inference.predictor import SavedModelPredictor, with_tta
 from segkit.inference.settings import DEFAULT_TILE_SIZE, PROBABILITY_DTYPES, resolve_halo, resolve_tile_size

@@ -6,17 +6,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from segkit import build_volume
-from segkit import image_io
-from segkit import instance_targets
-from segkit import lmdb_format
-from segkit import tiling
+from segkit import build_volume, image_io, instance_targets, lmdb_format, tiling
 from segkit.build_inputs import _listing
 from segkit.cliutil import InputError
-
-
-
-
 
 # ----------------------------------------------------------------------------- per image (worker)
 

@@ -7,11 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from segkit import build_volume
-from segkit import image_io
-from segkit import instance_targets
+from segkit import build_volume, image_io, instance_targets
 from segkit.cliutil import InputError
-
 
 log = logging.getLogger("build_lmdb")
 

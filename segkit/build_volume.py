@@ -10,8 +10,7 @@ import os
 
 import numpy as np
 
-from segkit import image_io
-from segkit import volume_io
+from segkit import image_io, volume_io
 from segkit.cliutil import InputError
 
 CONTAINER_EXTENSIONS = (".zarr",) + volume_io.HDF5_SUFFIXES

@@ -325,7 +325,7 @@ class FolderLock:
         self.path = os.path.join(folder, LOCK_FILENAME)
         self.fd: int | None = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         import fcntl
 
         os.makedirs(self.folder, exist_ok=True)
@@ -371,7 +371,7 @@ class FolderLock:
         os.close(self.fd)  # drops the flock
         self.fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

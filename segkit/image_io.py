@@ -11,7 +11,7 @@ No TensorFlow here.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Sequence, Tuple
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -198,7 +198,7 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return out
 
 
-Pad = Tuple[int, int]
+Pad = tuple[int, int]
 
 
 def _pad_pairs(pads: tuple) -> list[Pad]:

@@ -54,7 +54,7 @@ class Counts:
     fn: int = 0
     iou_sum: float = 0.0
 
-    def __add__(self, other: "Counts") -> "Counts":
+    def __add__(self, other: Counts) -> Counts:
         return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.iou_sum + other.iou_sum)
 
     def scores(self) -> dict[str, float]:

@@ -50,7 +50,7 @@ class InstanceThresholds:
                                  f"got {self.min_size!r}; e.g. min_size=4")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "InstanceThresholds":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> InstanceThresholds:
         """From metadata JSON; unknown keys are refused by name (``where`` names the file)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

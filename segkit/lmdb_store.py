@@ -17,8 +17,7 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-from segkit import cliutil
-from segkit import lmdb_format
+from segkit import cliutil, lmdb_format
 from segkit.cliutil import InputError
 
 log = logging.getLogger("build_lmdb")

@@ -14,8 +14,7 @@ import os
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from segkit import cliutil
-from segkit import image_io
+from segkit import cliutil, image_io
 
 FORMAT = "segmentation-savedmodel"
 FORMAT_VERSION = 1
@@ -92,7 +91,7 @@ class ModelMetadata:
         return value if isinstance(value, tuple) else (value,) * self.spatial_rank
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelMetadata":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMetadata:
         """From the JSON dict; unknown keys go to ``extra``. MetadataError names the first bad field."""
         check_required(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

@@ -11,11 +11,11 @@ import itertools
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-PerAxis = Union[int, Sequence[int]]  # one value for every spatial axis, or one per axis
+PerAxis = int | Sequence[int]  # one value for every spatial axis, or one per axis
 
 
 def per_axis(value: PerAxis, ndim: int, name: str) -> tuple[int, ...]:

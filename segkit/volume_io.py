@@ -69,7 +69,7 @@ class ZYXCView:
         self.shape = tuple(1 if a is None else int(array.shape[a]) for a in self.order)
         self.ndim = len(self.order)
 
-    def zyx(self, where: str = "volume") -> "ZYXCView":
+    def zyx(self, where: str = "volume") -> ZYXCView:
         if self.ndim == 4 and self.shape[3] != 1:
             raise InputError(f"{where}: {self.shape[3]} channels where a single-channel volume (a mask) is expected")
         return ZYXCView(self.array, self.order[:3])

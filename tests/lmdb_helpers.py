@@ -7,8 +7,7 @@ from typing import Sequence
 import lmdb
 import numpy as np
 
-from segkit import image_io
-from segkit import lmdb_format
+from segkit import image_io, lmdb_format
 
 
 def write_database(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], *, source_index: Sequence[int] | None = None,

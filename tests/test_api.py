@@ -6,13 +6,12 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-
-import inference_unet
 from conftest import ROOT
 from savedmodel_helpers import export_chain, export_pointwise
+
+import inference_unet
 from segkit.api import Segmenter
 from segkit.cliutil import InputError
-
 
 # pool / 3x3 conv / upsample layers with a receptive field: tiling must use the halo to be exact
 CHAIN = [("conv", 3), ("pool", 2), ("conv", 3), ("pool", 2), ("conv", 3), ("up", 2), ("conv", 3), ("up", 2),

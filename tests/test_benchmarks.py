@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import ROOT
 from skimage.segmentation import find_boundaries
 
-from conftest import ROOT
 from segkit import cliutil
 
 

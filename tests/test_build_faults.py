@@ -11,12 +11,11 @@ import time
 import numpy as np
 import pytest
 import tifffile
-
-import build_lmdb
-from segkit import cliutil
-from segkit import lmdb_store
 from conftest import ROOT, signal_group_when_ready
 from test_build_lmdb import PY, cli, make_pairs, read_db, write
+
+import build_lmdb
+from segkit import cliutil, lmdb_store
 
 
 def one_error_line(capsys):

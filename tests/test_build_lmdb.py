@@ -8,13 +8,10 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import ROOT, SHARED_DATA, signal_group_when_ready
 
 import build_lmdb
-from segkit import cliutil
-from segkit import image_io
-from segkit import lmdb_format
-from segkit import lmdb_store
-from conftest import ROOT, SHARED_DATA, signal_group_when_ready
+from segkit import cliutil, image_io, lmdb_format, lmdb_store
 
 EXAMPLE = os.path.join(ROOT, "data")
 PY = sys.executable
@@ -183,7 +180,8 @@ BAD_INPUTS = [
     ("non-integer mask", _float_mask, [], "not an integer type"),
     ("negative mask", _negative_mask, [], "negative values"),
     ("mask >= number_classes", _too_many_classes, ["--number_classes", "3"], "mask value 7 is >= --number_classes 3"),
-    ("mask 0/255", _mask_0_255, ["--number_classes", "3"], "exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"),
+    ("mask 0/255", _mask_0_255, ["--number_classes", "3"],
+     "exactly {0, 255}: a binary mask saved as 0/255, use --mask_map 255:1"),
     ("unsupported dtype", _float64_image, [], "pixel type float64 is not supported"),
     ("non-finite image", _nan_image, [], "NaN or infinite"),
     ("mixed channels", _mixed_channels, [], "channels 3 differs"),
@@ -193,13 +191,15 @@ BAD_INPUTS = [
     ("empty folder", _empty_image_folder, [], "no *.tif images"),
     ("wrong image format", _nothing, ["--image_format", "png"], "no *.png images (found .tif files: set --image_format)"),
     ("tile not multiple of 32", _nothing, ["--use_tiling", "1", "--tile_size", "100"], "multiple of 32"),
-    ("tile larger than every image", _nothing, ["--use_tiling", "1", "--tile_size", "128"], "larger than every image (largest is 48x64); use --tile_size 64 or smaller"),
+    ("tile larger than every image", _nothing, ["--use_tiling", "1", "--tile_size", "128"],
+     "larger than every image (largest is 48x64); use --tile_size 64 or smaller"),
     ("train fraction 0", _nothing, ["--train_fraction", "0"], "--train_fraction must be > 0 and < 1"),
     ("train fraction 1", _nothing, ["--train_fraction", "1"], "--train_fraction must be > 0 and < 1"),
     ("train fraction 1.5", _nothing, ["--train_fraction", "1.5"], "--train_fraction must be > 0 and < 1"),
     ("bad mask map", _nothing, ["--mask_map", "255=1"], "VALUE:CLASS pairs"),
     ("stride without tiling", _nothing, ["--tile_stride", "16"], "--tile_stride only applies with --use_tiling 1"),
-    ("stride above tile", _nothing, ["--use_tiling", "1", "--tile_size", "32", "--tile_stride", "33"], "--tile_stride must be between 1"),
+    ("stride above tile", _nothing, ["--use_tiling", "1", "--tile_size", "32", "--tile_stride", "33"],
+     "--tile_stride must be between 1"),
     ("mask format excludes masks", _nothing, ["--mask_format", "png"], "no mask files found"),
 ]
 

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import tifffile
+from savedmodel_helpers import export_pointwise
 
 import inference_unet
-from savedmodel_helpers import export_pointwise
 from segkit import calibration
 from segkit.calibration import Calibration
 from segkit.inference import writers

@@ -2,9 +2,9 @@
 import os
 
 import numpy as np
+from conftest import ROOT
 
 from segkit import image_io
-from conftest import ROOT
 
 DATA = os.path.join(ROOT, "data")
 

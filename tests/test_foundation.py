@@ -4,10 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from segkit import image_io
-from segkit import lmdb_format
-from segkit import metrics
-from segkit import tiling
+from segkit import image_io, lmdb_format, metrics, tiling
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32", "float32"])
@@ -30,7 +27,8 @@ def test_record_rejects_foreign_bytes():
         lmdb_format.decode_record(b"garbage-bytes")
 
 
-@pytest.mark.parametrize("length,tile,stride", [(256, 128, None), (300, 128, None), (300, 128, 100), (100, 128, None), (129, 128, 1)])
+@pytest.mark.parametrize("length,tile,stride", [(256, 128, None), (300, 128, None), (300, 128, 100), (100, 128,
+    None), (129, 128, 1)])
 def test_tile_starts_cover_every_pixel(length, tile, stride):
     starts = tiling.tile_starts(length, tile, stride)
     covered = np.zeros(max(length, tile), bool)
@@ -92,7 +90,8 @@ def test_stem_clashes_and_the_no_images_message(tmp_path):
     assert image_io.stem_clashes(["a.tif", "b.tif"]) == []
     (tmp_path / "x.png").write_bytes(b"")
     (tmp_path / "y.jpg").write_bytes(b"")
-    assert image_io.no_images_message(str(tmp_path), "tif") == f"{tmp_path}: no *.tif images (found .jpg, .png files: set --image_format)"
+    expected = f"{tmp_path}: no *.tif images (found .jpg, .png files: set --image_format)"
+    assert image_io.no_images_message(str(tmp_path), "tif") == expected
 
 
 def test_metadata_names_the_missing_keys(tmp_path):

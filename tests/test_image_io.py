@@ -5,8 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from segkit import image_io
-from segkit import tiling
+from segkit import image_io, tiling
 
 
 def _reflect_reference(array, pairs):

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import psutil
 import pytest
+from lmdb_helpers import id_samples, unit_sources, write_database
 
-from segkit import image_io
 import imagereader
 from imagereader import ImageReader, RandomSampler, ReaderWorkerError, ShuffleOrder
-from lmdb_helpers import id_samples, unit_sources, write_database
+from segkit import image_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,11 +4,11 @@ import hashlib
 
 import numpy as np
 import pytest
+from lmdb_helpers import unit_sources, write_database
 
 import augment3d
 import reader_worker
 from imagereader import ImageReader
-from lmdb_helpers import unit_sources, write_database
 
 CLASS_IDS = (0, 3, 9)  # not consecutive: interpolated labels would show up as other values
 

@@ -4,10 +4,10 @@ import hashlib
 
 import numpy as np
 import pytest
+from lmdb_helpers import unit_sources, write_database
 
 import reader_worker
 from imagereader import ImageReader
-from lmdb_helpers import unit_sources, write_database
 from segkit import tiling
 
 # sha256 of the streams of stream_digest() given by imagereader.py at commit 0d11729 (before this branch).

@@ -14,16 +14,23 @@ import textwrap
 import numpy as np
 import pytest
 import tifffile
-
-from segkit import image_io
-import inference_unet as inf
-from segkit import metrics
-from segkit import model_metadata
-from segkit import tiling
-from segkit.inference import regions
 from conftest import ROOT, signal_group_when_ready
-from savedmodel_helpers import (TINY_UNET_SIZE_FACTOR, build_tiny_unet, chain_numpy, chain_radius, export_chain,
-                                export_keras, export_pointwise, export_savedmodel, tiny_unet_radius, train_steps)
+from savedmodel_helpers import (
+    TINY_UNET_SIZE_FACTOR,
+    build_tiny_unet,
+    chain_numpy,
+    chain_radius,
+    export_chain,
+    export_keras,
+    export_pointwise,
+    export_savedmodel,
+    tiny_unet_radius,
+    train_steps,
+)
+
+import inference_unet as inf
+from segkit import image_io, metrics, model_metadata, tiling
+from segkit.inference import regions
 
 CHAIN = [("conv", 3), ("pool", 2), ("conv", 3), ("pool", 2), ("conv", 3), ("up", 2), ("conv", 3), ("up", 2),
          ("conv", 3)]
@@ -567,6 +574,7 @@ def test_registry_model_tiled_equals_the_originals_whole_image(name, config, siz
     """The registry's UNet and FC-DenseNet56 (random weights), exact halo: tiled == the image reflect-padded
     at the end of each axis to the size factor and predicted whole (the original's _inference)."""
     import tensorflow as tf
+
     import models
 
     model = models.build_model(name, 1, 2, **config)

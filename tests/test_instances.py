@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, find_boundaries
 
-from conftest import ROOT
 from segkit import cliutil, instance_metrics, instance_seams, instances
 from segkit.calibration import Calibration
 from segkit.instances import InstanceThresholds

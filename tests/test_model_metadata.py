@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from savedmodel_helpers import metadata as helper_metadata
 
 from segkit import model_metadata
 from segkit.model_metadata import MetadataError, ModelMetadata
-from conftest import ROOT
-from savedmodel_helpers import metadata as helper_metadata
 
 
 def _training_fields():

@@ -73,7 +73,8 @@ def test_fcdensenet_paper_structure():
     assert bns and all(abs(l.momentum - 0.9) < 1e-9 for l in bns)
     drops = [l for l in model.layers if type(l).__name__ == "Dropout"]
     assert len(drops) == sum(counts) + 5 and all(abs(l.rate - 0.2) < 1e-9 for l in drops)
-    assert all(abs(float(l.kernel_regularizer.l2) - 1e-4) < 1e-12 for l in model.layers if hasattr(l, "kernel_regularizer") and l.kernel_regularizer)
+    assert all(abs(float(l.kernel_regularizer.l2) - 1e-4) < 1e-12 for l in model.layers if hasattr(l,
+        "kernel_regularizer") and l.kernel_regularizer)
     # transition up upsamples only the previous block's new maps: bottleneck 15 x 16 = 240 filters
     assert layers["tu0_upconv"].filters == 240 and layers["tu0_upconv"].input.shape[-1] == 240
     assert layers["tu0_upconv"].strides == (2, 2) and layers["tu0_upconv"].kernel_size == (3, 3)

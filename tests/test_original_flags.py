@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import ROOT
+from savedmodel_helpers import export_pointwise
 
 import build_lmdb
 import inference_unet
 import train_unet
-from conftest import ROOT
-from savedmodel_helpers import export_pointwise
 from segkit import cliutil, tfquiet
 from segkit.training import loop, trainer
 

@@ -12,8 +12,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 SHORT_TRAINING = ["--max_steps", "2", "--test_every_n_steps", "1"]

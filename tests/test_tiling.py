@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 import pytest
-
-from segkit import image_io
-from segkit import tiling
 from savedmodel_helpers import chain_numpy, chain_radius, chain_size_factor, pointwise_numpy
+
+from segkit import image_io, tiling
 
 CHAIN_F4 = [("conv", 3), ("pool", 2), ("conv", 3), ("pool", 2), ("conv", 3), ("up", 2), ("conv", 3), ("up", 2),
             ("conv", 3)]

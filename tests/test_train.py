@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, signal_group_when_ready
 
 import build_lmdb
 import train_unet
-from conftest import ROOT, signal_group_when_ready
 
 TINY = ["--depth", "2", "--base_filters", "4", "--crop_size", "32", "--batch_size", "2", "--seed", "3"]
 

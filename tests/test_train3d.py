@@ -11,9 +11,9 @@ import textwrap
 import lmdb
 import numpy as np
 import pytest
+from lmdb_helpers import write_database
 
 import train_unet
-from lmdb_helpers import write_database
 from segkit import lmdb_format
 from segkit.training import autoconfig
 from segkit.training.resolve import resolve_config

@@ -10,15 +10,13 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from test_train import argv, dbs, pointer, state  # noqa: F401  (dbs: the module fixture)
 
 import train_unet
 from segkit import cliutil
 from segkit.training import checkpoints, export
 from segkit.training.checkpoints import CheckpointStore, RunState
-from conftest import ROOT
-from test_train import argv, dbs, pointer, state  # noqa: F401  (dbs: the module fixture)
 
 
 def one_error_line(capsys):
@@ -67,7 +65,7 @@ def test_the_lock_text_decides_where_flock_is_unsupported(tmp_path, monkeypatch)
     (tmp_path / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")
     with pytest.raises(cliutil.InputError, match=f"in use by process {os.getpid()}"):
         cliutil.FolderLock(str(tmp_path)).acquire()
-    (tmp_path / ".lock").write_text(f"some-other-node 1\n")
+    (tmp_path / ".lock").write_text("some-other-node 1\n")
     with pytest.raises(cliutil.InputError, match="in use by process 1 on some-other-node"):
         cliutil.FolderLock(str(tmp_path)).acquire()
 

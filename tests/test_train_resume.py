@@ -9,11 +9,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import ROOT, signal_group_when_ready
+from test_train import argv, dbs, pointer  # noqa: F401  (dbs: the module fixture)
 
 import train_unet
 from segkit.training.config import augmentation_constants
-from conftest import ROOT, signal_group_when_ready
-from test_train import argv, dbs, pointer  # noqa: F401  (dbs: the module fixture)
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 

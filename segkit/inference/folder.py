@@ -16,10 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from segkit import cliutil
-from segkit import image_io
-from segkit import metrics
-from segkit import tiling
+from segkit import cliutil, image_io, metrics, tiling
 from segkit.calibration import read_calibration
 from segkit.inference.predictor import SavedModelPredictor, with_tta
 from segkit.inference.regions import open_source, opened, stats_blocks

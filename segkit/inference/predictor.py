@@ -11,7 +11,6 @@ import numpy as np
 from segkit import model_metadata
 from segkit.cliutil import InputError
 
-
 # TensorFlow 2.21 leaves oneDNN off on some CPUs (AMD EPYC here). When this is "0" or "1", inference sets
 # TF_ENABLE_ONEDNN_OPTS to it unless the user set the variable; None keeps TensorFlow's own choice.
 # Chosen from measurements: README.md, "Inference speed".

@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from segkit import image_io
-from segkit import model_metadata
+from segkit import image_io, model_metadata
 from segkit.cliutil import InputError
 from segkit.model_metadata import ModelMetadata
 
@@ -210,7 +209,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                     "faster if memory allows (the result does not change)", tile, overhead, halo_px)
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
-        names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size), save_probabilities=bool(save_probabilities),
+        names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size),
+            save_probabilities=bool(save_probabilities),
         probability_dtype=probability_dtype, tta=bool(tta), masks=masks, mask_map=truth_map, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))

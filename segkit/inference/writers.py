@@ -15,10 +15,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from segkit import cliutil
-from segkit import image_io
+from segkit import cliutil, image_io, tiling
 from segkit.calibration import Calibration, ome_zarr_unit, tiff_kwargs
-from segkit import tiling
 from segkit.inference.settings import Settings
 
 WRITE_QUEUE_TILES = 4
@@ -37,7 +35,7 @@ class _ArrayOutput:
         self.tmp_path, self.encode, self.channels, self.calibration = tmp_path, encode, channels, calibration
         self.array = np.zeros(shape, dtype)
 
-    def __enter__(self) -> "_ArrayOutput":
+    def __enter__(self) -> _ArrayOutput:
         return self
 
     def put(self, zone: tiling.Zone, probs_hwk: np.ndarray) -> None:
@@ -84,7 +82,7 @@ class _ThreadedOutput:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> "_ThreadedOutput":
+    def __enter__(self) -> _ThreadedOutput:
         self._thread.start()
         return self
 

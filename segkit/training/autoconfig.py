@@ -41,7 +41,7 @@ class DataSummary:
     records: int
 
     @classmethod
-    def from_metadata(cls, metas: Sequence[Mapping[str, Any]]) -> "DataSummary":
+    def from_metadata(cls, metas: Sequence[Mapping[str, Any]]) -> DataSummary:
         shapes = []
         for meta in metas:
             tile = meta.get("tile_size")

@@ -52,7 +52,7 @@ class RunState:
         return json.dumps(asdict(self), indent=1, default=json_default)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "state.json") -> "RunState":
+    def from_json(cls, text: str, source: str = "state.json") -> RunState:
         """Parse and check every field; InputError naming ``source`` and the field."""
         try:
             data = json.loads(text)
@@ -153,7 +153,8 @@ def check_resume(config: RunConfig, require: bool) -> bool:
     output_dir = config.output_dir
     if read_pointer(output_dir) is None:
         if require:
-            raise cliutil.InputError(f"--resume 1: {output_dir} holds no checkpoint to continue; drop --resume to start a new run")
+            raise cliutil.InputError(f"--resume 1: {output_dir} holds no checkpoint to continue; drop --resume to start "
+                                     "a new run")
         return False
     config_path = os.path.join(output_dir, CONFIG_FILENAME)
     if not os.path.isfile(config_path):

@@ -14,10 +14,10 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
-from segkit import cliutil
 import models
+from segkit import cliutil
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def one_of(choices) -> Rule:
     return Rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
 
 
-def setting(doc: str, *, run_defining: bool | Callable[["RunConfig"], bool] = False, rule: Rule | None = None,
+def setting(doc: str, *, run_defining: bool | Callable[[RunConfig], bool] = False, rule: Rule | None = None,
             legacy: Any = dataclasses.MISSING, default: Any = dataclasses.MISSING, serialized: bool = True,
             omit_empty: bool = False, **kw):
     """A RunConfig field. ``legacy``: the value meant when a config.json written before the field existed
@@ -104,7 +104,7 @@ class RunConfig:
     reader_count: int = setting("reader processes per replica", rule=at_most(256))
     seed: int = setting("seed of weights initialization and of the sample stream", run_defining=True,
                         rule=at_most(MAX_SEED, lower=0))
-    max_steps: Optional[int] = setting("stop after this many steps; None = early stopping only "
+    max_steps: int | None = setting("stop after this many steps; None = early stopping only "
                                        "(run-defining under lr_schedule cosine, which decays to it)",
                                        run_defining=lambda c: c.lr_schedule == "cosine", rule=AT_LEAST_1)
     mixed_precision: bool = setting("mixed_float16 requested (active only on a GPU)", run_defining=True)
@@ -118,23 +118,23 @@ class RunConfig:
                                          f"must be two sizes >= 1 (three for volumes) and <= {MAX_SIZE}"))
     train_data: tuple = setting("content fingerprint of each training database", run_defining=True)
     test_data: dict = setting("content fingerprint of the test database", run_defining=True)
-    mask_map: Optional[dict] = setting("mask value -> class map of the training databases; None = they disagree",
+    mask_map: dict | None = setting("mask value -> class map of the training databases; None = they disagree",
                                        legacy=None)
-    augmentation: Optional[dict] = setting("augmentation constants: augment.py's AugmentParams ('2d') and "
+    augmentation: dict | None = setting("augmentation constants: augment.py's AugmentParams ('2d') and "
                                  "augment3d.py's AugmentParams3D ('3d'); None = not recorded (a config.json written "
                                  "before the field existed; resumed without the check)", run_defining=True,
                                  legacy=None, default=None, omit_empty=True,
                                  rule=Rule(lambda v: set(v) == {"2d", "3d"} and all(isinstance(p, dict) for p in v.values()),
                                            "must hold the '2d' and '3d' parameter objects"))
-    max_minutes: Optional[float] = setting("stop stepping when this many minutes of training (steps and test passes) "
+    max_minutes: float | None = setting("stop stepping when this many minutes of training (steps and test passes) "
                                            "have passed in this process, then test and export; None = no time limit",
                                            rule=POSITIVE, legacy=None, default=None, omit_empty=True)
     # Known once the run starts (train()):
-    replicas: Optional[int] = setting("replicas in sync (GPUs over all workers)", default=None, legacy=None,
+    replicas: int | None = setting("replicas in sync (GPUs over all workers)", default=None, legacy=None,
                                       rule=AT_LEAST_1)
-    workers: Optional[int] = setting("worker machines", default=None, legacy=None, rule=AT_LEAST_1)
-    global_batch_size: Optional[int] = setting("batch_size x replicas", default=None, legacy=None, rule=AT_LEAST_1)
-    mixed_precision_active: Optional[bool] = setting("whether mixed_float16 was active (a GPU was visible)",
+    workers: int | None = setting("worker machines", default=None, legacy=None, rule=AT_LEAST_1)
+    global_batch_size: int | None = setting("batch_size x replicas", default=None, legacy=None, rule=AT_LEAST_1)
+    mixed_precision_active: bool | None = setting("whether mixed_float16 was active (a GPU was visible)",
                                                      default=None, legacy=None)
     origins: dict = setting("field name -> why the toolkit chose its value (segkit.training.autoconfig); fields "
                             "not listed were set by a flag or are the flag's default", legacy={}, omit_empty=True,
@@ -167,7 +167,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "RunConfig") -> "RunConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "RunConfig") -> RunConfig:
         """Validate every field of ``data`` (types, ranges); InputError naming ``source`` and the field."""
         values = {}
         for f in _fields():
@@ -189,7 +189,7 @@ class RunConfig:
             raise cliutil.InputError(str(exc).replace("RunConfig", source, 1)) from None
 
     @classmethod
-    def load(cls, path: str) -> "RunConfig":
+    def load(cls, path: str) -> RunConfig:
         """Read and validate a config.json (also one written before lr_schedule, ema_decay or mask_map existed)."""
         try:
             with open(path, encoding="utf-8") as fh:
@@ -210,7 +210,7 @@ def describe() -> dict[str, str]:
             for f in _fields()}
 
 
-def config_view(config: "RunConfig | Mapping[str, Any]"):
+def config_view(config: RunConfig | Mapping[str, Any]):
     """Attribute access to a RunConfig or to a plain mapping with some of its keys (tests, notebooks)."""
     return config if isinstance(config, RunConfig) else types.SimpleNamespace(**config)
 
@@ -268,7 +268,7 @@ def _passes(rule: Rule, value: Any) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
 
@@ -276,7 +276,7 @@ def _hints() -> dict[str, Any]:
 def _kind(f: dataclasses.Field) -> tuple[type, bool]:
     hint = _hints()[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = typing.get_origin(hint) is typing.Union
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] or X | None
     base = args[0] if optional else hint
     return (typing.get_origin(base) or base), optional
 

@@ -12,13 +12,11 @@ import shutil
 import socket
 from typing import Any
 
-from segkit import cliutil
-from segkit import image_io
-from segkit import model_metadata
+import models
+from segkit import cliutil, image_io, model_metadata
 from segkit.training.checkpoints import json_default
 from segkit.training.config import RunConfig
 from segkit.training.trainer import build_model, evaluated_weights
-import models
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from segkit import cliutil
-from segkit import metrics
+from segkit import cliutil, metrics
+from segkit.training import export
 from segkit.training.checkpoints import CheckpointStore, MetricsCsv, RunState, check_same_precision
 from segkit.training.config import CONFIG_FILENAME, RunConfig, config_view
-from segkit.training import export
 from segkit.training.summaries import Summaries
 from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_readers, make_strategy, set_precision
 
@@ -117,7 +116,7 @@ def _train_locked(config, strategy, worker_index, worker_count, is_chief, mixed,
     return Outcome(run.state.step, reason, run.state.best_loss, run.state.best_step, saved, run.state.history)
 
 
-def _until_stopped(run: "Run", stop: "StopRequest") -> str:
+def _until_stopped(run: Run, stop: StopRequest) -> str:
     """The loop, with a reader failure (wrapped by tf.data into some other error) raised as ReaderFailed."""
     try:
         return Loop(run).until_stopped(stop)
@@ -214,7 +213,7 @@ class Loop:
         self.last_test_seconds = 0.0
         self.stop: StopRequest | None = None
 
-    def until_stopped(self, stop: "StopRequest | None" = None) -> str:
+    def until_stopped(self, stop: StopRequest | None = None) -> str:
         """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
         self.started = time.perf_counter()
         self.stop = stop
@@ -226,7 +225,7 @@ class Loop:
         with progress_bar(self.state.step, self.config.max_steps) as bar, _logs_above(bar):
             return self._steps(stop, iterator, meter, every, bar)
 
-    def _steps(self, stop, iterator, meter: "Meter", every: int, bar) -> str:
+    def _steps(self, stop, iterator, meter: Meter, every: int, bar) -> str:
         lr = None
         while (reason := stop_reason(self.state, self.config, self.time_up)) is None:
             if stop is not None and stop.signal_name:
@@ -275,7 +274,7 @@ class Loop:
                 f"The last good checkpoint (step {self.run.last_saved_step()}) is kept in {self.run.store.folder}; "
                 "lower --learning_rate, try --loss ce, or check the databases for NaN/Inf pixels")
 
-    def _log_train(self, meter: "Meter", lr: float) -> None:
+    def _log_train(self, meter: Meter, lr: float) -> None:
         summary = meter.flush()
         self.run.summaries.train(self.state.step, summary, lr)
         log.info("step %d  loss %.4f  acc %.4f  lr %.2g  %.3f s/step (input %.1f ms)  reader starved on %.0f%% of batches",

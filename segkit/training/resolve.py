@@ -11,11 +11,10 @@ import math
 import os
 from typing import Any
 
-from segkit import cliutil
-from segkit import lmdb_format
+import models
+from segkit import cliutil, lmdb_format
 from segkit.training import autoconfig
 from segkit.training.config import MAX_SIZE, WARMUP_MAX_STEPS, RunConfig, augmentation_constants
-import models
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,8 @@ def _self_configure(args, train_meta: list[dict], size_factor: int,
 
 
 def _flag_text(value: Any) -> str:
-    return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" if isinstance(value, float) else str(value)
+    return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" if isinstance(value,
+        float) else str(value)
 
 
 def _check_numbers(args) -> None:
@@ -129,7 +129,8 @@ def parse_class_weights(text: str, number_classes: int, class_pixel_counts: dict
     try:
         weights = [float(v) for v in text.split(",")]
     except ValueError:
-        raise cliutil.InputError(f"--class_weights {text!r}: expected 'none', 'auto' or {number_classes} numbers like 1,5") from None
+        raise cliutil.InputError(f"--class_weights {text!r}: expected 'none', 'auto' or {number_classes} numbers "
+                                 "like 1,5") from None
     if len(weights) != number_classes or min(weights) < 0 or max(weights) <= 0 or not all(map(math.isfinite, weights)):
         raise cliutil.InputError(f"--class_weights {text!r}: need {number_classes} non-negative numbers (one per class, "
                                  "not all zero), e.g. " + ",".join(["1"] * number_classes))
@@ -161,7 +162,8 @@ def _check_databases(train_meta: list[dict], test_meta: dict, args) -> int:
     channels = {m["channels"] for _, m in named}
     if len(channels) > 1:
         listing = ", ".join(f"{p}: {m['channels']}" for p, m in named)
-        raise cliutil.InputError(f"the databases have different channel counts ({listing}); train and test on images with the same channels")
+        raise cliutil.InputError(f"the databases have different channel counts ({listing}); train and test on "
+                                 f"images with the same channels")
     for path, meta in named:
         seen = meta.get("classes_seen") or [c for c, n in meta["class_pixel_counts"].items() if n > 0]
         if seen and max(seen) >= args.number_classes:

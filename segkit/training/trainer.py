@@ -12,12 +12,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from segkit import devices
-from segkit import metrics
-from segkit import tfquiet
+import models
+from segkit import devices, metrics, tfquiet
 from segkit.training.config import RunConfig, config_view
 from segkit.training.losses import batch_statistics, loss_from_statistics, zero_statistics
-import models
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +271,7 @@ def distribute(strategy, reader):
     A reader failure reaches the caller wrapped by tf.data (an UnknownError with the text): it is recorded
     first as ``reader.failure`` (the ReaderWorkerError itself), so the loop can tell it apart by type."""
     import tensorflow as tf
+
     from imagereader import ReaderWorkerError
 
     reader.failure = None
