@@ -16,12 +16,11 @@ from typing import Callable
 
 import numpy as np
 
-from segkit import image_io, model_metadata, tiling
+from segkit import image_io, tiling
 from segkit.cliutil import InputError
 from segkit.inference.predictor import SavedModelPredictor, with_tta
-from segkit.inference.settings import DEFAULT_TILE_SIZE, PROBABILITY_DTYPES, resolve_halo, resolve_tile_size
+from segkit.inference.settings import DEFAULT_TILE_SIZE, PROBABILITY_DTYPES, load_model_metadata, resolve_halo, resolve_tile_size
 from segkit.inference.writers import encoder
-from segkit.model_metadata import ModelMetadata
 
 
 class Segmenter:
@@ -34,7 +33,7 @@ class Segmenter:
 
         ``predict_fn``: an already loaded :class:`SavedModelPredictor` of the same model (default: load it).
         """
-        self.meta = _load_metadata(saved_model_filepath)
+        self.meta = load_model_metadata(saved_model_filepath)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if probability_dtype not in PROBABILITY_DTYPES:
@@ -95,13 +94,3 @@ class Segmenter:
         return image
 
 
-def _load_metadata(saved_model_filepath: str) -> ModelMetadata:
-    try:
-        meta = model_metadata.load(saved_model_filepath)
-    except ValueError as exc:
-        raise InputError(f"{saved_model_filepath}: {exc}") from None
-    method = meta.normalization.get("method")
-    if method != image_io.NORMALIZATION_METHOD:
-        raise InputError(f"{saved_model_filepath}: the model was trained with normalization {method!r}, this toolkit "
-                         f"applies {image_io.NORMALIZATION_METHOD!r}; re-export the model with this toolkit")
-    return meta

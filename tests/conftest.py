@@ -36,3 +36,12 @@ def signal_group_when_ready(cmd, ready, *, sig=None, timeout=120.0, settle=0.0, 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc, err
+
+
+def one_error_line(capsys):
+    """The one 'error: ...' line a stage printed to stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]

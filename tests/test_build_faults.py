@@ -11,19 +11,11 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from conftest import ROOT, signal_group_when_ready
+from conftest import ROOT, one_error_line, signal_group_when_ready
 from test_build_lmdb import PY, cli, make_pairs, read_db, write
 
 import build_lmdb
 from segkit import cliutil, lmdb_store
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def leftovers(out):

@@ -11,20 +11,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_error_line
 from test_train import argv, dbs, pointer, state  # noqa: F401  (dbs: the module fixture)
 
 import train_unet
 from segkit import cliutil
 from segkit.training import checkpoints, export
 from segkit.training.checkpoints import CheckpointStore, RunState
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def dead_pid():

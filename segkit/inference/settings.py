@@ -170,6 +170,20 @@ def _working_set_limit(memory_limit_mb: float) -> int:
     return limit
 
 
+def load_model_metadata(saved_model_filepath: str, label: str | None = None) -> ModelMetadata:
+    """The SavedModel's metadata, checked, and its normalization one this toolkit applies; InputError
+    (prefixed with ``label``, default the path) otherwise. Shared by the CLI and segkit.api."""
+    try:
+        meta = model_metadata.load(saved_model_filepath)
+    except ValueError as exc:
+        raise InputError(f"{label or saved_model_filepath}: {exc}") from None
+    method = meta.normalization.get("method")
+    if method != image_io.NORMALIZATION_METHOD:
+        raise InputError(f"{saved_model_filepath}: the model was trained with normalization {method!r}, this toolkit "
+                         f"applies {image_io.NORMALIZATION_METHOD!r}; re-export the model with this toolkit")
+    return meta
+
+
 def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_folder: str, image_format: str = "tif",
                      tile_size: int = DEFAULT_TILE_SIZE, halo: str | int | None = "exact",
                      border: str = DEFAULT_BORDER, batch_size: int = 1,
@@ -178,14 +192,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      shard_count: int | None = None, overwrite: bool = False, output_format: str = "tif",
                      memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
-    try:
-        meta = model_metadata.load(saved_model_filepath)
-    except ValueError as exc:
-        raise InputError(f"--saved_model_filepath: {exc}") from None
-    method = meta.normalization.get("method")
-    if method != image_io.NORMALIZATION_METHOD:
-        raise InputError(f"{saved_model_filepath}: the model was trained with normalization {method!r}, this toolkit "
-                         f"applies {image_io.NORMALIZATION_METHOD!r}; re-export the model with this toolkit")
+    meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
     if batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {batch_size}")
     if border not in BORDERS:
