@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
-from skimage.segmentation import find_boundaries, relabel_sequential, watershed
+from skimage.segmentation import relabel_sequential, watershed
 
 from segkit import cliutil
 
@@ -160,15 +160,12 @@ def _add_seedless(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> 
 
 
 def target_from_labels(labels: np.ndarray) -> np.ndarray:
-    """The 3-class training target of instance labels (uint8: 0 background, 1 interior, 2 boundary).
+    """The 3-class training target of instance labels (uint8: 0 background, 1 interior, 2 boundary), as the
+    build stage makes it (segkit.instance_targets: ``find_boundaries(mode="inner")``, per z section for
+    volumes; the image border is not a boundary)."""
+    from segkit import instance_targets
 
-    Boundary pixels are an object's own pixels that touch (face connectivity) another label or background:
-    ``find_boundaries(mode="inner")``; the image border is not a boundary. The build stage's definition.
-    """
-    labels = np.asarray(labels)
-    target = (labels > 0).astype(np.uint8)
-    target[find_boundaries(labels, connectivity=1, mode="inner", background=0) & (labels > 0)] = BOUNDARY
-    return target
+    return instance_targets.make_target(np.asarray(labels), "three_class")
 
 
 def one_hot(target: np.ndarray, classes: int) -> np.ndarray:
