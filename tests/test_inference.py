@@ -608,3 +608,25 @@ def test_onednn_default_respects_the_users_setting(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", object())  # already imported: too late, leave it
     late: dict = {}
     assert not predictor.default_onednn(late) and late == {}
+
+
+@pytest.mark.parametrize("via_link", [False, True])
+def test_the_ground_truth_folder_is_never_the_output(models, tmp_path, capsys, via_link):
+    """Issue #17, data loss: --output_folder = --mask_folder overwrote the ground truth (and scored it 1.0)."""
+    names = _write_images(tmp_path / "images")
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for name in names:
+        tifffile.imwrite(truth / name, np.ones(tifffile.imread(tmp_path / "images" / name).shape, np.uint8))
+    before = {name: (truth / name).read_bytes() for name in names}
+    out = truth
+    if via_link:
+        out = tmp_path / "link"
+        out.symlink_to(truth)
+    for overwrite in ("0", "1"):
+        assert _run(models["pointwise"], tmp_path / "images", out, "--mask_folder", truth, "--overwrite", overwrite) == 2
+        assert "is the --mask_folder" in capsys.readouterr().err
+    assert {name: (truth / name).read_bytes() for name in names} == before
+    assert sorted(os.listdir(truth)) == sorted(names)
+    assert _run(models["pointwise"], tmp_path / "images", tmp_path / "o", "--mask_folder", tmp_path / "images") == 2
+    assert "is the --image_folder" in capsys.readouterr().err

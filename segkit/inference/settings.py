@@ -142,6 +142,17 @@ def _list_inputs(image_folder: str, image_format: str) -> list[str]:
     return names
 
 
+def _check_mask_folder(mask_folder: str, image_folder: str, output_folder: str) -> None:
+    """Ground truth must never be overwritten by predictions, nor scored against itself (also through links)."""
+    truth = os.path.realpath(mask_folder)
+    if truth == os.path.realpath(output_folder):
+        raise InputError(f"--output_folder {output_folder} is the --mask_folder: the predictions would replace the "
+                         "ground truth; choose another --output_folder")
+    if truth == os.path.realpath(image_folder):
+        raise InputError(f"--mask_folder {mask_folder} is the --image_folder: the images would be scored as ground "
+                         "truth; pass the folder of the masks")
+
+
 def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
     """Image name -> ground-truth mask path, paired by file stem (a.png scores a.tif)."""
     if not os.path.isdir(mask_folder):
@@ -205,6 +216,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     if os.path.realpath(output_folder) == os.path.realpath(image_folder):
         raise InputError(f"--output_folder {output_folder} is the image folder: masks would replace the images; "
                          "choose another folder")
+    if mask_folder:
+        _check_mask_folder(mask_folder, image_folder, output_folder)
     index, count = resolve_shard(shard_index, shard_count)
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
