@@ -2,7 +2,6 @@
 by autoconfig; export serving NDHWC in bare TensorFlow; resume; a 2-D model on volumes refused in one line."""
 import csv
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from lmdb_helpers import write_database
 
 import train_unet
-from segkit import lmdb_format
+from segkit import cliutil, lmdb_format
 from segkit.training import autoconfig
 from segkit.training.resolve import resolve_config
 from segkit.training.summaries import middle_sections
@@ -50,12 +49,12 @@ def set_metadata(path, **fields):
 def volume_dbs(tmp_path_factory):
     root = tmp_path_factory.mktemp("volumes")
     dbs = {}
-    for name, voxel in (("aniso", ANISOTROPIC), ("plain", None)):
+    for name, voxel in (("aniso", ANISOTROPIC), ("plain", [0.01, 0.01, 0.01]), ("novoxel", None)):
         train = write_database(str(root / f"train-{name}.lmdb"), blob_volumes(4, seed=1))
         test = write_database(str(root / f"test-{name}.lmdb"), blob_volumes(2, seed=2))
         if voxel:
             for path in (train, test):
-                set_metadata(path, spatial_rank=3, voxel_size=voxel)
+                set_metadata(path, spatial_rank=3, voxel_size_zyx_um=voxel)
         dbs[name] = (train, test)
     flat = write_database(str(root / "flat.lmdb"), [(np.zeros((32, 32, 1), np.float32), np.zeros((32, 32), np.uint8))])
     dbs["flat"] = (flat, flat)
@@ -116,13 +115,18 @@ def test_a_3d_run_resumes_from_its_checkpoint(volume_dbs, tmp_path):
         assert json.load(fh)["latest"] == "ckpt-000000004"
 
 
-def test_missing_voxel_size_is_isotropic_and_logged(volume_dbs, tmp_path, caplog):
-    args = train_unet.build_parser().parse_args(argv(volume_dbs, tmp_path / "run", kind="plain"))
-    with caplog.at_level(logging.INFO):
-        config = resolve_config(args)
-    assert config.model == "unet3d" and config.model_config["voxel_size"] == [1.0, 1.0, 1.0]
+def test_isotropic_volumes_pool_every_axis(volume_dbs, tmp_path):
+    config = resolve_config(train_unet.build_parser().parse_args(argv(volume_dbs, tmp_path / "run", kind="plain")))
+    assert config.model == "unet3d" and config.model_config["voxel_size"] == [0.01, 0.01, 0.01]
     assert config.model_config["pool_sizes"] == [[2, 2, 2], [2, 2, 2]]
-    assert "treating the volumes as isotropic" in caplog.text
+
+
+def test_a_volume_database_without_a_voxel_size_is_refused(volume_dbs, tmp_path):
+    """Anisotropy is read from the voxel size, never assumed (issue #14): no silent isotropic guess."""
+    args = train_unet.build_parser().parse_args(argv(volume_dbs, tmp_path / "run", kind="novoxel"))
+    with pytest.raises(cliutil.InputError, match="without a voxel size.*--voxel_size z,y,x"):
+        resolve_config(args)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("model,kind,message", [

@@ -254,7 +254,8 @@ def _choose_model_for_rank(args, train_meta: list[dict], test_meta: dict) -> arg
 
 
 def _voxel_size(args, train_meta: list[dict]) -> list[float] | None:
-    """(z, y, x) micrometres of the training volumes (metadata ``voxel_size``); isotropic 1.0 when missing."""
+    """(z, y, x) micrometres of the training volumes (the build stage's ``voxel_size_zyx_um``); InputError when
+    missing or when the databases disagree."""
     if models.spatial_rank(args.model) != 3:
         return None
     sizes = {tuple(float(v) for v in _meta_voxel_size(m)) if _meta_voxel_size(m) else None for m in train_meta}
@@ -263,10 +264,9 @@ def _voxel_size(args, train_meta: list[dict]) -> list[float] | None:
         raise cliutil.InputError(f"the training databases have different voxel sizes ({listing}); "
                                  "rebuild them with one --voxel_size z,y,x")
     size = sizes.pop()
-    if size is None:
-        log.info("the training databases carry no voxel size; treating the volumes as isotropic (1.0 um per axis): "
-                 "rebuild with build_lmdb.py --voxel_size z,y,x for anisotropic data")
-        return [1.0, 1.0, 1.0]
+    if size is None:  # anisotropy is read from the voxel size, never assumed (pooling, kernels, augmentation)
+        raise cliutil.InputError(f"{args.train_database[0]}: volume database without a voxel size in its metadata; "
+                                 "rebuild it with build_lmdb.py (--voxel_size z,y,x if the files lack it)")
     return list(size)
 
 
