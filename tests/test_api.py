@@ -30,6 +30,7 @@ def _image(shape, seed=0):
     return image.astype(np.uint16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probability_dtype", ["float32", "uint8"])
 def test_segment_equals_the_cli_output_for_the_same_image(chain_model, tmp_path, probability_dtype):
     image = _image((70, 90))
@@ -70,6 +71,7 @@ def test_bad_inputs_raise_clear_errors(chain_model, tmp_path):
         Segmenter(chain_model, probability_dtype="float16")
 
 
+@pytest.mark.slow
 def test_importable_with_only_the_project_folder_on_pythonpath(tmp_path):
     model = export_pointwise(str(tmp_path / "pointwise"))
     script = ("import numpy as np\nfrom segkit.api import Segmenter\n"

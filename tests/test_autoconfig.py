@@ -115,6 +115,7 @@ def test_a_bad_time_budget_is_refused(two_databases, tmp_path, capsys, value):
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_a_time_budget_stops_the_run_tests_and_exports(two_databases, tmp_path):
     train, test = two_databases["small"]
     out = tmp_path / "budget"

@@ -194,6 +194,7 @@ def test_bad_instance_masks_are_one_line_errors(tmp_path, capsys, mask, message)
     assert "only applies with --mask_type instances" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FIB), reason="FIB-SEM sample not present")
 def test_fib_sem_sample_builds_with_instance_masks(tmp_path):
     summary = build(tmp_path, f"{FIB}/images", f"{FIB}/masks", mask_type="instances",

@@ -151,6 +151,7 @@ def test_tta_is_exact_for_an_equivariant_model_and_tiles_exactly(models):
     assert np.abs(untiled - without).max() > 1e-3  # the chain is not flip-invariant: TTA did something
 
 
+@pytest.mark.slow
 def test_tiny_trained_unet_same_masks_tiled_and_untiled(tmp_path):
     """Train a tiny UNet a few steps on generated blobs, export it, segment tiled and untiled."""
     rng = np.random.default_rng(0)
@@ -211,6 +212,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_out_of_core_6000x6000_bounded_memory(models, tmp_path):
     height = width = 6000
@@ -306,6 +308,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(models, tmp_pat
     assert os.listdir(out / "overlays") == ["img0.png"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_image_exits_130_removes_its_temporary_and_a_rerun_finishes(models, tmp_path):
     """Slurm's SIGTERM (time limit, pre-emption, scancel) while a large image is written out of core."""
     _write_images(tmp_path / "images", sizes=[(64, 64)])
@@ -528,6 +531,7 @@ def test_tta_through_the_cli(models, tmp_path):
                                _read_probs(tmp_path / "whole" / "probabilities" / names[0]), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_registry_unet_trained_a_few_steps_same_masks_tiled_and_untiled(tmp_path):
     """The toolkit's own UNet (models/), trained a few steps, exported: tiled == untiled masks."""
     models = pytest.importorskip("models")

@@ -80,6 +80,7 @@ def test_fcdensenet_paper_structure():
     assert layers["tu0_upconv"].strides == (2, 2) and layers["tu0_upconv"].kernel_size == (3, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,radius", [
     # Hand-derived worst case (see models/receptive_field.py). FC-DenseNet: first conv 1 + dense 3x3 convs
     # sum(n_i * 2^i) down and up + bottleneck n*32 + transposed 3x3 stride-2 convs 2 * (1+2+4+8+16).
@@ -93,6 +94,7 @@ def test_theoretical_receptive_field_radius(name, radius):
     assert models.receptive_field_radius(name) == radius
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_radius_equals_the_reach_of_an_impulse(name):
     """Positive weights, zero input, one positive pixel: exactly the dependent outputs become non-zero.

@@ -113,6 +113,7 @@ def test_per_axis_radius_equals_the_reach_of_an_impulse(voxel_size, radii):
     assert tuple(reach) == radii
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("voxel_size", [ANISOTROPIC, ISOTROPIC])
 def test_per_axis_size_factor_is_the_smallest_shift_the_model_commutes_with(voxel_size):
     """Shifting the input by s voxels along an axis shifts the output by s (away from the borders) exactly

@@ -169,6 +169,7 @@ def test_noise_filter_drops_native_start_up_lines_and_keeps_the_rest():
     assert result.stderr.splitlines() == ["Traceback (most recent call last): a real problem", "python stderr line"]
 
 
+@pytest.mark.slow
 def test_training_run_stderr_has_no_cuda_or_absl_noise(tmp_path):
     data = os.path.join(ROOT, "data")
     assert build_lmdb.main(["--image_folder", os.path.join(data, "images"), "--mask_folder",

@@ -12,6 +12,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 SHORT_TRAINING = ["--max_steps", "2", "--test_every_n_steps", "1"]
@@ -35,6 +37,7 @@ def test_readme_has_an_example_per_stage():
     assert {"build_lmdb.py", "train_unet.py", "inference_unet.py"} <= scripts
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path):
     for name in os.listdir(ROOT):
         if name.endswith(".py") or name in ("models", "data", "scripts"):

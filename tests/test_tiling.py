@@ -128,6 +128,7 @@ def test_pointwise_model_tiled_is_bit_exact(height, width, channels, classes):
         assert np.array_equal(out, expected), (tile, halo, factor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("border", tiling.BORDERS)
 @pytest.mark.parametrize("layers", [CHAIN_F2, CHAIN_F4], ids=["f2", "f4"])
 @pytest.mark.parametrize("height,width", SIZES)

@@ -68,6 +68,7 @@ SERVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_tiny_unet_trains_and_exports_a_self_contained_savedmodel(dbs, tmp_path):
     out = tmp_path / "run"
     assert train_unet.main(argv(dbs, out, "--max_steps", 6, "--test_every_n_steps", 3)) == 0
@@ -163,6 +164,7 @@ def test_early_stopping_counts_passes_without_improvement_beyond_tolerance():
     assert train_unet.RunState.from_json(st.to_json()) == st
 
 
+@pytest.mark.slow
 def test_mismatched_configuration_is_refused_on_resume(dbs, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_unet.main(argv(dbs, out, "--max_steps", 2, "--test_every_n_steps", 2)) == 0
@@ -194,6 +196,7 @@ def test_mismatched_configuration_is_refused_on_resume(dbs, tmp_path, capsys):
     assert sorted(os.listdir(out / "checkpoints")) == before and json.loads(config_path.read_text())["mixed_precision_active"]
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(dbs, tmp_path, monkeypatch, capsys):
     import imagereader
 
@@ -213,6 +216,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(dbs, tmp_path, monke
     assert not (out / "saved_model").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_continues_with_the_same_history(dbs, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_unet.py"), *argv(dbs, out, "--test_every_n_steps", 4)]
@@ -261,6 +265,7 @@ TWO_REPLICAS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_replica_mirrored_strategy_on_two_logical_cpus(dbs, tmp_path):
     from segkit import lmdb_format
 
@@ -280,6 +285,7 @@ def test_two_replica_mirrored_strategy_on_two_logical_cpus(dbs, tmp_path):
     assert total > 0 and (out / "saved_model" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
     """Slurm pre-emption sends SIGTERM to every process of the job: handled like Ctrl-C (KeyboardInterrupt,
     exit 130, readers closed by the trainer; the readers themselves ignore it)."""
@@ -304,6 +310,7 @@ def test_sigterm_shuts_down_the_readers_and_keeps_the_checkpoint(dbs, tmp_path):
     assert pointer(out)["step"] >= 2  # the last checkpoint stays
 
 
+@pytest.mark.slow
 def test_sigterm_between_test_passes_saves_a_latest_checkpoint_and_the_run_resumes_from_it(dbs, tmp_path):
     """Pre-emption long before the next test pass: the steps done so far are kept, not only the last test pass's."""
     import select
@@ -333,6 +340,7 @@ def test_sigterm_between_test_passes_saves_a_latest_checkpoint_and_the_run_resum
     assert [h["step"] for h in outcome.history] == [saved["step"] + 3]
 
 
+@pytest.mark.slow
 def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
     """The GPU path (mixed_float16 + LossScaleOptimizer), forced on CPU: float32 logits, finite updates."""
     import keras
@@ -355,6 +363,7 @@ def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
     assert all(np.isfinite(losses)) and not np.allclose(before, trainer.model.get_layer("logits").kernel.numpy())
 
 
+@pytest.mark.slow
 def test_moving_average_follows_the_ramped_decay_and_is_what_is_tested(dbs, tmp_path):
     import tensorflow as tf
 
@@ -382,6 +391,7 @@ def test_moving_average_follows_the_ramped_decay_and_is_what_is_tested(dbs, tmp_
     assert raw.ema_model is None and raw.eval_model is raw.model
 
 
+@pytest.mark.slow
 def test_the_export_carries_the_averaged_weights_of_the_best_checkpoint(dbs, tmp_path):
     import tensorflow as tf
 

@@ -38,6 +38,7 @@ def test_a_second_run_on_a_locked_output_folder_is_refused_in_one_line(dbs, tmp_
     assert sorted(os.listdir(out)) == [".lock"]  # nothing written, the holder's files untouched
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(dbs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -87,6 +88,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(dbs, tmp
 # ----------------------------------------------------------------------------- 3. full disk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", ["ENOSPC", "TensorFlow"])
 def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(dbs, tmp_path, capsys, monkeypatch, error):
     written = []
@@ -112,6 +114,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(dbs,
     assert not (out / "saved_model").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_exporting_keeps_the_checkpoints(dbs, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -174,6 +177,7 @@ def _edit_state(d, change):
     _edit_json(d / "checkpoints/ckpt-000000002/state.json", change)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_saved_state_is_named_with_its_field_in_one_line(dbs, finished, tmp_path, capsys, damage):
     out = tmp_path / "run"
@@ -272,6 +276,7 @@ def test_a_failed_swap_restores_the_previous_saved_model_and_leftovers_are_clean
     assert sorted(os.listdir(tmp_path)) == ["new", "saved_model"]
 
 
+@pytest.mark.slow
 def test_a_second_signal_during_the_interrupted_save_waits_for_it(dbs, tmp_path, monkeypatch, capsys):
     from segkit.training import loop
 
@@ -295,6 +300,7 @@ def test_a_second_signal_during_the_interrupted_save_waits_for_it(dbs, tmp_path,
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_reader_failure_is_recognised_by_its_type(dbs, tmp_path, monkeypatch, capsys):
     import imagereader
 

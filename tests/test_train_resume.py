@@ -26,6 +26,7 @@ def checkpoint_values(out):
     return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(dbs, tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     common = ("--test_every_n_steps", 4, "--early_stopping", 0, "--reader_count", 1)
