@@ -72,3 +72,13 @@ def id_samples(count: int, hw: tuple[int, int] = (16, 16), channels: int = 1, cl
 def unit_sources(channels: int = 1) -> list[dict]:
     """One source whose statistics make normalization the identity (mean 0, std 1)."""
     return [{"file": "unit.tif", "height": 1, "width": 1, "mean": [0.0] * channels, "std": [1.0] * channels}]
+
+
+def read_db(path: str):
+    """(metadata, decoded records) of a database, in record order."""
+    meta = lmdb_format.read_metadata(path)
+    env = lmdb_format.open_readonly(path)
+    with env.begin(buffers=False) as txn:
+        records = [lmdb_format.decode_record(txn.get(lmdb_format.record_key(i))) for i in range(meta["num_records"])]
+    env.close()
+    return meta, records

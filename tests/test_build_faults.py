@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import ROOT, one_error_line, signal_group_when_ready
-from test_build_lmdb import PY, cli, make_pairs, read_db, write
+from lmdb_helpers import read_db
+from test_build_lmdb import PY, cli, make_pairs, write
 
 import build_lmdb
 from segkit import cliutil, lmdb_store

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import ROOT, SHARED_DATA, signal_group_when_ready
+from lmdb_helpers import read_db
 
 import build_lmdb
 from segkit import cliutil, image_io, lmdb_format, lmdb_store
@@ -43,15 +44,6 @@ def cli(images, masks, out, *extra, name="ds"):
     argv = ["--image_folder", str(images), "--mask_folder", str(masks), "--output_folder", str(out),
             "--dataset_name", name, "--workers", "1", *map(str, extra)]
     return cliutil.run_cli(build_lmdb.main, argv)
-
-
-def read_db(path):
-    meta = lmdb_format.read_metadata(path)
-    env = lmdb_format.open_readonly(path)
-    with env.begin(buffers=False) as txn:
-        records = [lmdb_format.decode_record(txn.get(lmdb_format.record_key(i))) for i in range(meta["num_records"])]
-    env.close()
-    return meta, records
 
 
 def source_arrays(folder_images, folder_masks, meta, index):

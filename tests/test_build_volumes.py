@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from lmdb_helpers import read_db
 
 import build_lmdb
 from segkit import lmdb_format
@@ -20,15 +21,6 @@ def volume_pair(seed, shape=(6, 20, 24)):
     mask[:, 4:12, 5:15] = 1
     mask[2:5, 14:18, 16:22] = 2
     return rng.integers(0, 4000, shape).astype(np.uint16), mask
-
-
-def records(path):
-    meta = lmdb_format.read_metadata(path)
-    env = lmdb_format.open_readonly(path)
-    with env.begin(buffers=False) as txn:
-        out = [lmdb_format.decode_record(txn.get(lmdb_format.record_key(i))) for i in range(meta["num_records"])]
-    env.close()
-    return meta, out
 
 
 def build(tmp_path, images, masks, **kwargs):
@@ -57,7 +49,7 @@ def write_tiff_stacks(root, count=2, imagej=True):
 def check_volume_databases(tmp_path, pairs, spacing=SPACING):
     seen = {}
     for split in ("train", "test"):
-        meta, recs = records(str(tmp_path / "out" / f"{split}-ds.lmdb"))
+        meta, recs = read_db(str(tmp_path / "out" / f"{split}-ds.lmdb"))
         assert meta["spatial_rank"] == 3 and meta["voxel_size_zyx_um"] == pytest.approx(spacing)
         assert meta["sources"][0]["depth"] == 6 and meta["number_classes"] == 3
         for record in recs:
@@ -88,7 +80,7 @@ def test_stack_without_voxel_size_is_refused_naming_the_flag_then_built_with_it(
 def test_volume_tiles_per_axis(tmp_path):
     images, masks, pairs = write_tiff_stacks(tmp_path)
     build(tmp_path, images, masks, use_tiling=True, tile_size="4,16,16")
-    meta, recs = records(str(tmp_path / "out" / "train-ds.lmdb"))
+    meta, recs = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
     assert meta["tile_size"] == [4, 16, 16] and len(recs) == 2 * 2 * 2  # z 6 -> 0,2; y 20 -> 0,4; x 24 -> 0,8
     assert {r.mask_hw.shape for r in recs} == {(4, 16, 16)}
     assert sorted(int(i) for i in meta["class_records"][2]) == sorted(
@@ -144,7 +136,7 @@ def test_2d_instances_become_background_interior_boundary(tmp_path):
         tifffile.imwrite(tmp_path / "images" / f"n{i}.tif", np.full((40, 40), 100 + i, np.uint8))
         tifffile.imwrite(tmp_path / "masks" / f"n{i}.tif", touching_nuclei())
     summary = build(tmp_path, tmp_path / "images", tmp_path / "masks", mask_type="instances")
-    meta, (record,) = records(str(tmp_path / "out" / "train-ds.lmdb"))
+    meta, (record,) = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
     assert meta["mask_type"] == "instances" and meta["number_classes"] == 3 == summary.number_classes
     assert meta["instance_target"]["target"] == "three_class" and "sparse" in meta["instance_target"]["reason"]
     target = record.mask_hw
@@ -163,7 +155,7 @@ def test_dense_3d_labels_become_a_per_section_boundary_target(tmp_path):
                          resolution=(100, 100), metadata={"axes": "ZYX", "spacing": 0.05, "unit": "um"})
         tifffile.imwrite(tmp_path / "masks" / f"d{i}.tif", labels, photometric="minisblack", metadata={"axes": "ZYX"})
     summary = build(tmp_path, tmp_path / "images", tmp_path / "masks", mask_type="instances")
-    meta, (record,) = records(str(tmp_path / "out" / "train-ds.lmdb"))
+    meta, (record,) = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
     assert meta["instance_target"]["target"] == "boundary" and summary.number_classes == 2
     section = np.zeros((16, 16), np.uint8)
     section[[7, 8], :] = 1
@@ -199,7 +191,7 @@ def test_bad_instance_masks_are_one_line_errors(tmp_path, capsys, mask, message)
 def test_fib_sem_sample_builds_with_instance_masks(tmp_path):
     summary = build(tmp_path, f"{FIB}/images", f"{FIB}/masks", mask_type="instances",
                     test_list=f"{FIB}/test_files.txt", workers=2)
-    meta, (record,) = records(str(tmp_path / "out" / "train-ds.lmdb"))
+    meta, (record,) = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
     assert meta["spatial_rank"] == 3 and meta["voxel_size_zyx_um"] == pytest.approx([0.01] * 3)
     assert meta["instance_target"]["target"] == "boundary" and record.mask_hw.shape == (200, 250, 250)
     assert 0.05 < summary.splits["train"].fractions()[1] < 0.2  # membranes: about a tenth of the voxels
