@@ -12,20 +12,19 @@ import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
+from segkit import volume_io
+
 log = logging.getLogger(__name__)
 
-# unit spellings -> (OME-NGFF / UDUNITS name, size in micrometres)
+# unit spellings -> OME-NGFF / UDUNITS name; their sizes in micrometres: volume_io's table (one home)
 _UNITS = {
-    "micron": ("micrometer", 1.0), "microns": ("micrometer", 1.0), "um": ("micrometer", 1.0),
-    "\u00b5m": ("micrometer", 1.0), "\u03bcm": ("micrometer", 1.0), "micrometer": ("micrometer", 1.0),
-    "\\u00b5m": ("micrometer", 1.0), "nm": ("nanometer", 1e-3), "nanometer": ("nanometer", 1e-3),
-    "mm": ("millimeter", 1e3), "millimeter": ("millimeter", 1e3), "cm": ("centimeter", 1e4),
-    "centimeter": ("centimeter", 1e4), "m": ("meter", 1e6), "meter": ("meter", 1e6),
-    "inch": ("inch", 25400.0), "in": ("inch", 25400.0),
+    "micron": "micrometer", "microns": "micrometer", "um": "micrometer", "\u00b5m": "micrometer",
+    "\u03bcm": "micrometer", "micrometer": "micrometer", "\\u00b5m": "micrometer", "nm": "nanometer",
+    "nanometer": "nanometer", "mm": "millimeter", "millimeter": "millimeter", "cm": "centimeter",
+    "centimeter": "centimeter", "m": "meter", "meter": "meter", "inch": "inch", "in": "inch",
 }
 _IMAGEJ_UNIT = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
                 "meter": "m", "inch": "inch"}
-_RESUNIT_INCH, _RESUNIT_CM = 2, 3
 
 
 @dataclass(frozen=True)
@@ -35,14 +34,14 @@ class Calibration:
     unit: str
 
     def micrometres_per_unit(self) -> float:
-        return _UNITS[self.unit][1]
+        return volume_io.UNIT_UM[self.unit]
 
 
 def _unit(text: str | None) -> str | None:
     if not text:
         return None
     known = _UNITS.get(str(text).strip().lower()) or _UNITS.get(str(text).strip())
-    return known[0] if known else None
+    return known
 
 
 def read_calibration(path: str) -> Calibration | None:
@@ -85,7 +84,7 @@ def _from_tags(tags, imagej: dict) -> Calibration | None:
     unit = _unit(imagej.get("unit"))
     if unit is None:
         resunit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 0
-        factor = {_RESUNIT_CM: 1e4, _RESUNIT_INCH: 25400.0}.get(resunit)
+        factor = volume_io.TIFF_RESOLUTION_UNIT_UM.get(resunit)
         if factor is None or sizes == (1.0, 1.0):
             return None  # no unit, or the writer's default 1 pixel per inch/cm: uncalibrated
         return Calibration(tuple(s * factor for s in sizes), "micrometer")

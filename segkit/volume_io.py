@@ -21,13 +21,13 @@ from segkit.cliutil import InputError
 SPATIAL = "zyx"
 ANISOTROPY_RATIO = 2.0  # an axis whose spacing is more than this times the finest is "anisotropic"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
-_UNIT_UM = {  # unit spellings of ImageJ, OME, NGFF and HDF5 attributes -> micrometres per unit
+UNIT_UM = {  # unit spellings of ImageJ, OME, NGFF and HDF5 attributes -> micrometres per unit
     "m": 1e6, "meter": 1e6, "cm": 1e4, "centimeter": 1e4, "mm": 1e3, "millimeter": 1e3,
     "um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
     "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "pm": 1e-6, "picometer": 1e-6,
     "å": 1e-4, "angstrom": 1e-4, "inch": 25400.0, "in": 25400.0,
 }
-_TIFF_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 1e4}  # ResolutionUnit tag: inch, centimetre (1 = none)
+TIFF_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 1e4}  # ResolutionUnit tag: inch, centimetre (1 = none)
 
 
 @dataclass
@@ -109,9 +109,9 @@ def unit_to_um(unit, where: str) -> float | None:
     text = str(unit).strip().lower()
     if text in ("", "pixel", "pixels", "px", "none"):
         return None
-    if text not in _UNIT_UM:
+    if text not in UNIT_UM:
         raise InputError(f"{where}: unknown length unit {unit!r}; pass the voxel size with --voxel_size z,y,x (micrometres)")
-    return _UNIT_UM[text]
+    return UNIT_UM[text]
 
 
 def parse_voxel_size(text: str) -> tuple[float, float, float]:
@@ -180,9 +180,9 @@ def _tiff_xy_um(page) -> tuple[float, float] | None:
     """(y, x) pixel size from the resolution tags, in micrometres, when the unit tag says inch or cm."""
     unit = page.tags.get("ResolutionUnit")
     xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if unit is None or xres is None or yres is None or int(unit.value) not in _TIFF_RESOLUTION_UNIT_UM:
+    if unit is None or xres is None or yres is None or int(unit.value) not in TIFF_RESOLUTION_UNIT_UM:
         return None
-    per_unit = _TIFF_RESOLUTION_UNIT_UM[int(unit.value)]
+    per_unit = TIFF_RESOLUTION_UNIT_UM[int(unit.value)]
     values = [v.value[0] / v.value[1] if v.value[1] else 0.0 for v in (yres, xres)]
     return (per_unit / values[0], per_unit / values[1]) if all(v > 0 for v in values) else None
 
