@@ -272,4 +272,4 @@ def _voxel_size(args, train_meta: list[dict]) -> list[float] | None:
 
 def _meta_voxel_size(meta: dict[str, Any]):
     """The database's voxel size (z, y, x) in micrometres, as build_lmdb.py records it; None when unknown."""
-    return meta.get("voxel_size_zyx_um") or meta.get("voxel_size")
+    return meta.get("voxel_size_zyx_um")
