@@ -413,9 +413,45 @@ def disk_space_guard(folder: str, what: str, needed_bytes: Callable[[], float], 
         if not is_disk_full(exc):
             raise
         try:
-            needed = f"{needed_bytes() / 1e6:.0f}"
+            needed = float(needed_bytes())
         except Exception:  # an estimate must not hide the fault
-            needed = "?"
-        free = shutil.disk_usage(mount_point(folder)).free / 1e6
-        raise FaultError(f"no space left on {mount_point(folder)} (writing {what} in {folder}; needed about "
-                         f"{needed} MB, {free:.0f} MB free): {keeps}; free space and rerun the same command") from None
+            needed = None
+        raise FaultError(disk_full_message(folder, what, needed, keeps)) from None
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """Refuse, with one InputError line naming ``flag``, an output folder that cannot be written: a file, a
+    path under a file, a dangling symbolic link (or one on the way), a folder this process cannot write in.
+
+    Writability is tried with a probe file (``os.access`` says yes to root on a read-only file system).
+    Nothing is created; a missing folder passes when its nearest existing ancestor can be written.
+    """
+    where = f"{flag} {path}"
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{where} is a symbolic link to {os.readlink(path)}, which does not exist; create its "
+                         "target, remove the link or choose another folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{where} is a file, not a folder; choose a folder (it is created if missing)")
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise InputError(f"{where}: {parent} is a symbolic link to {os.readlink(parent)}, which does not exist; "
+                         "remove the link or choose another folder")
+    if not os.path.isdir(parent):
+        raise InputError(f"{where}: {parent} is a file, so no folder can be created under it; choose another folder")
+    try:
+        os.remove(make_temp(os.path.join(parent, "write-test")))
+    except OSError as exc:
+        raise InputError(f"{where}: cannot write in {parent} ({exc.strerror}); choose another folder or fix its "
+                         "permissions") from None
+
+
+def disk_full_message(folder: str, what: str, needed_bytes: float | None, keeps: str) -> str:
+    """The one line for a full disk or quota: "no space left on MOUNT (writing WHAT in FOLDER; needed about
+    N MB, M MB free): KEEPS; free space and rerun the same command" (:func:`disk_space_guard`'s wording)."""
+    needed = "?" if needed_bytes is None else f"{needed_bytes / 1e6:{'.0f' if needed_bytes >= 1e7 else '.2g'}}"
+    mount = mount_point(folder)
+    free = shutil.disk_usage(mount).free / 1e6
+    return (f"no space left on {mount} (writing {what} in {folder}; needed about {needed} MB, {free:.0f} MB free): "
+            f"{keeps}; free space and rerun the same command")

@@ -279,10 +279,14 @@ def apply_mask_map(mask: np.ndarray, mask_map: dict[int, int]) -> np.ndarray:
         return mask
     top = int(mask.max()) if mask.size else 0
     if top < (1 << 16):
-        lut = np.arange(max(top, max(mask_map)) + 1, dtype=np.int64)
+        lut = np.arange(top + 1, dtype=np.int64)  # a table up to the mask's top: a key of 2**31 costs nothing
         for k, v in mask_map.items():
-            lut[k] = v
-        return lut.astype(dtype_for_classes(int(lut.max()) + 1))[mask]
+            if k <= top:
+                lut[k] = v
+        end = max(top, max(mask_map))  # the output type stays that of a table running to the largest key
+        while end in mask_map:
+            end -= 1
+        return lut.astype(dtype_for_classes(max(end, *mask_map.values()) + 1))[mask]
     values, inverse = np.unique(mask, return_inverse=True)
     mapped = np.array([mask_map.get(int(v), int(v)) for v in values], np.int64)
     return mapped[inverse].reshape(mask.shape)

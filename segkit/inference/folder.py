@@ -18,7 +18,7 @@ import numpy as np
 
 from segkit import cliutil, image_io, metrics, tiling
 from segkit.calibration import read_calibration
-from segkit.inference.predictor import SavedModelPredictor, with_tta
+from segkit.inference.predictor import MISMATCH, SavedModelPredictor, with_tta
 from segkit.inference.regions import open_source, opened, stats_blocks
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
 from segkit.inference.writers import open_outputs
@@ -166,13 +166,18 @@ def _write_metrics(summary: Summary, settings: Settings) -> str:
 
 
 def _process(name: str, predict: Callable[[], Callable], settings: Settings, summary: Summary) -> None:
-    """Predict (if needed), overlay, score one image; per-image faults go to ``summary.failed``."""
+    """Predict (if needed), overlay, score one image; per-image faults go to ``summary.failed``.
+
+    A full disk fails the image and raises :class:`DiskFull` (the folder stops; see docs/faults.md).
+    """
     path = os.path.join(settings.image_folder, name)
     paths = output_paths(name, settings)
     todo = paths.todo(settings.overwrite)
     start = time.perf_counter()
+    writing = {}  # what is being written, for a full disk's message
     try:
         if "mask" in todo or "probabilities" in todo:
+            writing = {k: v for k, v in todo.items() if k != "overlay"}
             detail = predict_image(path, todo, predict(), settings)
             summary.segmented.append(name)
             log.info("%s: %s, %.1f s", name, detail, time.perf_counter() - start)
@@ -180,7 +185,9 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
             summary.skipped.append(name)
             log.debug("%s: outputs exist, skipped", name)
         if "overlay" in todo:
+            writing = {"overlay": todo["overlay"]}
             write_overlay(path, paths.mask, paths.overlay)
+        writing = {}
         if settings.masks is not None:
             if name not in settings.masks:
                 log.warning("%s: no ground-truth mask with this stem in the mask folder; not scored", name)
@@ -193,12 +200,55 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
                     log.warning("%s: %d ground-truth pixels have class ids outside 0..%d (%s) and are not scored%s",
                                 settings.masks[name], outside, settings.number_classes - 1,
                                 ", ".join(map(str, sorted(ids)[:8])), f"; {hint}" if hint else "")
-    except (image_io.ImageReadError, ValueError) as exc:
-        message = str(exc).replace("\n", " ")
-        log.error("%s: skipped: %s", name, message)
-        log.debug("details", exc_info=True)
-        summary.failed.append((name, message))
-    summary.seconds[name] = time.perf_counter() - start
+    except cliutil.InputError:
+        raise  # the settings or the model, not this image: the folder stops
+    except (image_io.ImageReadError, ValueError, RuntimeError, OSError) as exc:  # this image only
+        _fail(name, path, exc, writing, settings, summary)
+    finally:
+        summary.seconds[name] = time.perf_counter() - start
+
+
+# --- faults of one image (issue #17; docs/faults.md, "Stage 3") ----------------------------------
+
+
+class DiskFull(Exception):
+    """No space left while writing an image's outputs: that image failed, the folder stops."""
+
+
+def _fail(name: str, path: str, exc: BaseException, writing: dict[str, str], settings: Settings,
+          summary: Summary) -> None:
+    """Record a failed image (its temporaries are gone already: every output is atomic) in one line;
+    raise DiskFull on a full disk, since no later image could be written either."""
+    if writing and cliutil.is_disk_full(exc):
+        what = " and ".join(f"the {kind} {os.path.relpath(p, settings.output_folder)}" for kind, p in writing.items())
+        kept = f"{len([n for n in summary.segmented if n != name])} image(s) segmented before are kept"
+        message = cliutil.disk_full_message(settings.output_folder, what, _output_bytes(path, writing, settings), kept)
+        summary.failed.append((name, "no space left"))
+        raise DiskFull(message) from None
+    cause = exc.__cause__ if isinstance(exc, RuntimeError) and exc.__cause__ is not None else exc  # writer threads
+    message = " ".join(str(cause).split()) or type(cause).__name__
+    if not isinstance(cause, (image_io.ImageReadError, ValueError)):
+        message = f"{type(cause).__name__}: {message}"
+    log.error("%s: skipped: %s", name, message)
+    log.debug("details", exc_info=True)
+    summary.failed.append((name, message))
+
+
+def _output_bytes(path: str, writing: dict[str, str], settings: Settings) -> float | None:
+    """About how many bytes the outputs in ``writing`` take uncompressed (for a full disk's message)."""
+    try:
+        with opened(path) as image:
+            pixels = float(np.prod(image.shape[:-1]))
+    except Exception:  # the estimate must not hide the fault
+        return None
+    per_pixel = {"mask": image_io.dtype_for_classes(settings.number_classes).itemsize,
+                 "probabilities": settings.number_classes * (1 if settings.probability_dtype == "uint8" else 4),
+                 "overlay": 3}
+    return pixels * sum(per_pixel[kind] for kind in writing)
+
+
+def _all_mismatched(summary: Summary) -> bool:
+    return bool(summary.failed) and not summary.segmented and all(m.startswith(MISMATCH) for _, m in summary.failed)
 
 
 def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any) -> Summary:
@@ -228,10 +278,35 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():
-        for name in tqdm(settings.names, desc="images", unit="image", mininterval=_bar_interval()):
-            _process(name, predict, settings, summary)
-    if settings.masks is not None and summary.confusion:
-        summary.metrics_path = _write_metrics(summary, settings)
-    (log.error if summary.failed else log.info)("done: %s", summary.line())
+    full: DiskFull | None = None
+    # The bar is closed (its line ended) before anything propagates: an error line starts on a fresh line.
+    with logging_redirect_tqdm(), tqdm(total=len(settings.names), desc="images", unit="image",
+                                       mininterval=_bar_interval()) as bar:
+        try:
+            for name in settings.names:
+                _process(name, predict, settings, summary)
+                bar.update(1)
+        except DiskFull as exc:
+            full = exc
+    _finish(summary, settings, full)
     return summary
+
+
+def _finish(summary: Summary, settings: Settings, full: DiskFull | None) -> None:
+    """metrics.csv, the summary line, and the one line that ends a folder that could not be finished."""
+    if settings.masks is not None and summary.confusion:
+        try:
+            summary.metrics_path = _write_metrics(summary, settings)
+        except OSError as exc:
+            if not cliutil.is_disk_full(exc):
+                raise
+            if full is None:
+                full = DiskFull(cliutil.disk_full_message(settings.output_folder, "metrics.csv", 2e3 * len(
+                    summary.confusion), "the masks are kept; rerun to score them"))
+    (log.error if summary.failed or full else log.info)("done: %s", summary.line())
+    if full is not None:
+        fault = cliutil.FaultError(str(full))
+        fault.summary = summary  # type: ignore[attr-defined]
+        raise fault
+    if _all_mismatched(summary):
+        raise cliutil.InputError(f"every image failed the same way: {summary.failed[0][1]}")

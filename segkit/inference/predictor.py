@@ -17,6 +17,14 @@ from segkit.cliutil import InputError
 ONEDNN_DEFAULT: str | None = None
 
 
+MISMATCH = "the model's metadata and graph disagree"  # how a ModelMismatchError's message starts
+
+
+class ModelMismatchError(ValueError):
+    """The SavedModel's graph refused an input its metadata promise, or returned another shape (e.g. the
+    ``channels`` of ``segmentation_metadata.json`` edited): one image fails, in one line."""
+
+
 def default_onednn(environ: MutableMapping[str, str] | None = None) -> bool:
     """Set TF_ENABLE_ONEDNN_OPTS to :data:`ONEDNN_DEFAULT` unless the user set it.
 
@@ -46,7 +54,13 @@ class SavedModelPredictor:
             with contextlib.suppress(RuntimeError):  # already initialized
                 tf.config.experimental.set_memory_growth(gpu, True)
         self._tf = tf
-        self._loaded = tf.saved_model.load(saved_model_dir)  # keeps the variables alive
+        self.meta = model_metadata.load(saved_model_dir)
+        try:
+            self._loaded = tf.saved_model.load(saved_model_dir)  # keeps the variables alive
+        except Exception as exc:  # NotFoundError, DataLossError, IndexError ...: TensorFlow's own types
+            raise InputError(f"{saved_model_dir}: the SavedModel cannot be loaded, its graph or variables/ files are "
+                             f"missing or damaged ({type(exc).__name__}: {_first_line(exc)}); copy or export the "
+                             "model again with train_unet.py") from None
         sig = model_metadata.SIGNATURE
         if sig["name"] not in self._loaded.signatures:
             raise InputError(f"{saved_model_dir}: SavedModel has no {sig['name']!r} signature "
@@ -56,11 +70,34 @@ class SavedModelPredictor:
         if sig["input"] not in inputs or sig["output"] not in self._fn.structured_outputs:
             raise InputError(f"{saved_model_dir}: signature {sig['name']} must map {sig['input']!r} to "
                              f"{sig['output']!r}, has {sorted(inputs)} -> {sorted(self._fn.structured_outputs)}")
-        self._input, self._output = sig["input"], sig["output"]
+        self._input, self._output, self._dir = sig["input"], sig["output"], saved_model_dir
 
     def __call__(self, batch_nhwc: np.ndarray) -> np.ndarray:
-        out = self._fn(**{self._input: self._tf.constant(batch_nhwc, self._tf.float32)})
-        return out[self._output].numpy()
+        try:
+            out = self._fn(**{self._input: self._tf.constant(batch_nhwc, self._tf.float32)})[self._output].numpy()
+        except (self._tf.errors.OpError, TypeError, ValueError) as exc:  # the graph refused the batch
+            raise ModelMismatchError(self._mismatch(f"its graph refused a batch of shape {batch_nhwc.shape} "
+                                                    f"({type(exc).__name__}: {_first_line(exc)})")) from None
+        expected = tuple(batch_nhwc.shape[:-1]) + (self.meta.number_classes,)
+        if out.shape != expected:
+            raise ModelMismatchError(self._mismatch(f"its graph returned shape {out.shape} for a batch of shape "
+                                                    f"{batch_nhwc.shape}, expected {expected}"))
+        return out
+
+    def _mismatch(self, what: str) -> str:
+        return (f"{MISMATCH}: {what}; the metadata "
+                f"({model_metadata.metadata_path(self._dir)}) say channels {self.meta.channels}, number_classes "
+                f"{self.meta.number_classes}: restore the file train_unet.py exported, or export the model again")
+
+
+_TF_NOISE = ("Graph execution error", "Detected at node", "<stack traces", "[[", "Traceback")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first telling line of an exception's text (TensorFlow's run to pages of stack and tensor dumps)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_TF_NOISE)] or lines
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 # The 8 symmetries of the square: rot90 k times, optionally after a left-right flip.

@@ -149,10 +149,21 @@ def _block_bytes(view: LazyHWC) -> int:
 def _check_image(image: Any, path: str, channels: int) -> None:
     image_io.check_dtype(image, path)
     if image.shape[2] != channels:
+        stack = _stack_hint(image, path)
+        if stack:
+            raise ValueError(f"{path}: {stack}; this model segments 2-D images: save the slices as separate images "
+                             "or use a model trained on volumes")
         raise ValueError(f"{path}: image has {image.shape[2]} channel(s) but the model expects {channels}; "
                          "convert it or use a model trained on such images")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{path}: image has no pixels (shape {image.shape})")
+
+
+def _stack_hint(image: Any, path: str) -> str | None:
+    """``image_io.tiff_stack_hint`` for a lazy view too (its stored shape, no pixels read) (issue #17)."""
+    if isinstance(image, LazyHWC):
+        image = np.broadcast_to(np.zeros((), image.dtype), tuple(int(n) for n in image._array.shape))
+    return image_io.tiff_stack_hint(path, image)
 
 
 def stats_blocks(image: Any) -> dict[str, int | None]:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from segkit import image_io, model_metadata
+from segkit import cliutil, image_io, model_metadata
 from segkit.cliutil import InputError
 from segkit.model_metadata import ModelMetadata
 
@@ -26,6 +26,13 @@ PROBABILITY_DTYPES = ("float32", "uint8")
 OUTPUT_FORMATS = ("tif", "zarr")
 PROBABILITIES_FOLDER, OVERLAYS_FOLDER = "probabilities", "overlays"  # under --output_folder
 OUTPUT_SUBFOLDERS = (PROBABILITIES_FOLDER, OVERLAYS_FOLDER)
+# Upper bounds of the numeric flags: beyond them a value is a typo, not a setting (issue #17).
+MAX_TILE_SIZE = 65536          # px; a tile larger than the image is the whole image anyway
+MAX_HALO = 8192                # px; FC-DenseNet103's radius is about 1120
+MAX_BATCH_SIZE = 1024          # tiles per forward pass
+MAX_MEMORY_LIMIT_MB = 2**30    # 1 PB
+MAX_SHARD_COUNT = 10**6        # Slurm's largest job array is 4 000 001 tasks; a million shards of one image each
+MAX_MASK_VALUE = 2**31 - 1     # int32, the widest mask type
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,8 @@ def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]
             pixels = int(spec)
         except ValueError:
             raise InputError(f"--halo must be 'exact', 'erf' or a number of pixels >= 0, got {halo!r}") from None
-        if pixels < 0:
-            raise InputError(f"--halo must be >= 0 pixels, got {pixels}")
+        if not 0 <= pixels <= MAX_HALO:
+            raise InputError(f"--halo must be between 0 and {MAX_HALO} pixels, got {pixels}")
     rounded = -(-pixels // factor) * factor
     if rounded < radius:
         log.warning("halo %d px is below the model's receptive-field radius %d px: tiled masks can differ from "
@@ -90,10 +97,23 @@ def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]
 
 def resolve_tile_size(tile_size: int, size_factor: int) -> int:
     """Round the zone size up to a multiple of the size factor and of 16 (TIFF tiles)."""
-    if int(tile_size) < 1:
-        raise InputError(f"--tile_size must be >= 1 pixel, got {tile_size}")
+    tile = checked_number("--tile_size", tile_size, 1, MAX_TILE_SIZE, "pixels", integer=True)
     step = math.lcm(size_factor, TIFF_TILE_MULTIPLE)
-    return -(-int(tile_size) // step) * step
+    return -(-int(tile) // step) * step
+
+
+def checked_number(flag: str, value: Any, low: float, high: float, unit: str = "", integer: bool = False) -> float:
+    """``value`` when it is a finite number (an integer when ``integer``) in [low, high]; else InputError
+    naming ``flag``. Catches NaN, infinity and sizes no machine holds before any work starts."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    whole = math.isfinite(number) and number == int(number)
+    if not (math.isfinite(number) and low <= number <= high) or (integer and not whole):
+        kind = "an integer" if integer else "a number"
+        raise InputError(f"{flag} must be {kind} from {low:g} to {high:g}{' ' + unit if unit else ''}, got {value!r}")
+    return int(number) if integer else number
 
 
 def _env_int(environ: dict[str, str], key: str) -> int | None:
@@ -118,6 +138,8 @@ def resolve_shard(shard_index: int | None, shard_count: int | None,
         first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") or 0
         step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") or 1
         shard_index = 0 if task is None else (task - first) // step
+    checked_number("--shard_count", shard_count, 1, MAX_SHARD_COUNT, integer=True)
+    checked_number("--shard_index", shard_index, 0, MAX_SHARD_COUNT - 1, integer=True)
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise InputError(f"shard index {shard_index} is not in [0, shard count {shard_count}); check "
                          "--shard_index/--shard_count (or the Slurm array range)")
@@ -132,6 +154,7 @@ def shard_names(names: Sequence[str], index: int, count: int) -> list[str]:
 def _list_inputs(image_folder: str, image_format: str) -> list[str]:
     if not os.path.isdir(image_folder):
         raise InputError(f"--image_folder {image_folder}: not a folder")
+    warn_dangling_links(image_folder, image_format)
     names = image_io.list_images(image_folder, image_format)
     if not names:
         raise InputError(image_io.no_images_message(image_folder, image_format))
@@ -140,6 +163,22 @@ def _list_inputs(image_folder: str, image_format: str) -> list[str]:
         raise InputError(f"{image_folder}: images share a file stem ({', '.join(clashes[:5])}), so their outputs "
                          "would collide; rename or move one of each")
     return names
+
+
+def warn_dangling_links(folder: str, image_format: str | None = None) -> list[str]:
+    """Log (and return) the symbolic links in ``folder`` (with the images' extension) whose target is
+    missing: they cannot be segmented, and a silent skip would look like a finished folder."""
+    accept = None
+    if image_format is not None:
+        ext = image_io.normalize_extension(image_format)
+        accept = image_io.TIFF_EXTENSIONS if ext in image_io.TIFF_EXTENSIONS else (ext,)
+    dangling = sorted(n for n in os.listdir(folder) if os.path.islink(os.path.join(folder, n))
+                      and not os.path.exists(os.path.join(folder, n))
+                      and (accept is None or os.path.splitext(n)[1].lower() in accept))
+    if dangling:
+        log.warning("%s: %d symbolic link(s) point to missing files and are skipped: %s%s; fix or remove them",
+                    folder, len(dangling), ", ".join(dangling[:5]), " ..." if len(dangling) > 5 else "")
+    return dangling
 
 
 def _check_mask_folder(mask_folder: str, image_folder: str, output_folder: str) -> None:
@@ -157,6 +196,7 @@ def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
     """Image name -> ground-truth mask path, paired by file stem (a.png scores a.tif)."""
     if not os.path.isdir(mask_folder):
         raise InputError(f"--mask_folder {mask_folder}: not a folder")
+    warn_dangling_links(mask_folder)
     by_stem = image_io.group_by_stem(image_io.list_images(mask_folder))
     pairs = {}
     for name in names:
@@ -169,6 +209,7 @@ def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
 
 
 def _working_set_limit(memory_limit_mb: float) -> int:
+    memory_limit_mb = checked_number("--memory_limit_mb", memory_limit_mb, 0, MAX_MEMORY_LIMIT_MB, "MB")
     if memory_limit_mb <= 0:
         raise InputError(f"--memory_limit_mb must be > 0, got {memory_limit_mb}")
     limit = int(memory_limit_mb * 2**20)
@@ -204,8 +245,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
-    if batch_size < 1:
-        raise InputError(f"--batch_size must be >= 1, got {batch_size}")
+    batch_size = checked_number("--batch_size", batch_size, 1, MAX_BATCH_SIZE, "tiles", integer=True)
+    working_set_limit = _working_set_limit(memory_limit_mb)
     if border not in BORDERS:
         raise InputError(f"--border must be one of {', '.join(BORDERS)}, got {border!r}")
     if probability_dtype not in PROBABILITY_DTYPES:
@@ -218,6 +259,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                          "choose another folder")
     if mask_folder:
         _check_mask_folder(mask_folder, image_folder, output_folder)
+    cliutil.check_output_folder(output_folder, "--output_folder")
     index, count = resolve_shard(shard_index, shard_count)
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
@@ -233,7 +275,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
             save_probabilities=bool(save_probabilities),
         probability_dtype=probability_dtype, tta=bool(tta), masks=masks, mask_map=truth_map, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
-        working_set_limit=_working_set_limit(memory_limit_mb), shard=(index, count))
+        working_set_limit=working_set_limit, shard=(index, count))
 
 
 def resolve_mask_map(mask_map: str | None, meta: ModelMetadata | Mapping[str, Any]) -> dict[int, int]:
@@ -243,9 +285,14 @@ def resolve_mask_map(mask_map: str | None, meta: ModelMetadata | Mapping[str, An
         if str(mask_map).strip().lower() == "none":
             return {}
         try:
-            return image_io.parse_mask_map(mask_map)
+            mapping = image_io.parse_mask_map(mask_map)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        too_large = sorted(v for pair in mapping.items() for v in pair if v > MAX_MASK_VALUE)
+        if too_large:
+            raise InputError(f"--mask_map {mask_map}: {too_large[-1]} is larger than any mask value ({MAX_MASK_VALUE}, "
+                             "int32); write it like 255:1")
+        return mapping
     try:
         mapping = image_io.parse_mask_map(dict(meta.get("mask_map") or {}))
     except ValueError:

@@ -121,15 +121,34 @@ class _ThreadedOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._put(_END)
-            self._thread.join()
+            try:
+                self._put(_END)
+            except BaseException:  # Ctrl-C while the queue is full, or the writer failed
+                self._stop.set()
+                self._join()
+                raise
+            self._join()
             if self._error is not None:
                 raise self._error
             return
         self._stop.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_END)
-        self._thread.join()
+        self._join()
+
+    def _join(self) -> None:
+        """Join the writer even through Ctrl-C (re-raised once it ended): no thread of ours outlives the
+        image's source or writes into a temporary already removed (issue #17)."""
+        interrupted = False
+        while self._thread.is_alive():
+            if self._stop.is_set():  # wake a writer waiting for a tile; a full queue wakes it anyway
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(_END)
+            try:
+                self._thread.join()
+            except KeyboardInterrupt:
+                interrupted = True
+                self._stop.set()
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 class _TiffTileOutput(_ThreadedOutput):
