@@ -264,8 +264,8 @@ def test_resolve_tile_size_refuses_nan_and_infinity_from_the_api():
 
 @pytest.mark.parametrize("where", ["writer thread", "in memory"])
 @pytest.mark.parametrize("error", [RuntimeError("tifffile: cannot encode tile"), OSError(errno.EIO, "I/O error")])
-def test_a_writer_error_fails_that_image_only(models, tmp_path, caplog, monkeypatch, where, error):
-    names = write_images(tmp_path / "images")
+def test_a_writer_error_fails_that_image_only(models, tmp_path, monkeypatch, where, error):
+    write_images(tmp_path / "images")
     if where == "writer thread":
         original = writers._ZarrOutput.consume
 
@@ -458,12 +458,6 @@ def test_ctrl_c_or_sigterm_exits_130_interrupted_last_keeps_finished_images(mode
 # ----------------------------------------------------------------------------- 8. damaged SavedModels
 
 
-def _truncate_variables(model):
-    data = os.path.join(model, "variables", "variables.data-00000-of-00001")
-    with open(data, "r+b") as fh:
-        fh.truncate(100)
-
-
 @pytest.mark.parametrize("damage, expected", [
     (lambda m: m.update({"channels": "two"}), "metadata field channels must be an integer"),
     (lambda m: m.pop("number_classes"), "lacks number_classes"),
@@ -492,7 +486,7 @@ def test_a_savedmodel_with_missing_or_damaged_variables_is_one_line(models, tmp_
     if damage == "variables/ missing":
         shutil.rmtree(os.path.join(model, "variables"))
     else:
-        _truncate_variables(model)
+        os.truncate(os.path.join(model, "variables", "variables.data-00000-of-00001"), 100)
     write_images(tmp_path / "images")
     assert run(model, tmp_path / "images", tmp_path / "out") == 2
     line = one_error_line(capsys)

@@ -299,7 +299,8 @@ def _finish(summary: Summary, settings: Settings, full: DiskFull | None) -> None
             summary.metrics_path = _write_metrics(summary, settings)
         except OSError as exc:
             if not cliutil.is_disk_full(exc):
-                raise
+                raise cliutil.FaultError(f"cannot write metrics.csv in {settings.output_folder} ({exc}): the masks "
+                                         "are kept; rerun the same command to score them") from None
             if full is None:
                 full = DiskFull(cliutil.disk_full_message(settings.output_folder, "metrics.csv", 2e3 * len(
                     summary.confusion), "the masks are kept; rerun to score them"))
