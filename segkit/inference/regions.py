@@ -123,7 +123,12 @@ def open_volume_view(path: str, dataset: str | None = None,
                      role: str = "image") -> tuple[LazyView, volume_io.Volume]:
     """(lazy ZYXC view, the opened Volume: close it) of a TIFF stack, .zarr store or HDF5 file.
     Bad axes, datasets or files raise InputError in one line (volume_io)."""
-    volume = volume_io.open_volume(build_volume.address(path, dataset, role), lazy=True)
+    try:
+        volume = volume_io.open_volume(build_volume.address(path, dataset, role), lazy=True)
+    except InputError as exc:
+        if dataset is None and "several datasets" in str(exc):
+            raise InputError(f"{exc}, or pass --{role}_dataset DATASET") from None
+        raise
     stored = volume.data_zyxc
     return LazyView(stored.array, stored.order, path), volume
 

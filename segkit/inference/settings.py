@@ -303,8 +303,9 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     overhead = float(np.prod([(t + 2 * h) / t for t, h in zip(tiling.per_axis(tile, meta.spatial_rank, "tile"),
                                                               tiling.per_axis(halo_px, meta.spatial_rank, "halo"))]))
     if overhead > 4:
-        log.warning("each %d px tile computes %.1fx its zone because of the %d px halo: a larger --tile_size is "
-                    "faster if memory allows (the result does not change)", tile, overhead, halo_px)
+        sizes = [",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in (tile, halo_px)]
+        log.warning("each %s px tile computes %.1fx its zone because of the %s px halo: a larger --tile_size is "
+                    "faster if memory allows (the result does not change)", sizes[0], overhead, sizes[1])
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
         names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size),
