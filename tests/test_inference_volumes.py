@@ -230,7 +230,7 @@ def _peak_run(model, images, out, *extra):
 
 @pytest.mark.slow
 def test_a_volume_over_the_memory_limit_segments_out_of_core_with_bounded_rss(saved, tmp_path):
-    small, large = (48, 96, 96), (96, 256, 256)
+    small, large = (32, 128, 128), (96, 256, 256)  # the same tile shape (16 x 112 x 112 with the y, x halo)
     for name, shape in (("small", small), ("large", large)):
         os.makedirs(tmp_path / name)
         write_ome_zarr(tmp_path / name / "vol.zarr", blob_volume(shape), chunks=(16, 64, 64))
