@@ -245,6 +245,7 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     applied per ``tta``); by default the model is loaded when the first image needs it.
     """
     settings = resolve_settings(**kwargs)
+    _SLICE_WISE_NOTICE.clear()  # said once per run
     index, count = settings.shard
     if count > 1:
         log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))
