@@ -24,6 +24,7 @@ from segkit.inference.settings import (
     DEFAULT_BORDER,
     DEFAULT_MEMORY_LIMIT_MB,
     DEFAULT_TILE_SIZE,
+    DEFAULT_VOLUME_TILE_SIZE,
     OUTPUT_FORMATS,
     PROBABILITY_DTYPES,
     OutputPaths,
@@ -63,9 +64,11 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--image_folder", required=True, help="folder of images to segment")
     p.add_argument("--output_folder", required=True, help="where masks (and the extras) go")
     p.add_argument("--image_format", default="tif", help="file extension of the images (tif also matches tiff)")
-    p.add_argument("--tile_size", type=int, default=DEFAULT_TILE_SIZE,
-                   help="zone of responsibility per tile, in pixels (the tile adds the halo on every side); rounded up "
-                        "to a multiple of the size factor and 16. Changes speed and memory, not the result")
+    p.add_argument("--tile_size", default=None,
+                   help=f"zone of responsibility per tile, in pixels (the tile adds the halo on interior sides): one "
+                        f"number, or z,y,x for volume models; rounded up to a multiple of the size factor (and of 16 "
+                        f"in y, x). Changes speed and memory, not the result. Default {DEFAULT_TILE_SIZE}, volume "
+                        f"models {DEFAULT_VOLUME_TILE_SIZE} per axis")
     p.add_argument("--halo", default="exact",
                    help="context around each zone: 'exact' = the model's theoretical receptive-field radius (tiled == "
                         "whole-image prediction), 'erf' = the measured effective radius (faster, near-identical), or pixels")
@@ -97,8 +100,16 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="tif",
                    help="tif = masks under the image's file name; zarr = OME-Zarr folders")
     p.add_argument("--memory_limit_mb", type=float, default=DEFAULT_MEMORY_LIMIT_MB,
-                   help="images whose float32 working set (H*W*(channels+classes)*4 bytes) exceeds this, or a quarter "
-                        "of the available memory, are processed out of core (TIFF)")
+                   help="images whose float32 working set (H*W*(channels+classes)*4 bytes; volumes Z*Y*X*...) exceeds "
+                        "this, or a quarter of the available memory, are processed out of core (TIFF, zarr, HDF5)")
+    p.add_argument("--image_dataset", default=None,
+                   help="dataset inside .zarr / .h5 volumes (default: 'raw' if present, else the only one or the "
+                        "OME-Zarr image), as build_lmdb.py")
+    p.add_argument("--mask_dataset", default=None,
+                   help="the same for --mask_folder volumes (default: 'labels' if present)")
+    p.add_argument("--slice_wise", type=cliutil.str2bool, nargs="?", const=True, default=None, metavar="0/1",
+                   help="1 = a 2-D model segments volumes section by section (default: automatic for a 2-D model "
+                        "given volumes; 0 refuses them)")
     p.add_argument("--number_classes", type=int, default=None,
                    help="the original's flag: checked against the model's metadata (default: the model's)")
     p.add_argument("--number_channels", type=int, default=None,

@@ -10,6 +10,7 @@ No TensorFlow here.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -135,24 +136,29 @@ def to_hwc(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a 2-D image (HW or HWC), got shape {image.shape}")
 
 
-def _stat_blocks(image: np.ndarray, rows_per_chunk: int, cols_per_chunk: int | None) -> Iterator[np.ndarray]:
-    """Blocks of ``rows_per_chunk`` along the first axis (and ``cols_per_chunk`` along the second when the
-    image has two spatial axes or more), every other axis whole. Indexes with at most two slices, so
-    lazy HWC readers (inference's out-of-core images) work too."""
-    rows = max(1, rows_per_chunk)
-    if image.ndim < 3 or cols_per_chunk is None:
-        for y in range(0, image.shape[0], rows):
-            yield image[y : y + rows]
-        return
-    for y in range(0, image.shape[0], rows):
-        for x in range(0, image.shape[1], max(1, cols_per_chunk)):
-            yield image[y : y + rows, x : x + cols_per_chunk]
+def _stat_blocks(image: np.ndarray, rows_per_chunk: int, cols_per_chunk: int | None,
+                 block_shape: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Blocks of ``block_shape`` over the leading (spatial) axes, every later axis whole; without it,
+    ``rows_per_chunk`` along the first axis (and ``cols_per_chunk`` along the second when the image has two
+    spatial axes or more). Indexes with a tuple of slices only, so lazy readers (inference's out-of-core
+    images and volumes) work too."""
+    if block_shape is None:
+        rows = max(1, rows_per_chunk)
+        if image.ndim < 3 or cols_per_chunk is None:
+            block_shape = (rows,)
+        else:
+            block_shape = (rows, max(1, cols_per_chunk))
+    steps = [max(1, int(b)) for b in block_shape]
+    starts = itertools.product(*(range(0, n, step) for n, step in zip(image.shape, steps)))
+    for start in starts:
+        yield image[tuple(slice(s, s + step) for s, step in zip(start, steps))]
 
 
-def image_stats(image: np.ndarray, rows_per_chunk: int = 1024,
-                cols_per_chunk: int | None = None) -> tuple[list[float], list[float]]:
+def image_stats(image: np.ndarray, rows_per_chunk: int = 1024, cols_per_chunk: int | None = None,
+                block_shape: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation over every spatial axis (``image``: spatial axes, then
-    channels last: HWC, ZYXC, ...).
+    channels last: HWC, ZYXC, ...). ``block_shape``: one block size per leading spatial axis (e.g. an
+    on-disk volume's chunks); default ``rows_per_chunk`` (x ``cols_per_chunk``) blocks.
 
     Walks blocks (:func:`_stat_blocks`) in float64, so peak memory depends on the block, not the image
     (in-memory, memory-mapped and zarr-backed arrays alike). Numerically stable: each block's mean and
@@ -161,7 +167,7 @@ def image_stats(image: np.ndarray, rows_per_chunk: int = 1024,
     """
     channels = image.shape[-1]
     count, mean, m2 = 0, np.zeros(channels, np.float64), np.zeros(channels, np.float64)
-    for block in _stat_blocks(image, rows_per_chunk, cols_per_chunk):
+    for block in _stat_blocks(image, rows_per_chunk, cols_per_chunk, block_shape):
         block = np.asarray(block, dtype=np.float64).reshape(-1, channels)
         n = block.shape[0]
         if n == 0:

@@ -2,7 +2,7 @@
 
 One home for: which axes a file declares, which of its metadata gives the voxel size (in micrometres,
 (z, y, x) order), and the ``--voxel_size z,y,x`` flag value. Zarr and HDF5 volumes are read lazily
-(:class:`ZYXCView` reads only the region asked for); TIFF stacks are read whole. Bad input raises
+(:class:`ZYXCView` reads only the region asked for); TIFF stacks are read whole, or lazily on request. Bad input raises
 :class:`segkit.cliutil.InputError` in one line. No TensorFlow here.
 """
 from __future__ import annotations
@@ -214,15 +214,18 @@ def _ome_spacing(tif, where: str) -> tuple[tuple | None, str]:
     return _valid_spacing(sizes), "OME PhysicalSizeZ/Y/X"
 
 
-def read_tiff_volume(path: str, axes: str | None = None) -> Volume:
-    """A TIFF stack (ImageJ hyperstack, OME-TIFF or plain multi-page), read whole as (Z, Y, X, C)."""
+def read_tiff_volume(path: str, axes: str | None = None, lazy: bool = False) -> Volume:
+    """A TIFF stack (ImageJ hyperstack, OME-TIFF or plain multi-page) as (Z, Y, X, C): read whole, or with
+    ``lazy`` a :class:`ZYXCView` that reads only the pages / tiles asked for (memory-mapped when the file is
+    uncompressed and contiguous, else through tifffile's zarr store); close the Volume when done."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             stored_axes = axes or series.axes
-            data = series.asarray()
+            shape, contiguous = tuple(series.shape), series.dataoffset is not None
+            data = None if lazy else series.asarray()
             if tif.is_ome:
                 spacing, found = _ome_spacing(tif, path)
             elif tif.is_imagej:
@@ -230,12 +233,30 @@ def read_tiff_volume(path: str, axes: str | None = None) -> Volume:
             else:
                 spacing, found = None, "no ImageJ or OME metadata"
             xy = _tiff_xy_um(tif.pages[0])
+        order, note = axes_order(stored_axes, shape, path)
+        closers = []
+        if lazy:
+            data, closers = _lazy_tiff(path, contiguous)
     except (OSError, ValueError, tifffile.TiffFileError) as error:
         raise InputError(f"{path}: cannot read TIFF ({error}); re-export the stack") from None
-    order, note = axes_order(stored_axes, data.shape, path)
     if spacing is None and xy is not None:
         found += f"; resolution tags give y, x = {xy[0]:.6g}, {xy[1]:.6g} um but no z spacing"
-    return Volume(_reorder(data, order), spacing, _describe(path, "TIFF", stored_axes, found, note), stored_axes)
+    view = ZYXCView(data, order) if lazy else _reorder(data, order)
+    return Volume(view, spacing, _describe(path, "TIFF", stored_axes, found, note), stored_axes, closers)
+
+
+def _lazy_tiff(path: str, contiguous: bool):
+    """(array of series 0 read on demand, closers): a memory map when uncompressed, else a zarr view."""
+    import tifffile
+    import zarr
+
+    if contiguous:
+        return tifffile.memmap(path, mode="r"), []
+    store = tifffile.imread(path, aszarr=True)
+    array = zarr.open(store, mode="r")
+    if isinstance(array, zarr.Group):  # pyramid: full resolution
+        array = array["0"]
+    return array, [store.close]
 
 
 def _describe(path, kind, axes, found, note="") -> str:
@@ -401,8 +422,10 @@ def read_zarr_volume(address: str, axes: str | None = None) -> Volume:
 # ---- Entry point -----------------------------------------------------------------------------------
 
 def open_volume(address: str, axes: str | None = None,
-                voxel_size_zyx_um: tuple[float, float, float] | None = None) -> Volume:
+                voxel_size_zyx_um: tuple[float, float, float] | None = None, lazy: bool = False) -> Volume:
     """Open a volume by its address (TIFF file, ``.zarr`` store or array, ``file.h5/dataset``).
+
+    Zarr and HDF5 are always lazy; ``lazy`` makes TIFF stacks lazy too (:func:`read_tiff_volume`).
 
     ``axes`` overrides the stored axes (letters, e.g. 'zcyx'); ``voxel_size_zyx_um`` (from
     :func:`parse_voxel_size`) overrides what the metadata says.
@@ -416,7 +439,7 @@ def open_volume(address: str, axes: str | None = None,
     elif lower.endswith((".tif", ".tiff")):
         if not os.path.isfile(address):
             raise InputError(f"{address}: no such file")
-        volume = read_tiff_volume(address, axes)
+        volume = read_tiff_volume(address, axes, lazy=lazy)
     else:
         raise InputError(f"{address}: not a volume format this toolkit reads (TIFF stack, .zarr, file.h5/dataset)")
     if voxel_size_zyx_um is not None:

@@ -411,7 +411,8 @@ def test_a_truncated_tiff_is_one_line_naming_the_file(models, tmp_path, caplog, 
 
 
 @pytest.mark.parametrize("stack", ["7 pages", "ImageJ ZYX of 3"])
-def test_a_z_stack_given_to_a_2d_model_is_named_a_z_stack(models, tmp_path, stack):
+def test_a_z_stack_given_to_a_2d_model_is_segmented_section_by_section(models, tmp_path, stack):
+    """Once a z-stack was refused as "N channels"; now a 2-D model segments it section by section (issue #15)."""
     os.makedirs(tmp_path / "images")
     path = tmp_path / "images" / "stack.tif"
     if stack == "7 pages":
@@ -420,8 +421,8 @@ def test_a_z_stack_given_to_a_2d_model_is_named_a_z_stack(models, tmp_path, stac
         tifffile.imwrite(path, np.ones((3, 40, 40), np.uint16), imagej=True, metadata={"axes": "ZYX"})
     summary = folder.segment_folder(saved_model_filepath=models["pointwise"], predict_fn=pointwise_numpy(1, 2),
                                     image_folder=str(tmp_path / "images"), output_folder=str(tmp_path / "out"))
-    message = summary.failed[0][1]
-    assert "this looks like a z-stack" in message and "channel(s) but the model expects" not in message
+    assert summary.segmented == ["stack.tif"] and not summary.failed
+    assert tifffile.imread(tmp_path / "out" / "stack.tif").shape == (7 if stack == "7 pages" else 3, 40, 40)
 
 
 def test_an_error_line_starts_on_a_fresh_line_after_the_progress_bar(models, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Inference over a folder: one image (predict, score, overlay), the folder loop and its Summary.
+"""Inference over a folder: one image or volume (predict, score, overlay), the folder loop and its Summary.
 
 See README.md, "Stage 3".
 """
@@ -17,9 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from segkit import cliutil, image_io, metrics, tiling
-from segkit.calibration import read_calibration
+from segkit.cliutil import InputError
 from segkit.inference.predictor import MISMATCH, SavedModelPredictor, with_tta
-from segkit.inference.regions import open_source, opened, stats_blocks
+from segkit.inference.regions import is_volume, open_source, opened
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
 from segkit.inference.writers import open_outputs
 
@@ -38,37 +38,63 @@ def _bar_interval() -> float:
 
 
 def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, settings: Settings) -> str:
-    """Predict one image and write the requested outputs; returns a one-line description."""
+    """Predict one image or volume and write the requested outputs; returns a one-line description."""
     source = open_source(path, settings)
     try:
-        image = source.image_hwc
+        image = source.image
         spatial = tuple(image.shape[:-1])
-        mean, std = image_io.image_stats(image, **stats_blocks(image))
+        mean, std = image_io.image_stats(image, **source.stats_blocks)
         if not np.all(np.isfinite(mean + std)):
             raise ValueError(f"{path}: image contains NaN or infinite pixels; replace them first")
-        plan = tiling.plan_tiles(spatial, settings.tile_size, settings.halo, settings.size_factor, settings.border)
+        tile, halo, factor = settings.geometry(len(spatial))
+        slice_wise = len(spatial) > settings.spatial_rank
+        if slice_wise:
+            predict_fn = _slice_wise(predict_fn, path, settings)
+        plan = tiling.plan_tiles(spatial, tile, halo, factor, settings.border)
         # A tile bar for large images, on a terminal only (batch logs get the per-image line).
         show_bar = (source.out_of_core or len(plan.zones) >= TILE_PROGRESS_MIN_TILES) and sys.stderr.isatty()
         from tqdm import tqdm
 
         with contextlib.ExitStack() as stack:
-            outputs = open_outputs(stack, todo, spatial, source.out_of_core, settings,
-                                   calibration=read_calibration(path), name=os.path.basename(path))
+            outputs = open_outputs(stack, todo, spatial, source.out_of_core, settings, calibration=source.calibration,
+                                   name=os.path.basename(path), tile=tile)
             bar = stack.enter_context(tqdm(total=len(plan.zones), desc=os.path.basename(path), unit="tile",
                                            leave=False, disable=not show_bar))
 
-            def sink(zone: tiling.Zone, probs_hwk: np.ndarray) -> None:
+            def sink(zone: tiling.Zone, probs: np.ndarray) -> None:
                 for out in outputs:
-                    out.put(zone, probs_hwk)
+                    out.put(zone, probs)
 
-            tiling.predict_tiled(image, predict_fn, settings.tile_size, settings.halo, settings.size_factor,
+            tiling.predict_tiled(image, predict_fn, tile, halo, factor,
                                  batch_size=settings.batch_size, preprocess=lambda t: image_io.normalize(t, mean, std),
                                  sink=sink, progress=bar.update, border=settings.border)
     finally:
         source.close()
     where = "out of core" if source.out_of_core else "in memory"
+    halo_text = _size(tiling.per_axis(halo, len(spatial), "halo")) if source.volume else settings.halo
+    mode = ", 2-D model section by section" if slice_wise else ""
     return (f"{_size(spatial)}, {len(tiling.tile_groups(plan))} tile(s) of {_size(plan.tile_shape)} "
-            f"(halo {settings.halo}, border {settings.border}), {where}")
+            f"(halo {halo_text}, border {settings.border}{mode}), {where}")
+
+
+_SLICE_WISE_NOTICE: list[bool] = []
+
+
+def _slice_wise(predict_fn: Callable, path: str, settings: Settings) -> Callable:
+    """A 2-D model over (N, Z, Y, X, C) tiles of one section each (z tile 1): (N*Z, Y, X, C) through the model."""
+    if settings.slice_wise is False:
+        raise InputError(f"{path}: a volume, but the model is 2-D and --slice_wise 0 was given; pass --slice_wise 1 "
+                         "(the 2-D model section by section) or a 3-D model")
+    if not _SLICE_WISE_NOTICE:
+        _SLICE_WISE_NOTICE.append(True)
+        log.info("the model is 2-D: volumes are segmented section by section (--slice_wise)")
+
+    def predict(batch_nzyxc: np.ndarray) -> np.ndarray:
+        n, z = batch_nzyxc.shape[:2]
+        probs = np.asarray(predict_fn(batch_nzyxc.reshape((n * z,) + batch_nzyxc.shape[2:])))
+        return probs.reshape((n, z) + probs.shape[1:])
+
+    return predict
 
 
 def _size(shape: tuple[int, ...]) -> str:
@@ -76,21 +102,22 @@ def _size(shape: tuple[int, ...]) -> str:
 
 
 def confusion_from_files(pred_path: str, truth_path: str, number_classes: int,
-                         mask_map: dict[int, int] | None = None) -> tuple[np.ndarray, int, set[int]]:
+                         mask_map: dict[int, int] | None = None, volume: bool = False,
+                         mask_dataset: str | None = None) -> tuple[np.ndarray, int, set[int]]:
     """Confusion matrix of a written mask against ground truth (values remapped by ``mask_map``
-    first), row block by row block.
+    first), block by block along the first axis (rows; z sections of volumes).
 
     Returns (cm, pixels of the truth with a class id outside [0, number_classes), those ids).
     """
-    with opened(pred_path) as pred, opened(truth_path) as truth:
-        if truth.shape[2] != 1:
-            raise ValueError(f"{truth_path}: ground-truth mask has {truth.shape[2]} channels; masks are single-channel")
-        if tuple(truth.shape[:2]) != tuple(pred.shape[:2]):
-            raise ValueError(f"{truth_path}: ground-truth mask is {truth.shape[0]}x{truth.shape[1]} but the image is "
-                             f"{pred.shape[0]}x{pred.shape[1]}; they must match pixel for pixel")
+    with opened(pred_path, volume) as pred, opened(truth_path, volume, mask_dataset, role="mask") as truth:
+        if truth.shape[-1] != 1:
+            raise ValueError(f"{truth_path}: ground-truth mask has {truth.shape[-1]} channels; masks are single-channel")
+        if tuple(truth.shape[:-1]) != tuple(pred.shape[:-1]):
+            raise ValueError(f"{truth_path}: ground-truth mask is {_size(truth.shape[:-1])} but the image is "
+                             f"{_size(pred.shape[:-1])}; they must match {'voxel for voxel' if volume else 'pixel for pixel'}")
         cm = np.zeros((number_classes, number_classes), np.int64)
         outside, outside_ids = 0, set()
-        rows = max(1, (16 * 2**20) // max(1, pred.shape[1]))
+        rows = max(1, (16 * 2**20) // max(1, int(np.prod(pred.shape[1:-1]))))
         for y in range(0, pred.shape[0], rows):
             t = np.asarray(truth[y : y + rows])[..., 0].astype(np.int64)
             if mask_map:
@@ -114,12 +141,17 @@ def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = image_io.OVERLAY_ALPHA) -> None:
-    """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side."""
-    with opened(image_path) as image, opened(mask_path) as mask:
-        step = max(1, -(-max(image.shape[0], image.shape[1]) // OVERLAY_MAX_SIDE))
-        rgb = _display_rgb(np.asarray(image[::step, ::step]))
-        classes = np.asarray(mask[::step, ::step])[..., 0]
+def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = image_io.OVERLAY_ALPHA,
+                  volume: bool = False, image_dataset: str | None = None) -> None:
+    """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side; of a
+    volume, its middle z section."""
+    with opened(image_path, volume, image_dataset) as image, opened(mask_path, volume) as mask:
+        lead = (image.shape[0] // 2,) if volume else ()
+        height, width = image.shape[len(lead) : len(lead) + 2]
+        step = max(1, -(-max(height, width) // OVERLAY_MAX_SIDE))
+        plane = lead + (slice(None, None, step),) * 2
+        rgb = _display_rgb(np.asarray(image[plane]))
+        classes = np.asarray(mask[plane])[..., 0]
     out = image_io.tint(rgb, classes, alpha)
     import imageio.v3 as iio
 
@@ -171,6 +203,7 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
     A full disk fails the image and raises :class:`DiskFull` (the folder stops; see docs/faults.md).
     """
     path = os.path.join(settings.image_folder, name)
+    volume = is_volume(path, settings.meta.channels)
     paths = output_paths(name, settings)
     todo = paths.todo(settings.overwrite)
     start = time.perf_counter()
@@ -186,14 +219,16 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
             log.debug("%s: outputs exist, skipped", name)
         if "overlay" in todo:
             writing = {"overlay": todo["overlay"]}
-            write_overlay(path, paths.mask, paths.overlay)
+            write_overlay(path, paths.mask, paths.overlay, volume=volume, image_dataset=settings.image_dataset)
+            if volume:
+                log.info("%s: the overlay shows the middle z section", name)
         writing = {}
         if settings.masks is not None:
             if name not in settings.masks:
                 log.warning("%s: no ground-truth mask with this stem in the mask folder; not scored", name)
             else:
                 cm, outside, ids = confusion_from_files(paths.mask, settings.masks[name], settings.number_classes,
-                                                        settings.mask_map)
+                                                        settings.mask_map, volume, settings.mask_dataset)
                 summary.confusion[name] = cm
                 if outside:
                     hint = image_io.mask_values_hint({0} | ids)  # outside ids {255}: a 0/255 mask
@@ -260,6 +295,7 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     applied per ``tta``); by default the model is loaded when the first image needs it.
     """
     settings = resolve_settings(**kwargs)
+    _SLICE_WISE_NOTICE.clear()  # said once per run
     index, count = settings.shard
     if count > 1:
         log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))

@@ -10,13 +10,17 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from segkit import cliutil, image_io, model_metadata
+import numpy as np
+
+from segkit import build_volume, cliutil, image_io, model_metadata, tiling
 from segkit.cliutil import InputError
 from segkit.model_metadata import ModelMetadata
+from segkit.tiling import PerAxis
 
 log = logging.getLogger("inference_unet.settings")
 
 DEFAULT_TILE_SIZE = 1024
+DEFAULT_VOLUME_TILE_SIZE = 128  # per axis, for volume models: a 128^3 zone plus halo fits a CPU's memory
 BORDERS = ("zero", "mirror")  # tiling.BORDERS; see README "Exact tiling"
 DEFAULT_BORDER = "zero"
 DEFAULT_MEMORY_LIMIT_MB = 2048
@@ -56,23 +60,49 @@ class Settings:
     output_format: str
     working_set_limit: int                # bytes
     shard: tuple[int, int]
+    image_dataset: str | None = None      # dataset inside .zarr / .h5 images (build_volume.address's default)
+    mask_dataset: str | None = None       # the same for --mask_folder volumes
+    slice_wise: bool | None = None        # a 2-D model on volumes: section by section (None: automatic)
 
     @property
-    def size_factor(self) -> int:
+    def size_factor(self) -> int | tuple[int, ...]:
         return self.meta.size_factor
+
+    @property
+    def spatial_rank(self) -> int:
+        return self.meta.spatial_rank
+
+    def geometry(self, spatial_ndim: int) -> tuple[PerAxis, PerAxis, PerAxis]:
+        """(tile, halo, size factor) for an input of ``spatial_ndim`` axes: the model's own, or for a 2-D
+        model on a volume (slice-wise) one section per tile: z tile 1, z halo 0, z size factor 1."""
+        if spatial_ndim == self.spatial_rank:
+            return self.tile_size, self.halo, self.size_factor
+        yx = [tiling.per_axis(v, 2, name) for v, name in ((self.tile_size, "tile"), (self.halo, "halo"),
+                                                          (self.size_factor, "size_factor"))]
+        return (1,) + yx[0], (0,) + yx[1], (1,) + yx[2]
 
     @property
     def number_classes(self) -> int:
         return self.meta.number_classes
 
 
-def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]) -> int:
+def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]) -> int | tuple[int, ...]:
     """'exact' (default): theoretical radius; 'erf': measured effective radius; or pixels.
 
-    Rounded up to a multiple of the size factor so tiles align with the model's pooling grid.
+    Rounded up to a multiple of the size factor so tiles align with the model's pooling grid. One value
+    per spatial axis (a tuple) when the metadata give the size factor or radius per axis (volume models).
     """
-    factor = int(meta["size_factor"])
-    radius = int(math.ceil(float(meta["receptive_field_radius"])))
+    factors, radii = meta["size_factor"], meta["receptive_field_radius"]
+    if not isinstance(factors, (list, tuple)) and not isinstance(radii, (list, tuple)):
+        return _halo_pixels(halo, int(factors), float(radii), meta)
+    ndim = len(factors) if isinstance(factors, (list, tuple)) else len(radii)
+    factors = factors if isinstance(factors, (list, tuple)) else [factors] * ndim
+    radii = radii if isinstance(radii, (list, tuple)) else [radii] * ndim
+    return tuple(_halo_pixels(halo, int(f), float(r), meta) for f, r in zip(factors, radii))
+
+
+def _halo_pixels(halo: str | int | None, factor: int, radius_px: float, meta: Mapping[str, Any]) -> int:
+    radius = int(math.ceil(radius_px))
     spec = "exact" if halo is None else str(halo).strip().lower()
     if spec == "exact":
         pixels = radius
@@ -95,11 +125,36 @@ def resolve_halo(halo: str | int | None, meta: ModelMetadata | Mapping[str, Any]
     return rounded
 
 
-def resolve_tile_size(tile_size: int, size_factor: int) -> int:
-    """Round the zone size up to a multiple of the size factor and of 16 (TIFF tiles)."""
-    tile = checked_number("--tile_size", tile_size, 1, MAX_TILE_SIZE, "pixels", integer=True)
-    step = math.lcm(size_factor, TIFF_TILE_MULTIPLE)
-    return -(-int(tile) // step) * step
+def parse_tile_size(tile_size: int | str | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """``--tile_size``: one number, or one per axis (``16,128,128``: z,y,x for volume models)."""
+    if tile_size is None or isinstance(tile_size, int):
+        return tile_size
+    parts = str(tile_size).replace(",", " ").split() if isinstance(tile_size, str) else list(tile_size)
+    try:
+        values = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) not in (1, 2, 3):
+        raise InputError(f"--tile_size must be one number or one per axis (z,y,x for volumes), got {tile_size!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def resolve_tile_size(tile_size: int | Sequence[int], size_factor: int | Sequence[int]) -> int | tuple[int, ...]:
+    """Round the zone size up to a multiple of the size factor and, on the last two (y, x) axes, of 16 (TIFF
+    tiles). One int for one int and a scalar factor (2-D models); else one value per axis."""
+    per_axis = isinstance(tile_size, (list, tuple)) or isinstance(size_factor, (list, tuple))
+    ndim = len(size_factor) if isinstance(size_factor, (list, tuple)) else len(tile_size) if per_axis else 1
+    given = tuple(tile_size) if isinstance(tile_size, (list, tuple)) else (tile_size,)
+    given = tuple(checked_number("--tile_size", t, 1, MAX_TILE_SIZE, "pixels", integer=True) for t in given)
+    try:
+        tiles = tiling.per_axis(given if per_axis and len(given) > 1 else given[0], ndim, "tile")
+    except ValueError:
+        raise InputError(f"--tile_size must be one number or {ndim} (one per axis, z,y,x), got "
+                         f"{','.join(map(str, given))}") from None
+    factors = tiling.per_axis(size_factor, ndim, "size_factor")
+    steps = [f if axis < ndim - 2 else math.lcm(f, TIFF_TILE_MULTIPLE) for axis, f in enumerate(factors)]
+    rounded = tuple(-(-t // step) * step for t, step in zip(tiles, steps))
+    return rounded if per_axis else rounded[0]
 
 
 def checked_number(flag: str, value: Any, low: float, high: float, unit: str = "", integer: bool = False) -> float:
@@ -155,10 +210,13 @@ def _list_inputs(image_folder: str, image_format: str) -> list[str]:
     if not os.path.isdir(image_folder):
         raise InputError(f"--image_folder {image_folder}: not a folder")
     warn_dangling_links(image_folder, image_format)
-    names = image_io.list_images(image_folder, image_format)
+    if build_volume.is_container_format(image_format):  # .zarr stores (folders) or HDF5 files
+        names = build_volume.list_containers(image_folder, image_format)
+    else:
+        names = image_io.list_images(image_folder, image_format)
     if not names:
         raise InputError(image_io.no_images_message(image_folder, image_format))
-    clashes = image_io.stem_clashes(names)
+    clashes = [" / ".join(group) for group in _group_by_stem(names).values() if len(group) > 1]
     if clashes:
         raise InputError(f"{image_folder}: images share a file stem ({', '.join(clashes[:5])}), so their outputs "
                          "would collide; rename or move one of each")
@@ -192,15 +250,31 @@ def _check_mask_folder(mask_folder: str, image_folder: str, output_folder: str) 
                          "truth; pass the folder of the masks")
 
 
+def input_stem(name: str) -> str:
+    """The stem outputs and masks pair by: ``image_io.stem``, and ``vol`` for ``vol.ome.zarr``."""
+    base = image_io.stem(name)
+    return base[: -len(".ome")] if name.lower().endswith(".ome.zarr") else base
+
+
+def _group_by_stem(names: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(input_stem(name), []).append(name)
+    return groups
+
+
 def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
-    """Image name -> ground-truth mask path, paired by file stem (a.png scores a.tif)."""
+    """Image name -> ground-truth mask path, paired by file stem (a.png scores a.tif; a.zarr / a.h5
+    volumes too)."""
     if not os.path.isdir(mask_folder):
         raise InputError(f"--mask_folder {mask_folder}: not a folder")
     warn_dangling_links(mask_folder)
-    by_stem = image_io.group_by_stem(image_io.list_images(mask_folder))
+    containers = [n for n in os.listdir(mask_folder) if not n.startswith(".")
+                  and n.lower().endswith(build_volume.CONTAINER_EXTENSIONS) and os.path.isdir(os.path.join(mask_folder, n))]
+    by_stem = _group_by_stem(image_io.list_images(mask_folder) + sorted(containers))
     pairs = {}
     for name in names:
-        found = by_stem.get(image_io.stem(name), [])
+        found = by_stem.get(input_stem(name), [])
         if len(found) > 1:
             raise InputError(f"{mask_folder}: several masks share the stem of {name} ({', '.join(found)}); keep one")
         if found:
@@ -237,12 +311,14 @@ def load_model_metadata(saved_model_filepath: str, label: str | None = None) -> 
 
 
 def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_folder: str, image_format: str = "tif",
-                     tile_size: int = DEFAULT_TILE_SIZE, halo: str | int | None = "exact",
+                     tile_size: int | str | Sequence[int] | None = None, halo: str | int | None = "exact",
                      border: str = DEFAULT_BORDER, batch_size: int = 1,
                      save_probabilities: bool = False, probability_dtype: str = "float32", tta: bool = False,
                      mask_folder: str | None = None, overlay: bool = False, shard_index: int | None = None,
                      shard_count: int | None = None, overwrite: bool = False, output_format: str = "tif",
-                     memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None) -> Settings:
+                     memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None,
+                     image_dataset: str | None = None, mask_dataset: str | None = None,
+                     slice_wise: bool | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
     batch_size = checked_number("--batch_size", batch_size, 1, MAX_BATCH_SIZE, "tiles", integer=True)
@@ -264,18 +340,43 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     mine = shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
     truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
-    tile, halo_px = resolve_tile_size(tile_size, meta.size_factor), resolve_halo(halo, meta)
-    overhead = ((tile + 2 * halo_px) / tile) ** 2
+    tile, halo_px = _model_tile_size(tile_size, meta), resolve_halo(halo, meta)
+    if tta and meta.spatial_rank == 3:
+        raise InputError("--tta 1 averages flips and rotations of 2-D images; for volume models it is not "
+                         "implemented (the y, x plane's symmetries would be): drop --tta")
+    if slice_wise and meta.spatial_rank == 3:
+        raise InputError("--slice_wise 1 applies a 2-D model section by section, but this model segments volumes "
+                         "(spatial rank 3); drop --slice_wise")
+    overhead = float(np.prod([(t + 2 * h) / t for t, h in zip(tiling.per_axis(tile, meta.spatial_rank, "tile"),
+                                                              tiling.per_axis(halo_px, meta.spatial_rank, "halo"))]))
     if overhead > 4:
-        log.warning("each %d px tile computes %.1fx its zone because of the %d px halo: a larger --tile_size is "
-                    "faster if memory allows (the result does not change)", tile, overhead, halo_px)
+        sizes = [",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in (tile, halo_px)]
+        log.warning("each %s px tile computes %.1fx its zone because of the %s px halo: a larger --tile_size is "
+                    "faster if memory allows (the result does not change)", sizes[0], overhead, sizes[1])
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
         names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size),
             save_probabilities=bool(save_probabilities),
         probability_dtype=probability_dtype, tta=bool(tta), masks=masks, mask_map=truth_map, overlay=bool(overlay),
         overwrite=bool(overwrite), output_format=output_format,
-        working_set_limit=working_set_limit, shard=(index, count))
+        working_set_limit=working_set_limit, shard=(index, count),
+        image_dataset=image_dataset or None, mask_dataset=mask_dataset or None,
+        slice_wise=None if slice_wise is None else bool(slice_wise))
+
+
+def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata) -> int | tuple[int, ...]:
+    """``--tile_size`` for the model: one number (2-D models: as before; volume models: a cube) or z,y,x
+    (volume models only); default DEFAULT_TILE_SIZE, or DEFAULT_VOLUME_TILE_SIZE per axis for volume models."""
+    tile = parse_tile_size(tile_size)
+    rank = meta.spatial_rank
+    if tile is None:
+        tile = DEFAULT_TILE_SIZE if rank == 2 else (DEFAULT_VOLUME_TILE_SIZE,) * rank
+    if isinstance(tile, tuple) and len(tile) != rank:
+        raise InputError(f"--tile_size {','.join(map(str, tile))}: give one number or {rank} (one per spatial axis"
+                         f"{', z,y,x' if rank == 3 else ''}) for this {rank}-D model")
+    if rank == 3 and not isinstance(tile, tuple):
+        tile = (tile,) * 3
+    return resolve_tile_size(tile, meta.size_factor)
 
 
 def resolve_mask_map(mask_map: str | None, meta: ModelMetadata | Mapping[str, Any]) -> dict[int, int]:
@@ -320,9 +421,11 @@ class OutputPaths:
 
 
 def output_paths(name: str, settings: Settings) -> OutputPaths:
-    folder, base, ext = settings.output_folder, image_io.stem(name), os.path.splitext(name)[1]
+    folder, base, ext = settings.output_folder, input_stem(name), os.path.splitext(name)[1]
     if settings.output_format == "zarr":
         mask = os.path.join(folder, base + ".zarr")
+    elif ext.lower() in build_volume.CONTAINER_EXTENSIONS:  # a .zarr / .h5 volume: a TIFF stack
+        mask = os.path.join(folder, base + ".tif")
     else:
         mask = os.path.join(folder, base + ".png" if ext.lower() in LOSSY_EXTENSIONS else name)
     probs_ext = ".zarr" if settings.output_format == "zarr" else ".tif"

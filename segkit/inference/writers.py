@@ -18,6 +18,7 @@ import numpy as np
 from segkit import cliutil, image_io, tiling
 from segkit.calibration import Calibration, ome_zarr_unit, tiff_kwargs
 from segkit.inference.settings import Settings
+from segkit.tiling import PerAxis
 
 WRITE_QUEUE_TILES = 4
 PYRAMID_MAX_SIDE = 1024  # OME-Zarr levels halve the image while its largest side is above this
@@ -43,14 +44,20 @@ class _ArrayOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            array = np.moveaxis(self.array, -1, 0) if self.channels else self.array
+            array = class_axis_stored(self.array) if self.channels else self.array
             write_whole(self.tmp_path, array, channels=self.channels, calibration=self.calibration)
 
 
 def tiff_axes(ndim: int, channels: bool) -> str:
-    """'YX', 'CYX', 'ZYX' or 'CZYX': channel-first, as ImageJ hyperstacks are stored."""
+    """'YX', 'CYX', 'ZYX' or 'ZCYX': the class axis before Y, X, as ImageJ hyperstacks are stored."""
     spatial = ndim - 1 if channels else ndim
-    return ("C" if channels else "") + "ZYX"[-spatial:]
+    axes = "ZYX"[-spatial:]
+    return axes[:-2] + "C" + axes[-2:] if channels else axes
+
+
+def class_axis_stored(array: np.ndarray) -> np.ndarray:
+    """Probabilities (spatial..., K) -> as stored in TIFFs: (K, Y, X) or (Z, K, Y, X) (:func:`tiff_axes`)."""
+    return np.moveaxis(array, -1, -3)
 
 
 def write_whole(path: str, array: np.ndarray, channels: bool = False, calibration: Calibration | None = None) -> None:
@@ -63,12 +70,14 @@ def write_whole(path: str, array: np.ndarray, channels: bool = False, calibratio
     import tifffile
 
     axes = tiff_axes(array.ndim, channels)
+    spacing = {"spacing": calibration.pixel_size_yx[0]} if calibration and "Z" in axes \
+        and len(calibration.pixel_size_yx) == 3 else {}  # a volume's z step (ImageJ's 'spacing')
     if array.dtype in IMAGEJ_DTYPES:
         extra = tiff_kwargs(calibration, imagej=True)
-        metadata = {"axes": axes, **({"unit": extra.pop("unit")} if "unit" in extra else {})}
+        metadata = {"axes": axes, **spacing, **({"unit": extra.pop("unit")} if "unit" in extra else {})}
         tifffile.imwrite(path, array, imagej=True, compression="zlib", metadata=metadata, **extra)
     else:  # e.g. uint32 masks of > 65535 classes: a plain TIFF
-        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", metadata={"axes": axes},
+        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack", metadata={"axes": axes, **spacing},
                          **tiff_kwargs(calibration, imagej=False))
 
 
@@ -155,10 +164,11 @@ class _TiffTileOutput(_ThreadedOutput):
     """A tiled, zlib-compressed, calibrated BigTIFF written tile by tile (zones in raster order = TIFF tiles).
 
     Probabilities (``channels``) are stored channel-first, one plane per class; zones arrive with every
-    class at once, so they are gathered in a disk-backed array beside the output first.
+    class at once, so they are gathered in a disk-backed array beside the output first. Volumes too (a zone
+    spans several pages), then written as an ImageJ stack (:func:`write_whole`) from that array.
     """
 
-    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, tile: int, encode: Callable,
+    def __init__(self, tmp_path: str, shape: tuple[int, ...], dtype: np.dtype, tile: PerAxis, encode: Callable,
                  channels: bool = False, calibration: Calibration | None = None):
         super().__init__(encode)
         self.tmp_path, self.shape, self.dtype, self.tile = tmp_path, shape, np.dtype(dtype), tile
@@ -167,23 +177,29 @@ class _TiffTileOutput(_ThreadedOutput):
     def consume(self, items: Iterator[tuple[tiling.Zone, np.ndarray]]) -> None:
         import tifffile
 
-        options = dict(tile=(self.tile, self.tile), compression="zlib", photometric="minisblack",
-                       metadata={"axes": tiff_axes(len(self.shape), self.channels)},
+        spatial_ndim = len(self.shape) - (1 if self.channels else 0)
+        options = dict(tile=tiling.per_axis(self.tile, spatial_ndim, "tile")[-2:], compression="zlib",
+                       photometric="minisblack", metadata={"axes": tiff_axes(len(self.shape), self.channels)},
                        **tiff_kwargs(self.calibration, imagej=False))
-        if not self.channels:
+        if not self.channels and spatial_ndim == 2:
             with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
                 tif.write((data for _, data in items), shape=self.shape, dtype=self.dtype, **options)
             return
         spill = cliutil.make_temp(self.tmp_path, suffix=".npy")
         try:
-            planes = np.lib.format.open_memmap(spill, mode="w+", dtype=self.dtype,
-                                               shape=(self.shape[-1],) + tuple(self.shape[:-1]))
+            spatial, classes = (self.shape[:-1], self.shape[-1:]) if self.channels else (self.shape, ())
+            stored = tuple(spatial[:-2]) + tuple(classes) + tuple(spatial[-2:])  # class_axis_stored's layout
+            planes = np.lib.format.open_memmap(spill, mode="w+", dtype=self.dtype, shape=stored)
+            pasted = np.moveaxis(planes, -3, -1) if self.channels else planes  # (spatial..., K) view
             for zone, data in items:
-                planes[(slice(None),) + zone.region()] = np.moveaxis(data, -1, 0)
+                pasted[zone.region()] = data
             planes.flush()
-            with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
-                tif.write(planes, **options)
-            del planes
+            if spatial_ndim == 3:
+                write_whole(self.tmp_path, planes, channels=self.channels, calibration=self.calibration)
+            else:
+                with tifffile.TiffWriter(self.tmp_path, bigtiff=True) as tif:
+                    tif.write(planes, **options)
+            del planes, pasted
         finally:
             os.remove(spill)
 
@@ -196,7 +212,7 @@ class _ZarrOutput(_ThreadedOutput):
     ``shape`` is the spatial shape, plus the class axis last when ``channels`` (probabilities).
     """
 
-    def __init__(self, tmp_dir: str, shape: tuple[int, ...], dtype: np.dtype, tile: int, encode: Callable,
+    def __init__(self, tmp_dir: str, shape: tuple[int, ...], dtype: np.dtype, tile: PerAxis, encode: Callable,
                  channels: bool, name: str = "", calibration: Calibration | None = None):
         super().__init__(encode)
         self.tmp_dir, self.shape, self.dtype, self.tile = tmp_dir, shape, np.dtype(dtype), tile
@@ -223,7 +239,8 @@ class _ZarrOutput(_ThreadedOutput):
         import numcodecs
 
         shape = ((self.shape[-1],) if self.channels else ()) + tuple(spatial)
-        chunks = ((shape[0],) if self.channels else ()) + tuple(min(self.tile, n) for n in spatial)
+        tiles = tiling.per_axis(self.tile, len(spatial), "tile")
+        chunks = ((shape[0],) if self.channels else ()) + tuple(min(t, n) for t, n in zip(tiles, spatial))
         return group.create_array(path, shape=shape, chunks=chunks, dtype=self.dtype, fill_value=0,
                                   compressors=numcodecs.Zstd(level=3),
                                   chunk_key_encoding={"name": "v2", "separator": "/"})
@@ -233,7 +250,7 @@ class _ZarrOutput(_ThreadedOutput):
         spatial = tuple(-(-n // 2) for n in source.shape[-spatial_ndim:])
         target = self._create(group, str(level), spatial)
         lead = (slice(None),) * (source.ndim - 2)  # class and z axes are read whole per band
-        rows = 2 * self.tile
+        rows = 2 * tiling.per_axis(self.tile, spatial_ndim, "tile")[-2]
         for y in range(0, source.shape[-2], rows):
             band = np.asarray(source[lead + (slice(y, y + rows),)])
             target[lead + (slice(y // 2, y // 2 + -(-band.shape[-2] // 2)),)] = downsample2(
@@ -306,34 +323,35 @@ def encoder(kind: str, number_classes: int, probability_dtype: str = "float32"
 
 def open_outputs(stack: contextlib.ExitStack, todo: dict[str, str], spatial_shape: tuple[int, ...],
                  out_of_core: bool, settings: Settings, calibration: Calibration | None = None,
-                 name: str = "") -> list[Any]:
+                 name: str = "", tile: PerAxis | None = None) -> list[Any]:
     """One writer per prediction output to (re)write; temporaries are removed on failure.
 
     ``spatial_shape``: the image's (height, width) (or a volume's (z, y, x): zarr or in memory).
     ``calibration``: the input's pixel size (written into every output); ``name``: the image's name
-    (OME-Zarr ``multiscales.name``).
+    (OME-Zarr ``multiscales.name``); ``tile``: the zone size (TIFF tiles, zarr chunks; default the
+    settings' tile size).
     """
     outputs = []
     for kind in ("mask", "probabilities"):
         if kind in todo:
             os.makedirs(os.path.dirname(todo[kind]), exist_ok=True)
             outputs.append(_open_output(stack, kind, todo[kind], tuple(spatial_shape), out_of_core, settings,
-                                        calibration, name))
+                                        calibration, name, settings.tile_size if tile is None else tile))
     return outputs
 
 
 def _open_output(stack: contextlib.ExitStack, kind: str, path: str, spatial: tuple[int, ...], out_of_core: bool,
-                 settings: Settings, calibration: Calibration | None, name: str) -> Any:
+                 settings: Settings, calibration: Calibration | None, name: str, tile: PerAxis) -> Any:
     encode, dtype = _encoder(kind, settings)
     channels = kind != "mask"
     shape = spatial + (settings.number_classes,) if channels else spatial
     if settings.output_format == "zarr":
         tmp = stack.enter_context(atomic_dir(path))
-        return stack.enter_context(_ZarrOutput(tmp, shape, dtype, settings.tile_size, encode, channels=channels,
+        return stack.enter_context(_ZarrOutput(tmp, shape, dtype, tile, encode, channels=channels,
                                                name=name, calibration=calibration))
     if out_of_core and os.path.splitext(path)[1].lower() in image_io.TIFF_EXTENSIONS:
         tmp = stack.enter_context(cliutil.atomic_path(path, suffix=".tif"))
-        return stack.enter_context(_TiffTileOutput(tmp, shape, dtype, settings.tile_size, encode, channels=channels,
+        return stack.enter_context(_TiffTileOutput(tmp, shape, dtype, tile, encode, channels=channels,
                                                    calibration=calibration))
     tmp = stack.enter_context(cliutil.atomic_path(path, suffix=os.path.splitext(path)[1]))
     return stack.enter_context(_ArrayOutput(tmp, shape, dtype, encode, channels=channels, calibration=calibration))
