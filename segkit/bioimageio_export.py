@@ -242,6 +242,9 @@ def _tensors(meta: ModelMetadata, geometry: Geometry, files: dict[str, str]):
         id=bio.TensorId(INPUT_ID), description="image, any pixel type (cast to float32)",
         axes=[bio.BatchAxis(), *space_in, bio.ChannelAxis(channel_names=[f"channel{c}" for c in range(meta.channels)])],
         test_tensor=bio.FileDescr(source=Path(files["test_input"])), preprocessing=[normalize],
+        # Tools pad the image by the halo: the mirror extension of --border mirror. The mode is set explicitly:
+        # a default-valued ReflectPadding() is written as {} and read back as zero padding.
+        pad=bio.ReflectPadding(mode="reflect"),
         data=bio.IntervalOrRatioDataDescr(type="float32"))
     outputs = bio.OutputTensorDescr(
         id=bio.TensorId(OUTPUT_ID), description="softmax class probabilities (argmax over channel: class mask)",
