@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("bioimageio.core")
 
+from test_train import dbs  # noqa: E402,F401  (the module fixture of tiny training databases)
+
 import models  # noqa: E402
 from segkit import bioimageio_export as bx  # noqa: E402
 from segkit import cliutil, image_io, model_metadata  # noqa: E402
@@ -286,3 +288,42 @@ def test_export_script_writes_the_package_with_the_given_authors_licence_and_cit
     test_input = np.load(out / "bioimageio_model" / "test_input.npy")
     assert test_input.shape == (1, 60, 68, 1)  # the given image cropped to a valid size (52 + n * 4)
     np.testing.assert_array_equal(test_input[0, :, :, 0], image[:, 1:69])
+
+
+# --- train_unet.py's hook ----------------------------------------------------------------
+
+
+def test_a_failed_package_export_warns_in_one_line_and_keeps_the_savedmodel(tmp_path, caplog):
+    from segkit.training.export import export_bioimageio_package
+
+    saved = tmp_path / "saved_model"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")  # no metadata: the package cannot be built
+    with caplog.at_level("WARNING"):
+        assert export_bioimageio_package(str(saved), str(tmp_path)) is None
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "bioimage.io package not written" in record.getMessage() and "\n" not in record.getMessage()
+    assert "scripts/export_bioimageio.py" in record.getMessage()
+    assert sorted(os.listdir(saved)) == ["saved_model.pb"] and not (tmp_path / "bioimageio_model").exists()
+
+
+def test_train_flag_bioimageio_takes_the_original_0_1_form():
+    import train_unet
+
+    base = ["--train_database", "a", "--test_database", "b", "--output_dir", "c"]
+    assert train_unet.build_parser().parse_args(base).bioimageio is True
+    assert train_unet.build_parser().parse_args(base + ["--bioimageio", "0"]).bioimageio is False
+
+
+@pytest.mark.slow
+def test_training_writes_the_package_beside_the_savedmodel(dbs, tmp_path, monkeypatch):
+    from test_train import argv
+
+    import train_unet
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert train_unet.main(argv(dbs, out, "--max_steps", 2, "--test_every_n_steps", 2)) == 0
+    assert (out / "saved_model" / "saved_model.pb").is_file()
+    assert (out / "bioimageio_model" / "rdf.yaml").is_file() and (out / "bioimageio_model.zip").is_file()
+    assert core_test(str(out / "bioimageio_model.zip")) == ("passed", [])
