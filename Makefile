@@ -29,6 +29,9 @@ lint: setup
 
 demo: setup
 	bash scripts/demo.sh
+	@pkg="$${DEMO_OUTPUT:-demo_output}/model/bioimageio_model"; \
+	if [ -f "$$pkg/rdf.yaml" ]; then echo "  bioimage.io    $$pkg.zip  (Fiji/deepImageJ, ilastik, napari: README, 'Use the model in Fiji, ilastik, napari')"; \
+	else echo "  bioimage.io    not written (see the training log); build it: $(PY) scripts/export_bioimageio.py --saved_model_filepath $${DEMO_OUTPUT:-demo_output}/model/saved_model --output_folder $${DEMO_OUTPUT:-demo_output}/model"; fi
 
 data: setup
 	$(PY) data/make_example_data.py

@@ -75,6 +75,9 @@ def build_parser() -> cliutil.ArgumentParser:
                         "records' size and the machine)")
     p.add_argument("--resume", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="require a checkpoint to continue (a matching one is continued automatically anyway)")
+    p.add_argument("--bioimageio", type=cliutil.str2bool, default=True, metavar="0/1",
+                   help="also write a bioimage.io model package (bioimageio_model/ and .zip, for deepImageJ, ilastik, "
+                        "napari) beside saved_model/; 0 = skip (scripts/export_bioimageio.py builds one later)")
     cliutil.add_verbose_flag(p)
     return p
 
@@ -90,6 +93,10 @@ def _run(argv: Sequence[str] | None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    if args.bioimageio and outcome.saved_model:
+        from segkit.training.export import export_bioimageio_package
+
+        export_bioimageio_package(outcome.saved_model, config.output_dir)
     # A reader failure is loop.ReaderFailed, a full disk cliutil.FaultError: run_cli prints either (exit 1).
     print(f"done: {outcome.stopped}; best test loss {outcome.best_loss:.5f} at step {outcome.best_step}; "
           f"model: {outcome.saved_model}")

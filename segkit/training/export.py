@@ -165,3 +165,20 @@ def remove_stale_swaps(output_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed %s (left by an export that was killed)", path)
         cliutil.fsync_path(output_dir)
+
+
+def export_bioimageio_package(saved_model_dir: str, output_dir: str) -> str | None:
+    """Write the bioimage.io model package (segkit/bioimageio_export.py, default authors, licence and
+    citations) beside ``saved_model_dir``; returns the folder, or None after a one-line warning: a failure
+    here never touches the SavedModel, and scripts/export_bioimageio.py can build the package later."""
+    try:
+        from segkit.bioimageio_export import export_bioimageio
+
+        folder, _ = export_bioimageio(saved_model_dir, output_dir)
+    except Exception as exc:  # the package is an extra: the SavedModel stays exported whatever fails here
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        log.warning("bioimage.io package not written (%s: %s); the SavedModel is fine, build the package with "
+                    "scripts/export_bioimageio.py --saved_model_filepath %s", type(exc).__name__, first, saved_model_dir)
+        return None
+    log.info("bioimage.io package: %s (.zip beside it) for deepImageJ, ilastik, napari", folder)
+    return folder
