@@ -4,9 +4,10 @@ For each data set (``--datasets``, default all) the benchmark prepares its input
 folder (the shared data is only read), runs ``build_lmdb.py --test_list`` (the data set's split, no
 other tuning), trains once per seed with ``train_unet.py``'s self-configured defaults -- nothing
 but ``--number_classes 2``, ``--seed`` and the time budget ``--max_minutes`` -- and scores the
-held-out images with ``inference_unet.py --mask_folder``, then again with ``--tta 1``. It prints
+held-out images with ``inference_unet.py --mask_folder``, then again with ``--tta 1`` and with
+``--border mirror``. It prints
 one row per run (steps reached, training wall time, foreground IoU, Dice, pixel accuracy, IoU and
-Dice with TTA), a mean +- sd row per data set, and the machine at start and end; ``results.csv``
+Dice with TTA, IoU with the mirror border), a mean +- sd row per data set, and the machine at start and end; ``results.csv``
 in the output folder holds the same rows. See README "Segmentation quality on real microscopy".
 
 Data sets (under ``--data_root``):
@@ -49,7 +50,7 @@ from segkit import cliutil, image_io  # noqa: E402
 # ../shared/data beside the project; a git worktree sits one level deeper (worktrees/NAME).
 DATA_ROOTS = [os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "..", "shared", "data")]
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "segkit_bench_quality")
-METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta")
+METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta", "iou_fg_mirror")
 
 
 @dataclass(frozen=True)
@@ -229,9 +230,10 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
 
     plain = infer("masks", "--overlay", "1")
     tta = infer("masks_tta", "--tta", "1") if args.tta else {"iou_1": "nan", "dice_1": "nan"}
+    mirror = infer("masks_mirror", "--border", "mirror") if args.mirror else {"iou_1": "nan"}
     return {"steps": steps, "train_s": train_s, "iou_fg": float(plain["iou_1"]), "dice_fg": float(plain["dice_1"]),
             "pixel_accuracy": float(plain["pixel_accuracy"]), "iou_fg_tta": float(tta["iou_1"]),
-            "dice_fg_tta": float(tta["dice_1"])}
+            "dice_fg_tta": float(tta["dice_1"]), "iou_fg_mirror": float(mirror["iou_1"])}
 
 
 # ----------------------------------------------------------------------------- report
@@ -248,7 +250,7 @@ def machine() -> str:
 
 
 HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
-    f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta"))
+    f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta", "IoU mirror"))
 
 
 def format_row(name: str, seed: str, run_: dict[str, float], sd: dict[str, float] | None = None) -> str:
@@ -289,6 +291,9 @@ def parse_args(argv):
                    f"(default: {DEFAULT_OUTPUT}; keep it outside the project)")
     p.add_argument("--tta", type=cliutil.str2bool, default=True, metavar="0/1",
                    help="also score with inference_unet.py --tta 1 (default: 1)")
+    p.add_argument("--mirror", type=cliutil.str2bool, default=True, metavar="0/1",
+                   help="also score with inference_unet.py --border mirror (mirror context beyond the image border "
+                        "instead of the network's zero padding; default: 1)")
     p.add_argument("--extra", default="", help="further train_unet.py flags, quoted (recipe comparisons; "
                    "default: none, the benchmark measures the defaults)")
     return p.parse_args(argv)
