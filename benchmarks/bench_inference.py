@@ -5,12 +5,14 @@
     python benchmarks/bench_inference.py --side_by_side [--side_models fcdensenet56 unet] [--side_size 4096]
                                          [--repeats 2] [--side_flags --halo exact ...]
 
-Side by side: the original toolkit's inference (``../shared/anchors/nist-anchor infer``, FC-DenseNet56
-with random weights, run with TF_ENABLE_ONEDNN_OPTS=1 because its NCHW convolutions need oneDNN on
-the CPU) and ours (``inference_unet.py``, each ``--side_models`` model with random weights), whole
-processes alternately on the same folder: the 20 NIST test images, and with ``--side_size`` one
-synthetic image of that edge. Prints each run's wall time, peak RSS (the process and its children)
-and load, then the best of each and its ratio to the original.
+Side by side: the original toolkit's inference, FC-DenseNet56 with random weights, and ours
+(``inference_unet.py``, each ``--side_models`` model with random weights), whole processes alternately on
+the same folder. The original runs from its own code with its layout turned channels-last
+(``benchmarks/original_nhwc.py``): as shipped (``../shared/anchors/nist-anchor infer``, NCHW through
+oneDNN, ``--side_as_shipped``) TensorFlow 2.21 needs over 400 s per 256x256 image on the development
+machine, two orders of magnitude more than its algorithm costs. The folders: the 20 NIST test images,
+and with ``--side_size`` one synthetic image of that edge. Prints each run's wall time, CPU seconds, peak RSS
+(the process and its children) and load, then the best of each and its ratios to the original.
 
 Model: the default UNet (``models.build_model("unet", 1, 2)``, random weights) + softmax, exported
 as a SavedModel per the contract in ``model_metadata`` (halo = its theoretical receptive-field
@@ -299,51 +301,79 @@ def run_ours(model: str, folder: str, out: str, extra: list[str], onednn: str | 
 
 
 def run_anchor(folder: str, out: str) -> tuple[float, float, float]:
-    """The original's inference.py: its own wall time (process start-up included); CPU seconds and peak RSS
-    of the anchor's process tree (which also builds and saves the random checkpoint first)."""
+    """The original's inference.py as shipped: its own wall time (process start-up included); CPU seconds and peak
+    RSS of the anchor's process tree (which also builds and saves the random checkpoint first)."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")  # the original's NCHW convolutions need oneDNN on the CPU
     _, cpu, peak, text = timed_process([sys.executable, ANCHOR, "infer", folder, out], env)
     line = next(line for line in text.splitlines() if line.startswith("nist-anchor infer:"))
     return float(line.split(":")[1].split()[0]), cpu, peak
 
 
+def run_original_nhwc(folder: str, out: str, checkpoint: str) -> tuple[float, float, float]:
+    """The original's inference.py and model.py turned channels-last (benchmarks/original_nhwc.py), in a process
+    of its own, timed from the shell like ours (interpreter start-up included)."""
+    script = os.path.join(ROOT, "benchmarks", "original_nhwc.py")
+    wall, cpu, peak, _ = timed_process([sys.executable, script, "infer", checkpoint, folder, out], dict(os.environ))
+    return wall, cpu, peak
+
+
+def original_checkpoint(work_dir: str) -> str:
+    """A randomly initialised checkpoint of the original FC-DenseNet56 (seed 0), made once."""
+    prefix = os.path.join(work_dir, "original_nhwc_ckpt", "ckpt")
+    if not os.path.exists(prefix + ".index"):
+        script = os.path.join(ROOT, "benchmarks", "original_nhwc.py")
+        out = subprocess.run([sys.executable, script, "checkpoint", prefix], capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+    return prefix
+
+
 def side_by_side(args: argparse.Namespace) -> None:
-    """Ours and the original alternately on the same folder, ``--repeats`` times; prints each run and the ratios."""
+    """Ours and the original alternately on the same folder, ``--repeats`` times; prints each run and the ratios
+    to the original (channels-last: ``original_nhwc.py``; the anchor as shipped too with ``--side_as_shipped``)."""
     if not (os.path.exists(ANCHOR) and os.path.isdir(NIST)):
         sys.exit(f"side by side needs {ANCHOR} and {NIST}")
     cases = [("NIST test, 20 x 256x256", nist_test_folder(args.work_dir), 20 * 256 * 256)]
     if args.side_size:
         cases.append((f"{args.side_size}x{args.side_size}", big_image_folder(args.work_dir, args.side_size),
                       args.side_size**2))
+    if args.side_only_size:
+        cases = cases[1:]
     models = {name: export_random_model(os.path.join(args.work_dir, f"{name}_savedmodel"), name)
               for name in args.side_models}
+    checkpoint = original_checkpoint(args.work_dir)
     settings = [None] if args.side_onednn == "default" else ["0", "1"]
-    exported = {f"{name} oneDNN {'default' if o is None else ('off', 'on')[int(o)]}": (path, o)
-                for name, path in models.items() for o in settings}
-    print("the original runs with TF_ENABLE_ONEDNN_OPTS=1 (its NCHW convolutions fail without oneDNN on the CPU); "
-          "ours with the TF_ENABLE_ONEDNN_OPTS named (default: inference's own choice unless set in this shell)")
+    ours = {f"ours {name}{'' if o is None else ' oneDNN ' + ('off', 'on')[int(o)]}": (path, o)
+            for name, path in models.items() for o in settings}
+    originals = ["original FC-DenseNet56 channels-last"] + (["original FC-DenseNet56 as shipped"] if args.side_as_shipped
+                                                            else [])
+    print("the original: its inference.py and model.py run channels-last (benchmarks/original_nhwc.py)"
+          + ("; as shipped with TF_ENABLE_ONEDNN_OPTS=1 (its NCHW convolutions fail without oneDNN on the CPU)"
+             if args.side_as_shipped else ""))
     for label, folder, pixels in cases:
-        runs: dict[str, list[tuple[float, float, float]]] = {"original FC-DenseNet56": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {}
         for repeat in range(args.repeats):
-            order = ["original"] + list(exported) if repeat % 2 == 0 else list(exported) + ["original"]
+            order = originals + list(ours) if repeat % 2 == 0 else list(ours) + originals
             for who in order:
                 load = os.getloadavg()[0]
-                if who == "original":
-                    result = run_anchor(folder, os.path.join(args.work_dir, "side_out_original"))
-                    runs["original FC-DenseNet56"].append(result)
+                out = os.path.join(args.work_dir, "side_out_" + who.replace(" ", "_"))
+                if who.endswith("as shipped"):
+                    result = run_anchor(folder, out)
+                elif who.startswith("original"):
+                    result = run_original_nhwc(folder, out, checkpoint)
                 else:
-                    path, onednn = exported[who]
-                    result = run_ours(path, folder, os.path.join(args.work_dir, "side_out_ours"), args.side_flags,
-                                      onednn)
-                    runs.setdefault(f"ours {who}", []).append(result)
-                print(f"  {label}: {who:>30} {result[0]:7.2f} s  cpu {result[1]:7.1f} s  peak RSS {result[2]:6.0f} MB  "
+                    path, onednn = ours[who]
+                    result = run_ours(path, folder, out, args.side_flags, onednn)
+                runs.setdefault(who, []).append(result)
+                print(f"  {label}: {who:>38} {result[0]:7.2f} s  cpu {result[1]:7.1f} s  peak RSS {result[2]:6.0f} MB  "
                       f"(load {load:.1f})", flush=True)
-        base = min(w for w, _, _ in runs["original FC-DenseNet56"])
-        print(f"\n{label}: best of {args.repeats} (wall incl. process start-up; peak RSS of the process tree)")
+        base_wall = min(w for w, _, _ in runs[originals[0]])
+        base_cpu = min(c for _, c, _ in runs[originals[0]])
+        print(f"\n{label}: best of {args.repeats} (wall incl. process start-up; CPU = user + system of the process "
+              f"tree; peak RSS of the process tree); ratios to the {originals[0]}")
         for who, results in runs.items():
-            wall, peak = min(w for w, _, _ in results), max(p for _, _, p in results)
-            print(f"  {who:<34} {wall:8.2f} s  x{wall / base:5.2f} of the original  {pixels / 1e6 / wall:6.2f} MP/s  "
-                  f"peak RSS {peak:6.0f} MB")
+            wall, cpu, peak = min(r[0] for r in results), min(r[1] for r in results), max(r[2] for r in results)
+            print(f"  {who:<40} {wall:8.2f} s  x{wall / base_wall:5.2f}  cpu {cpu:7.1f} s  x{cpu / base_cpu:5.2f}  "
+                  f"{pixels / 1e6 / wall:6.3f} MP/s  peak RSS {peak:6.0f} MB")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
@@ -372,6 +402,10 @@ def main() -> None:
     p.add_argument("--side_size", type=int, default=0, help="also one synthetic image of this edge (0: none)")
     p.add_argument("--side_flags", nargs=argparse.REMAINDER, default=[], help="extra flags for inference_unet.py")
     p.add_argument("--repeats", type=int, default=2, help="side by side: alternated repeats")
+    p.add_argument("--side_as_shipped", action="store_true",
+                   help="also run the anchor as shipped (NCHW through oneDNN: >400 s per 256x256 image on the 2-core "
+                        "development machine)")
+    p.add_argument("--side_only_size", action="store_true", help="side by side: skip the NIST folder")
     p.add_argument("--side_onednn", choices=["default", "both"], default="default",
                    help="both: run ours with TF_ENABLE_ONEDNN_OPTS=0 and =1 (alternating with the rest)")
     p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
