@@ -330,3 +330,36 @@ def test_overlays_show_object_outlines(tmp_path):
 
     expected = expected_labels(labels)
     assert np.array_equal(yellow, find_boundaries(expected, mode="inner") & (expected > 0))
+
+
+# --- training: the metadata block ----------------------------------------------------------------------------
+
+
+def test_training_on_instance_databases_fills_the_metadata_block(tmp_path):
+    from types import SimpleNamespace
+
+    import build_lmdb
+    from segkit.training.resolve import training_instances
+
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")
+    for i in range(2):
+        labels = touching_objects((48, 48), seed=10 + i)
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels)[..., 1])
+        tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
+    build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                               output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.5, workers=1,
+                               progress=False, mask_type="instances")
+    config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32))
+    block = training_instances(config)
+    assert block == {"target": "three_class", "classes": ["background", "interior", "boundary"],
+                     "thresholds": InstanceThresholds().to_dict(), "halo_px": 32}
+    meta = model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=3, size_factor=1, radius=0),
+                                                   "instances": block})
+    assert instances_out.resolve_instances(None, meta, "m").target == "three_class"
+    semantic = build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                                          output_folder=str(tmp_path / "db2"), dataset_name="ds", train_fraction=0.5,
+                                          workers=1, progress=False)
+    assert semantic is not None
+    assert training_instances(SimpleNamespace(train_database=(str(tmp_path / "db2" / "train-ds.lmdb"),),
+                                              crop_size=(32, 32))) is None
