@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from conftest import one_error_line
 from savedmodel_helpers import metadata
+from skimage.segmentation import find_boundaries
 
 import inference_unet as inf
 from segkit import image_io, instance_targets, model_metadata
@@ -363,3 +364,18 @@ def test_training_on_instance_databases_fills_the_metadata_block(tmp_path):
     assert semantic is not None
     assert training_instances(SimpleNamespace(train_database=(str(tmp_path / "db2" / "train-ds.lmdb"),),
                                               crop_size=(32, 32))) is None
+
+
+def test_tensorboard_panels_outline_the_objects_of_instance_models():
+    from segkit.training.summaries import overlay_panels
+
+    labels = np.zeros((2, 24, 24), np.uint16)
+    labels[:, 3:10, 3:10], labels[:, 12:20, 5:15] = 1, 2
+    classes = instance_targets.make_target(labels, "three_class")
+    images = np.random.default_rng(0).random((2, 24, 24, 1)).astype(np.float32)
+    plain = overlay_panels(images, classes, classes)
+    panels = overlay_panels(images, classes, classes, instance_target="three_class")
+    yellow = np.all(panels == np.array(instances_out.OUTLINE_RGB, np.uint8), axis=-1)
+    outline = find_boundaries(labels[0], mode="inner") & (labels[0] > 0)
+    assert np.array_equal(yellow[0, :, 24:48], outline) and np.array_equal(yellow[0, :, 48:], outline)
+    assert not yellow[:, :, :24].any() and not np.all(plain == np.array(instances_out.OUTLINE_RGB, np.uint8), -1).any()

@@ -18,10 +18,10 @@ import numpy as np
 
 from segkit import cliutil, image_io, metrics, tiling
 from segkit.cliutil import InputError
+from segkit.inference import instances_out
 from segkit.inference.predictor import MISMATCH, SavedModelPredictor, with_tta
 from segkit.inference.regions import is_volume, open_source, opened
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
-from segkit.inference import instances_out
 from segkit.inference.writers import open_outputs
 
 log = logging.getLogger("inference_unet.folder")

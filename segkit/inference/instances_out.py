@@ -21,8 +21,15 @@ import numpy as np
 from segkit import cliutil, instance_seams, instance_targets, metrics, tiling
 from segkit.cliutil import InputError
 from segkit.instance_metrics import InstanceScores, dense_scores
-from segkit.instances import TARGET_OF_BUILD, InstanceThresholds, ObjectTotals, ThresholdError, object_columns
-from segkit.instances import labels_from_probabilities, spacing_from_calibration
+from segkit.instances import (
+    TARGET_OF_BUILD,
+    InstanceThresholds,
+    ObjectTotals,
+    ThresholdError,
+    labels_from_probabilities,
+    object_columns,
+    spacing_from_calibration,
+)
 
 if TYPE_CHECKING:
     from segkit.inference.settings import Settings

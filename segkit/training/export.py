@@ -15,8 +15,8 @@ from typing import Any
 import models
 from segkit import cliutil, image_io, model_metadata
 from segkit.training.checkpoints import json_default
-from segkit.training.resolve import training_instances
 from segkit.training.config import RunConfig
+from segkit.training.resolve import training_instances
 from segkit.training.trainer import build_model, evaluated_weights
 
 log = logging.getLogger(__name__)

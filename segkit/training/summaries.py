@@ -66,6 +66,14 @@ def outlined(panels_nhw3: np.ndarray, classes_nhw: np.ndarray, instance_target: 
 
 
 
+def middle_sections(images, truth, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Volumes (NDHWC images, NDHW classes) -> their middle z sections (NHWC, NHW); 2-D batches unchanged."""
+    if truth.ndim == 3:
+        return images, truth, pred
+    middle = truth.shape[1] // 2
+    return images[:, middle], truth[:, middle], pred[:, middle]
+
+
 class Summaries:
     """The run's two event writers; on workers other than the chief they write nothing."""
 
