@@ -1,6 +1,6 @@
 """Real-data quality with the defaults: the three stages on every shared data set, 3 seeds each.
 
-For each data set (``--datasets``, default all) the benchmark prepares its inputs in the output
+For each data set (``--datasets``, default nist dsb fib2d) the benchmark prepares its inputs in the output
 folder (the shared data is only read), runs ``build_lmdb.py --test_list`` (the data set's split, no
 other tuning), trains once per seed with ``train_unet.py``'s self-configured defaults -- nothing
 but ``--number_classes 2``, ``--seed`` and the time budget ``--max_minutes`` -- and scores the
@@ -184,6 +184,9 @@ DATASETS = {  # name: (folder under --data_root, preparation)
 }
 
 
+DEFAULT_DATASETS = ("nist", "dsb", "fib2d")  # the pixel benchmark; dsb-instances (issue #16) by --datasets
+
+
 def prepare(name: str, data_root: str, folder: str) -> Prepared:
     source = os.path.join(data_root, DATASETS[name][0])
     if not os.path.isdir(source):
@@ -308,8 +311,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
-                   help="data sets to run (default: all)")
+    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=list(DATASETS),
+                   help=f"data sets to run (default: {' '.join(DEFAULT_DATASETS)}; dsb-instances on request)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (default: 0 1 2)")
     p.add_argument("--max_minutes", type=float, default=10.0, help="train_unet.py's time budget per run (default: 10)")
     p.add_argument("--data_root", default=next((d for d in DATA_ROOTS if os.path.isdir(d)), DATA_ROOTS[0]),
@@ -329,8 +332,7 @@ def run_dataset(name: str, args) -> list[dict]:
     data = prepare(name, args.data_root, folder)
     train_db, test_db = build(data, folder)
     rows, runs = [], []
-    if data.instances:
-        print(INSTANCE_HEADER, flush=True)
+    print(INSTANCE_HEADER if data.instances else HEADER, flush=True)
     for seed in args.seeds:
         result = run_seed(data, seed, args, train_db, test_db)
         runs.append(result)
@@ -349,7 +351,6 @@ def main(argv=None) -> int:
     print(f"machine at start: {machine()}")
     print(f"training: defaults, --number_classes 2 (dsb-instances: 3) --max_minutes {args.max_minutes:g} --seed S"
           + (f" {args.extra}" if args.extra else ""))
-    print(HEADER, flush=True)
     rows = []
     for name in args.datasets:
         rows += run_dataset(name, args)
