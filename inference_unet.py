@@ -110,6 +110,23 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--slice_wise", type=cliutil.str2bool, nargs="?", const=True, default=None, metavar="0/1",
                    help="1 = a 2-D model segments volumes section by section (default: automatic for a 2-D model "
                         "given volumes; 0 refuses them)")
+    p.add_argument("--instances", type=cliutil.str2bool, nargs="?", const=True, default=None, metavar="0/1",
+                   help="1 = also write instance labels (labels/STEM.tif, or .zarr) and objects.csv (one row per "
+                        "object: size, centroid, bounding box, mean intensity); with --mask_folder holding instance "
+                        "labels, instance_metrics.csv (AP, F1, PQ at IoU 0.5..0.9, adapted Rand, VI). Default: on "
+                        "for models trained on instance targets (build_lmdb.py --mask_type instances); 0 = off")
+    p.add_argument("--min_object_size", type=int, default=None,
+                   help="--instances: seeds (and seedless objects) smaller than this many pixels are dropped "
+                        "(default: the model's metadata)")
+    p.add_argument("--seed_threshold", type=float, default=None,
+                   help="--instances: a pixel seeds an object where p(interior) > this (boundary target: "
+                        "1 - p(boundary)); raise it to split touching objects (default: the model's metadata)")
+    p.add_argument("--foreground_threshold", type=float, default=None,
+                   help="--instances, three_class target: seeds grow over pixels where p(interior) + p(boundary) > "
+                        "this; lower it for larger objects (default: the model's metadata)")
+    p.add_argument("--seam_halo", type=int, default=None,
+                   help="--instances out of core: context in pixels around each zone when labelling zone by zone; "
+                        "objects up to this size get one id across seams (default: the model's metadata)")
     p.add_argument("--number_classes", type=int, default=None,
                    help="the original's flag: checked against the model's metadata (default: the model's)")
     p.add_argument("--number_channels", type=int, default=None,

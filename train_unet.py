@@ -36,7 +36,9 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None,
                    help="samples per replica (GPU); global batch = batch_size x replicas (default: chosen from the crop "
                         "size and the machine; the original's was 4)")
-    p.add_argument("--number_classes", type=int, default=2, help="classes the model predicts (mask values 0..N-1)")
+    p.add_argument("--number_classes", type=int, default=None,
+                   help="classes the model predicts (mask values 0..N-1); default: from the databases (the instance "
+                        "target's classes, or the largest class id in the masks + 1, at least 2)")
     p.add_argument("--learning_rate", type=float, default=None,
                    help="Adam learning rate (warm-up at a tenth of it; default: chosen, 1e-3; the original's was 1e-4)")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",

@@ -1,6 +1,6 @@
 """Real-data quality with the defaults: the three stages on every shared data set, 3 seeds each.
 
-For each data set (``--datasets``, default all) the benchmark prepares its inputs in the output
+For each data set (``--datasets``, default nist dsb fib2d) the benchmark prepares its inputs in the output
 folder (the shared data is only read), runs ``build_lmdb.py --test_list`` (the data set's split, no
 other tuning), trains once per seed with ``train_unet.py``'s self-configured defaults -- nothing
 but ``--number_classes 2``, ``--seed`` and the time budget ``--max_minutes`` -- and scores the
@@ -13,12 +13,16 @@ in the output folder holds the same rows. See README "Segmentation quality on re
 Data sets (under ``--data_root``):
   nist   nist-phase-contrast: 0/1 cell masks as they are (``--mask_map`` only if they need one)
   dsb    dsb2018-nuclei-100: nucleus instance labels -> foreground (label > 0) as uint8 masks
+  dsb-instances  the same nuclei as objects: ``build_lmdb.py --mask_type instances`` (the 3-class target),
+         ``--number_classes 3``, inference ``--instances 1 --mask_folder`` on the instance labels; reports
+         AP@0.5, AP@0.75 and panoptic quality PQ@0.5 (instance_metrics.csv, ALL row) and the foreground IoU
   fib2d  neuroproof-fib-sample: every z section of the FIB-SEM volumes is a 2D image; the target is
          the membrane, skimage.segmentation.find_boundaries(labels, mode="inner"); train sections
          from the train volume, test sections from the test volume
 
     python benchmarks/bench_quality.py --output_dir /tmp/quality            # 3 x 3 runs, ~2 hours
     python benchmarks/bench_quality.py --datasets nist --seeds 0 --max_minutes 0.5   # a smoke run
+    python benchmarks/bench_quality.py --datasets dsb-instances --max_minutes 15     # issue #16's figure
 
 ``--extra "--batch_size 8 --loss ce+dice"`` passes training flags through, for recipe comparisons
 (off by default: the benchmark measures the defaults); a single flag needs ``--extra="--flag"``.
@@ -51,6 +55,7 @@ from segkit import cliutil, image_io  # noqa: E402
 DATA_ROOTS = [os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "..", "shared", "data")]
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "segkit_bench_quality")
 METRICS = ("train_s", "iou_fg", "dice_fg", "pixel_accuracy", "iou_fg_tta", "dice_fg_tta", "iou_fg_mirror")
+INSTANCE_METRICS = ("train_s", "ap50", "ap75", "pq50", "iou_fg")  # dsb-instances
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Prepared:
     test_list: str      # names of the held-out images, for build_lmdb.py --test_list
     test_images: str    # a folder of links to the held-out images only, for inference
     mask_map: str | None = None  # build_lmdb.py --mask_map, when the masks are not 0/1 already
+    instances: bool = False      # masks are instance labels: --mask_type instances, objects scored
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -125,6 +131,15 @@ def prepare_dsb(source: str, folder: str) -> Prepared:
     return finish("dsb", images, masks, os.path.join(source, "test_files.txt"), folder)
 
 
+def prepare_dsb_instances(source: str, folder: str) -> Prepared:
+    """Images and instance label masks linked as they are (build_lmdb.py --mask_type instances)."""
+    images, masks = (link_images(os.path.join(source, sub), image_io.list_images(os.path.join(source, sub), "tif"),
+                                 os.path.join(folder, sub)) for sub in ("images", "masks"))
+    test_list = os.path.join(source, "test_files.txt")
+    test_images = link_images(images, read_names(test_list), os.path.join(folder, "test_images"))
+    return Prepared("dsb-instances", images, masks, test_list, test_images, instances=True)
+
+
 def section_names(volume_name: str, count: int) -> list[str]:
     """``train_z000-199.tif`` -> train_z000.tif ... train_z199.tif (z of the whole stack); other names
     get their section index: ``vol.tif`` -> vol_z000.tif ..."""
@@ -165,8 +180,12 @@ def prepare_fib2d(source: str, folder: str) -> Prepared:
 DATASETS = {  # name: (folder under --data_root, preparation)
     "nist": ("nist-phase-contrast", prepare_nist),
     "dsb": ("dsb2018-nuclei-100", prepare_dsb),
+    "dsb-instances": ("dsb2018-nuclei-100", prepare_dsb_instances),
     "fib2d": ("neuroproof-fib-sample", prepare_fib2d),
 }
+
+
+DEFAULT_DATASETS = ("nist", "dsb", "fib2d")  # the pixel benchmark; dsb-instances (issue #16) by --datasets
 
 
 def prepare(name: str, data_root: str, folder: str) -> Prepared:
@@ -193,8 +212,8 @@ def run(cmd: list[str], log_path: str) -> float:
 def build(data: Prepared, folder: str) -> tuple[str, str]:
     lmdb_dir = os.path.join(folder, "lmdb")
     cmd = [sys.executable, "build_lmdb.py", "--image_folder", data.image_folder, "--mask_folder", data.mask_folder,
-           "--output_folder", lmdb_dir, "--dataset_name", data.name, "--number_classes", "2",
-           "--test_list", data.test_list, "--overwrite", "1"]
+           "--output_folder", lmdb_dir, "--dataset_name", data.name, "--test_list", data.test_list, "--overwrite", "1"]
+    cmd += ["--mask_type", "instances"] if data.instances else ["--number_classes", "2"]
     if data.mask_map:
         cmd += ["--mask_map", data.mask_map]
     run(cmd, os.path.join(folder, "build.log"))
@@ -218,7 +237,7 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
     out = fresh_folder(os.path.join(args.output_dir, data.name, f"seed{seed}"))
     model = os.path.join(out, "model")
     train_s = run([sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
-                   "--output_dir", model, "--number_classes", "2", "--seed", str(seed),
+                   "--output_dir", model, "--number_classes", "3" if data.instances else "2", "--seed", str(seed),
                    "--max_minutes", f"{args.max_minutes:g}", *shlex.split(args.extra)], os.path.join(out, "train.log"))
     steps = int(read_rows(os.path.join(model, "metrics.csv"))[-1]["step"])  # the final test pass
 
@@ -228,6 +247,12 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
              "--mask_folder", data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
         return overall_row(os.path.join(out, folder, "metrics.csv"))
 
+    if data.instances:
+        infer("objects", "--instances", "1", "--overlay", "1")
+        scores = overall_row(os.path.join(out, "objects", "instance_metrics.csv"))
+        per_class = overall_row(os.path.join(out, "objects", "metrics.csv"))
+        return {"steps": steps, "train_s": train_s, "ap50": float(scores["ap_t50"]), "ap75": float(scores["ap_t75"]),
+                "pq50": float(scores["pq_t50"]), "iou_fg": float(per_class["iou_1"])}
     plain = infer("masks", "--overlay", "1")
     tta = infer("masks_tta", "--tta", "1") if args.tta else {"iou_1": "nan", "dice_1": "nan"}
     mirror = infer("masks_mirror", "--border", "mirror") if args.mirror else {"iou_1": "nan"}
@@ -251,6 +276,12 @@ def machine() -> str:
 
 HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
     f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta", "IoU mirror"))
+INSTANCE_HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
+    f"{h:>16}" for h in ("AP@0.5", "AP@0.75", "PQ@0.5", "fg IoU (3cl)"))
+
+
+def metrics_of(run_: dict[str, float]) -> tuple[str, ...]:
+    return INSTANCE_METRICS if "ap50" in run_ else METRICS
 
 
 def format_row(name: str, seed: str, run_: dict[str, float], sd: dict[str, float] | None = None) -> str:
@@ -259,11 +290,11 @@ def format_row(name: str, seed: str, run_: dict[str, float], sd: dict[str, float
         text = f"{run_[key]:.{digits}f}" + (f"+-{sd[key]:.{digits}f}" if sd else "")
         return f"{text:>{width}}"
     return f"{name:<8}{seed:>6}{run_['steps']:>7.0f}{cell('train_s', 10, 0)}" + "".join(
-        cell(k, 16, 4) for k in METRICS[1:])
+        cell(k, 16, 4) for k in metrics_of(run_)[1:])
 
 
 def summary(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    keys = ("steps", *METRICS)
+    keys = ("steps", *metrics_of(runs[0]))
     return ({k: statistics.fmean(r[k] for r in runs) for k in keys},
             {k: statistics.stdev(r[k] for r in runs) for k in keys})
 
@@ -272,7 +303,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
     """One row per (dataset, seed), then mean and sd rows per data set; written atomically."""
     with cliutil.atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["dataset", "seed", "steps", *METRICS])
+            writer = csv.DictWriter(fh, fieldnames=["dataset", "seed", "steps", *METRICS, *INSTANCE_METRICS[1:-1]],
+                                    restval="")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -281,8 +313,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
-                   help="data sets to run (default: all)")
+    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=list(DATASETS),
+                   help=f"data sets to run (default: {' '.join(DEFAULT_DATASETS)}; dsb-instances on request)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (default: 0 1 2)")
     p.add_argument("--max_minutes", type=float, default=10.0, help="train_unet.py's time budget per run (default: 10)")
     p.add_argument("--data_root", default=next((d for d in DATA_ROOTS if os.path.isdir(d)), DATA_ROOTS[0]),
@@ -305,6 +337,7 @@ def run_dataset(name: str, args) -> list[dict]:
     data = prepare(name, args.data_root, folder)
     train_db, test_db = build(data, folder)
     rows, runs = [], []
+    print(INSTANCE_HEADER if data.instances else HEADER, flush=True)
     for seed in args.seeds:
         result = run_seed(data, seed, args, train_db, test_db)
         runs.append(result)
@@ -321,9 +354,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"machine at start: {machine()}")
-    print(f"training: defaults, --number_classes 2 --max_minutes {args.max_minutes:g} --seed S"
+    print(f"training: defaults, --number_classes 2 (dsb-instances: 3) --max_minutes {args.max_minutes:g} --seed S"
           + (f" {args.extra}" if args.extra else ""))
-    print(HEADER, flush=True)
     rows = []
     for name in args.datasets:
         rows += run_dataset(name, args)

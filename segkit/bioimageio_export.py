@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -196,7 +196,7 @@ def instance_target(meta: ModelMetadata) -> str | None:
     """'3class' or 'membrane' for instance models (metadata ``instances`` / ``instance_target`` /
     ``mask_type``), None for semantic ones."""
     info = meta.get("instances") or meta.get("instance_target")
-    target = info.get("target") if isinstance(info, dict) else info
+    target = info.get("target") if isinstance(info, Mapping) else info
     if target is None and meta.get("mask_type") != "instances":
         return None
     target = str(target or ("3class" if meta.number_classes == 3 else "membrane"))
@@ -363,7 +363,8 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
     if target is None:
         return ["## Post-processing", "", "None beyond the argmax: each pixel's class is the channel of highest "
                 "probability.", ""]
-    thresholds = meta.get("instances") if isinstance(meta.get("instances"), dict) else {}
+    block = meta.get("instances")  # ModelMetadata's instances block: thresholds under "thresholds"
+    thresholds = block.get("thresholds", block) if isinstance(block, Mapping) else {}
     seed, fg, min_size = (thresholds.get(k, d) for k, d in (("seed", 0.5), ("foreground", 0.5), ("min_size", 4)))
     if target == "3class":
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "

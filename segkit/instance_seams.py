@@ -132,15 +132,23 @@ def labels_tiled(probs: Any, tile: tiling.PerAxis, halo: tiling.PerAxis,
     """Instance labels of an in-memory or array-like (memmap, zarr) probability map, zone by zone with ``halo``
     pixels of context, merged across seams. Equals the whole-image labels up to renumbering when every object
     that reaches a zone lies within its halo (module docstring)."""
+    ids = np.zeros(tuple(probs.shape[:-1]), np.int64)
+    return relabel(ids, label_zones(probs, ids, tile, halo, thresholds, target))
+
+
+def label_zones(probs: Any, ids_out: Any, tile: tiling.PerAxis, halo: tiling.PerAxis,
+                thresholds: InstanceThresholds = InstanceThresholds(), target: str = "3class") -> np.ndarray:
+    """:func:`labels_tiled` for outputs larger than memory: writes each zone's unique ids into ``ids_out`` (an
+    int64 array-like of the spatial shape: memmap, zarr) and returns the :meth:`SeamMerger.finish` table to
+    :func:`relabel` it with, block by block."""
     shape = tuple(probs.shape[:-1])
     if min(tiling.per_axis(halo, len(shape), "halo")) < 1:
         raise ValueError(f"the halo must be at least 1 pixel on every axis (the seams need it), got {halo!r}")
     merger = SeamMerger(shape)
-    ids = np.zeros(shape, np.int64)
     for zone in zones(shape, tile):
         region = grow(zone, halo, shape)
         labels = labels_from_probabilities(np.asarray(probs[region]), thresholds, target,
                                            origin=[s.start for s in region])
         ring = grow(zone, 1, shape)
-        ids[zone] = merger.add(zone, labels[within(ring, region)])
-    return relabel(ids, merger.finish())
+        ids_out[zone] = merger.add(zone, labels[within(ring, region)])
+    return merger.finish()

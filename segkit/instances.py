@@ -20,6 +20,8 @@ from skimage.segmentation import relabel_sequential, watershed
 from segkit import cliutil
 
 TARGETS = ("3class", "membrane")
+# the build stage's target names (segkit.instance_targets, model metadata ``instances.target``) -> the labelling's
+TARGET_OF_BUILD = {"three_class": "3class", "boundary": "membrane"}
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2  # classes of the 3-class target
 INSIDE, MEMBRANE = 0, 1  # classes of the 2-class membrane target (dense labels)
 
@@ -228,6 +230,67 @@ def measure_objects(labels: np.ndarray, image: np.ndarray | None = None, spacing
             values += [float(table[f"intensity_mean-{c}"][i]) for c in range(channels)]
         rows.append(dict(zip(columns, values)))
     return rows
+
+
+class ObjectTotals:
+    """:func:`measure_objects` block by block, for labels larger than memory: ``add`` consecutive blocks along
+    the first axis (labels and the image's same block), then ``rows``. Sums per object id (pixels, coordinates,
+    intensities) and bounding boxes; the same rows as :func:`measure_objects` up to float rounding."""
+
+    def __init__(self, ndim: int, channels: int):
+        self.ndim, self.channels = ndim, channels
+        self.count = np.zeros(1, np.int64)
+        self.coord_sum = np.zeros((ndim, 1))
+        self.intensity_sum = np.zeros((channels, 1))
+        self.lo = np.full((ndim, 1), np.iinfo(np.int64).max)
+        self.hi = np.zeros((ndim, 1), np.int64)
+        self.offset = 0
+
+    def _grow(self, size: int) -> None:
+        if size <= len(self.count):
+            return
+        extra = size - len(self.count)
+        self.count = np.pad(self.count, (0, extra))
+        self.coord_sum, self.intensity_sum, self.hi = (np.pad(a, ((0, 0), (0, extra)))
+                                                       for a in (self.coord_sum, self.intensity_sum, self.hi))
+        self.lo = np.pad(self.lo, ((0, 0), (0, extra)), constant_values=np.iinfo(np.int64).max)
+
+    def add(self, labels_block: np.ndarray, image_block: np.ndarray | None = None) -> None:
+        labels_block = np.asarray(labels_block)
+        flat = labels_block.ravel().astype(np.int64)
+        size = int(flat.max(initial=0)) + 1
+        self._grow(size)
+        self.count[:size] += np.bincount(flat, minlength=size)
+        grids = np.indices(labels_block.shape, sparse=True)
+        for axis in range(self.ndim):
+            coords = np.broadcast_to(grids[axis] + (self.offset if axis == 0 else 0), labels_block.shape)
+            self.coord_sum[axis, :size] += np.bincount(flat, coords.ravel().astype(np.float64), size)
+        if image_block is not None and self.channels:
+            pixels = np.asarray(image_block, np.float64).reshape(flat.size, -1)
+            for c in range(self.channels):
+                self.intensity_sum[c, :size] += np.bincount(flat, pixels[:, c], size)
+        for label, box in enumerate(ndi.find_objects(labels_block), start=1):
+            if box is not None:
+                starts = [s.start + (self.offset if a == 0 else 0) for a, s in enumerate(box)]
+                stops = [s.stop + (self.offset if a == 0 else 0) for a, s in enumerate(box)]
+                self.lo[:, label] = np.minimum(self.lo[:, label], starts)
+                self.hi[:, label] = np.maximum(self.hi[:, label], stops)
+        self.offset += labels_block.shape[0]
+
+    def rows(self, spacing_um: Sequence[float] | None = None, name: str = "") -> list[dict[str, Any]]:
+        """One row per object with pixels, in id order (columns :func:`object_columns`)."""
+        columns = object_columns(self.ndim, self.channels)
+        volume = float(np.prod(spacing_um)) if spacing_um is not None else None
+        out = []
+        for label in np.flatnonzero(self.count[1:] > 0) + 1:
+            n = int(self.count[label])
+            centroid = [float(v) / n for v in self.coord_sum[:, label]]
+            values = [name, int(label), n, None if volume is None else n * volume] + centroid
+            values += [None] * self.ndim if spacing_um is None else [c * s for c, s in zip(centroid, spacing_um)]
+            values += [int(v) for v in self.lo[:, label]] + [int(v) for v in self.hi[:, label]]
+            values += [float(v) / n for v in self.intensity_sum[:, label]]
+            out.append(dict(zip(columns, values)))
+        return out
 
 
 def write_objects_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

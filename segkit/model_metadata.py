@@ -72,6 +72,11 @@ class ModelMetadata:
     voxel_size_um: tuple[float, ...] | None = _field(
         "(z, y, x) voxel size in micrometres the volume model was planned for; null for 2-D models", "spacing?", None,
         omit_default=True)
+    instances: Mapping[str, Any] | None = _field(
+        "models trained on instance targets (build_lmdb.py --mask_type instances): {'target': 'three_class' or "
+        "'boundary', 'classes': class names, 'thresholds': segkit.instances.InstanceThresholds fields, 'halo_px': "
+        "context in pixels (one number, or one per spatial axis) for seam merging out of core}; null otherwise",
+        "instances?", None, omit_default=True)
     extra: Mapping[str, Any] = _field("keys this version does not know, kept as they are", "mapping", {})
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class ModelMetadata:
             if isinstance(value, tuple) and len(value) != self.spatial_rank:
                 raise MetadataError(f"metadata field {name} must have one value per spatial axis "
                                     f"({self.spatial_rank}), got {list(value)}")
+        if self.instances is not None:
+            _check_instances_block(self.instances, self.number_classes, self.spatial_rank)
 
     def per_axis(self, name: str) -> tuple:
         """``size_factor`` or ``receptive_field_radius`` as one value per spatial axis (a number repeated)."""
@@ -174,7 +181,7 @@ def _checked_kind(name: str, kind: str, value: Any, minimum: int) -> Any:
         return tuple(int(v) for v in value) if kind == "sizes" else int(value)
     if kind == "spacing":
         return tuple(float(v) for v in value)
-    if kind in ("mapping", "mask_map"):
+    if kind in ("mapping", "mask_map", "instances"):
         return MappingProxyType(dict(value))
     return value
 
@@ -203,6 +210,38 @@ def _problem(kind: str, value: Any, minimum: int) -> str | None:
         except ValueError:
             return "an object of VALUE: CLASS pairs (non-negative integers)"
     return None
+
+
+INSTANCE_TARGET_CLASSES = {"three_class": 3, "boundary": 2}  # segkit.instance_targets.CLASSES
+INSTANCE_KEYS = ("target", "classes", "thresholds", "halo_px")
+
+
+def _check_instances_block(block: Mapping[str, Any], number_classes: int, rank: int) -> None:
+    """The ``instances`` block: known keys, a target that matches the classes, valid thresholds and halo."""
+    from segkit.instances import InstanceThresholds, ThresholdError
+
+    keys = sorted(set(block) ^ set(INSTANCE_KEYS))
+    if keys:
+        raise MetadataError(f"metadata field instances must have exactly the keys {list(INSTANCE_KEYS)} "
+                            f"(differs in {keys})")
+    classes = INSTANCE_TARGET_CLASSES.get(block["target"])
+    if classes is None:
+        raise MetadataError(f"metadata field instances.target must be one of {sorted(INSTANCE_TARGET_CLASSES)}, "
+                            f"got {block['target']!r}")
+    if classes != number_classes:
+        raise MetadataError(f"metadata field instances.target {block['target']!r} needs {classes} classes, "
+                            f"the model has {number_classes}")
+    if not isinstance(block["thresholds"], Mapping):
+        raise MetadataError(f"metadata field instances.thresholds must be a JSON object, got {block['thresholds']!r}")
+    try:
+        InstanceThresholds.from_dict(block["thresholds"])
+    except ThresholdError as exc:
+        raise MetadataError(f"metadata field instances.thresholds: {exc}") from None
+    halo = block["halo_px"]
+    halos = list(halo) if isinstance(halo, (list, tuple)) else [halo]
+    if len(halos) not in (1, rank) or not all(_is_int(h) and h >= 1 for h in halos):
+        raise MetadataError(f"metadata field instances.halo_px must be an integer >= 1 or one per spatial axis "
+                            f"({rank}), got {halo!r}")
 
 
 def metadata_path(saved_model_dir: str) -> str:

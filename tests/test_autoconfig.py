@@ -92,7 +92,9 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
     large = _resolve(two_databases["large"], tmp_path / "l")
     assert small.crop_size[0] < large.crop_size[0] and small.crop_size == (64, 64)
     assert small.batch_size > large.batch_size
-    assert set(small.origins) == {"crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps"}
+    assert set(small.origins) == {"number_classes", "crop_size", "batch_size", "learning_rate", "test_every_n_steps",
+                                  "max_steps"}
+    assert small.number_classes == 2 and "largest class id in the databases' masks is 1" in small.origins["number_classes"]
     assert small.warmup_steps == min(1000, small.test_every_n_steps)
     saved = json.loads(small.to_json())
     assert saved["origins"]["crop_size"].startswith("median training record 64x64")
@@ -100,7 +102,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
 
 def test_resolved_configuration_keeps_explicit_flags_with_the_original_meaning(two_databases, tmp_path):
     config = _resolve(two_databases["large"], tmp_path / "o", "--crop_size", 64, "--batch_size", 4,
-                      "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50)
+                      "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50, "--number_classes", 3)
+    assert config.number_classes == 3
     assert (config.crop_size, config.batch_size, config.learning_rate) == ((64, 64), 4, 1e-4)
     assert (config.test_every_n_steps, config.warmup_steps, config.max_steps) == (1000, 1000, 50)
     assert config.origins == {} and "origins" not in config.to_dict()

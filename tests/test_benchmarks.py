@@ -51,7 +51,8 @@ def test_every_dataset_and_seed_runs_and_gets_a_mean_sd_row(bench, tmp_path, mon
 
     def result(name, seed, args):
         return {"steps": 1000 + seed, "train_s": 60 * args.max_minutes + seed, "iou_fg": iou[seed] - (name == "dsb"),
-                "dice_fg": 0.97, "pixel_accuracy": 0.98, "iou_fg_tta": 0.955, "dice_fg_tta": 0.977}
+                "dice_fg": 0.97, "pixel_accuracy": 0.98, "iou_fg_tta": 0.955, "dice_fg_tta": 0.977,
+                "iou_fg_mirror": 0.94}
 
     calls = fake_stages(bench, monkeypatch, result)
     out = tmp_path / "out"
@@ -82,7 +83,7 @@ def test_every_dataset_and_seed_runs_and_gets_a_mean_sd_row(bench, tmp_path, mon
 def test_one_seed_prints_no_mean_row_and_all_datasets_by_default(bench, tmp_path, monkeypatch, capsys):
     calls = fake_stages(bench, monkeypatch, lambda name, seed, args: {
         "steps": 5, "train_s": 1.0, "iou_fg": 0.5, "dice_fg": 0.6, "pixel_accuracy": 0.7,
-        "iou_fg_tta": float("nan"), "dice_fg_tta": float("nan")})
+        "iou_fg_tta": float("nan"), "dice_fg_tta": float("nan"), "iou_fg_mirror": float("nan")})
     assert bench.main(["--output_dir", str(tmp_path / "o"), "--seeds", "3"]) == 0
     assert [c[:2] for c in calls] == [("nist", 3), ("dsb", 3), ("fib2d", 3)]
     out = capsys.readouterr().out
@@ -112,18 +113,20 @@ def test_training_gets_only_the_defaults_budget_and_seed(bench, tmp_path, monkey
     args = bench.parse_args(["--output_dir", str(tmp_path), "--max_minutes", "0.5"])
     result = bench.run_seed(data, 1, args, "train.lmdb", "test.lmdb")
     assert result == {"steps": 120, "train_s": 12.0, "iou_fg": 0.81, "dice_fg": 0.86, "pixel_accuracy": 0.91,
-                      "iou_fg_tta": 0.81, "dice_fg_tta": 0.86}
+                      "iou_fg_tta": 0.81, "dice_fg_tta": 0.86, "iou_fg_mirror": 0.81}
     train = commands[0]
     flags = [a for a in train[2:] if a.startswith("--")]
     assert flags == ["--train_database", "--test_database", "--output_dir", "--number_classes", "--seed", "--max_minutes"]
     assert train[train.index("--max_minutes") + 1] == "0.5" and train[train.index("--seed") + 1] == "1"
-    assert "--tta" in commands[2] and all(c[c.index("--mask_folder") + 1] == "m" for c in commands[1:])
+    assert "--tta" in commands[2] and commands[3][-2:] == ["--border", "mirror"]
+    assert all(c[c.index("--mask_folder") + 1] == "m" for c in commands[1:])
 
     commands.clear()
-    args = bench.parse_args(["--output_dir", str(tmp_path), "--extra", "--batch_size 8 --loss ce+dice", "--tta", "0"])
+    args = bench.parse_args(["--output_dir", str(tmp_path), "--extra", "--batch_size 8 --loss ce+dice", "--tta", "0",
+                             "--mirror", "0"])
     result = bench.run_seed(data, 0, args, "train.lmdb", "test.lmdb")
     assert commands[0][-4:] == ["--batch_size", "8", "--loss", "ce+dice"]
-    assert len(commands) == 2 and np.isnan(result["iou_fg_tta"])
+    assert len(commands) == 2 and np.isnan(result["iou_fg_tta"]) and np.isnan(result["iou_fg_mirror"])
 
 
 # ----------------------------------------------------------------------------- data preparation

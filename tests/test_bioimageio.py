@@ -115,7 +115,9 @@ def test_semantic_and_instance_models_name_their_classes_and_post_processing():
     named = model_metadata.ModelMetadata.from_dict(make_meta(classes=3, class_names=["bg", "nucleus", "cytoplasm"]))
     assert bx.class_names(named) == ["bg", "nucleus", "cytoplasm"]
     instances = model_metadata.ModelMetadata.from_dict(make_meta(
-        classes=3, mask_type="instances", instances={"seed": 0.6, "foreground": 0.4, "min_size": 9}))
+        classes=3, mask_type="instances", instances={
+            "target": "three_class", "classes": ["background", "interior", "boundary"], "halo_px": 32,
+            "thresholds": {"seed": 0.6, "foreground": 0.4, "min_size": 9}}))
     assert bx.class_names(instances) == ["background", "interior", "boundary"]
     doc = bx.documentation(instances, bx.Geometry.of(instances))
     assert "## Post-processing (instance segmentation)" in doc and "p_interior > 0.6" in doc and "9 pixels" in doc

@@ -18,6 +18,7 @@ import numpy as np
 
 from segkit import cliutil, image_io, metrics, tiling
 from segkit.cliutil import InputError
+from segkit.inference import instances_out
 from segkit.inference.predictor import MISMATCH, SavedModelPredictor, with_tta
 from segkit.inference.regions import is_volume, open_source, opened
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
@@ -142,9 +143,9 @@ def _display_rgb(image_hwc: np.ndarray) -> np.ndarray:
 
 
 def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: float = image_io.OVERLAY_ALPHA,
-                  volume: bool = False, image_dataset: str | None = None) -> None:
+                  volume: bool = False, image_dataset: str | None = None, labels_path: str | None = None) -> None:
     """The mask (class 0 transparent) over the image, at most OVERLAY_MAX_SIDE pixels on a side; of a
-    volume, its middle z section."""
+    volume, its middle z section. ``labels_path``: instance labels whose object outlines are drawn on top."""
     with opened(image_path, volume, image_dataset) as image, opened(mask_path, volume) as mask:
         lead = (image.shape[0] // 2,) if volume else ()
         height, width = image.shape[len(lead) : len(lead) + 2]
@@ -152,7 +153,12 @@ def write_overlay(image_path: str, mask_path: str, overlay_path: str, alpha: flo
         plane = lead + (slice(None, None, step),) * 2
         rgb = _display_rgb(np.asarray(image[plane]))
         classes = np.asarray(mask[plane])[..., 0]
+        if labels_path is not None:
+            with opened(labels_path, volume) as labels:
+                outlined = np.asarray(labels[plane])[..., 0]
     out = image_io.tint(rgb, classes, alpha)
+    if labels_path is not None:
+        out = instances_out.draw_outlines(out, outlined)
     import imageio.v3 as iio
 
     os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
@@ -171,6 +177,7 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     confusion: dict[str, np.ndarray] = field(default_factory=dict)
     metrics_path: str | None = None
+    instances: instances_out.InstanceResults = field(default_factory=instances_out.InstanceResults)
 
     def line(self) -> str:
         text = f"{len(self.segmented)} segmented, {len(self.skipped)} already done (skipped), {len(self.failed)} failed"
@@ -209,7 +216,7 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
     start = time.perf_counter()
     writing = {}  # what is being written, for a full disk's message
     try:
-        if "mask" in todo or "probabilities" in todo:
+        if {"mask", "probabilities", "labels"} & set(todo):
             writing = {k: v for k, v in todo.items() if k != "overlay"}
             detail = predict_image(path, todo, predict(), settings)
             summary.segmented.append(name)
@@ -219,13 +226,20 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
             log.debug("%s: outputs exist, skipped", name)
         if "overlay" in todo:
             writing = {"overlay": todo["overlay"]}
-            write_overlay(path, paths.mask, paths.overlay, volume=volume, image_dataset=settings.image_dataset)
+            write_overlay(path, paths.mask, paths.overlay, volume=volume, image_dataset=settings.image_dataset,
+                          labels_path=paths.labels)
             if volume:
                 log.info("%s: the overlay shows the middle z section", name)
         writing = {}
+        if settings.instances is not None:
+            count = instances_out.measure_image(name, path, paths.labels, volume, settings, summary.instances)
+            log.debug("%s: %d object(s)", name, count)
         if settings.masks is not None:
             if name not in settings.masks:
                 log.warning("%s: no ground-truth mask with this stem in the mask folder; not scored", name)
+            elif settings.instances is not None:  # instance labels as ground truth
+                summary.confusion[name] = instances_out.score_image(name, paths.mask, paths.labels, settings.masks[name],
+                                                                    volume, settings, summary.instances)
             else:
                 cm, outside, ids = confusion_from_files(paths.mask, settings.masks[name], settings.number_classes,
                                                         settings.mask_map, volume, settings.mask_dataset)
@@ -278,7 +292,7 @@ def _output_bytes(path: str, writing: dict[str, str], settings: Settings) -> flo
         return None
     per_pixel = {"mask": image_io.dtype_for_classes(settings.number_classes).itemsize,
                  "probabilities": settings.number_classes * (1 if settings.probability_dtype == "uint8" else 4),
-                 "overlay": 3}
+                 "overlay": 3, "labels": 4}
     return pixels * sum(per_pixel[kind] for kind in writing)
 
 
@@ -340,6 +354,12 @@ def _finish(summary: Summary, settings: Settings, full: DiskFull | None) -> None
             if full is None:
                 full = DiskFull(cliutil.disk_full_message(settings.output_folder, "metrics.csv", 2e3 * len(
                     summary.confusion), "the masks are kept; rerun to score them"))
+    if settings.instances is not None and full is None:
+        try:
+            instances_out.write_tables(summary.instances, settings, scored=bool(summary.confusion))
+        except OSError as exc:
+            raise cliutil.FaultError(f"cannot write objects.csv / instance_metrics.csv in {settings.output_folder} "
+                                     f"({exc}): the label images are kept; rerun the same command") from None
     (log.error if summary.failed or full else log.info)("done: %s", summary.line())
     if full is not None:
         fault = cliutil.FaultError(str(full))

@@ -28,8 +28,8 @@ TIFF_TILE_MULTIPLE = 16  # TIFF tiles must be multiples of 16 pixels
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 PROBABILITY_DTYPES = ("float32", "uint8")
 OUTPUT_FORMATS = ("tif", "zarr")
-PROBABILITIES_FOLDER, OVERLAYS_FOLDER = "probabilities", "overlays"  # under --output_folder
-OUTPUT_SUBFOLDERS = (PROBABILITIES_FOLDER, OVERLAYS_FOLDER)
+PROBABILITIES_FOLDER, OVERLAYS_FOLDER, LABELS_FOLDER = "probabilities", "overlays", "labels"  # under --output_folder
+OUTPUT_SUBFOLDERS = (PROBABILITIES_FOLDER, OVERLAYS_FOLDER, LABELS_FOLDER)
 # Upper bounds of the numeric flags: beyond them a value is a typo, not a setting (issue #17).
 MAX_TILE_SIZE = 65536          # px; a tile larger than the image is the whole image anyway
 MAX_HALO = 8192                # px; FC-DenseNet103's radius is about 1120
@@ -63,6 +63,7 @@ class Settings:
     image_dataset: str | None = None      # dataset inside .zarr / .h5 images (build_volume.address's default)
     mask_dataset: str | None = None       # the same for --mask_folder volumes
     slice_wise: bool | None = None        # a 2-D model on volumes: section by section (None: automatic)
+    instances: Any = None                 # instances_out.InstanceSettings: labels and objects.csv (None: off)
 
     @property
     def size_factor(self) -> int | tuple[int, ...]:
@@ -318,9 +319,15 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      shard_count: int | None = None, overwrite: bool = False, output_format: str = "tif",
                      memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, mask_map: str | None = None,
                      image_dataset: str | None = None, mask_dataset: str | None = None,
-                     slice_wise: bool | None = None) -> Settings:
+                     slice_wise: bool | None = None, instances: bool | None = None,
+                     min_object_size: int | None = None, seed_threshold: float | None = None,
+                     foreground_threshold: float | None = None, seam_halo: int | None = None) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
+    from segkit.inference.instances_out import resolve_instances
+
+    instance_settings = resolve_instances(instances, meta, saved_model_filepath, min_object_size, seed_threshold,
+                                          foreground_threshold, seam_halo)
     batch_size = checked_number("--batch_size", batch_size, 1, MAX_BATCH_SIZE, "tiles", integer=True)
     working_set_limit = _working_set_limit(memory_limit_mb)
     if border not in BORDERS:
@@ -361,7 +368,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=working_set_limit, shard=(index, count),
         image_dataset=image_dataset or None, mask_dataset=mask_dataset or None,
-        slice_wise=None if slice_wise is None else bool(slice_wise))
+        slice_wise=None if slice_wise is None else bool(slice_wise), instances=instance_settings)
 
 
 def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata) -> int | tuple[int, ...]:
@@ -413,10 +420,12 @@ class OutputPaths:
     mask: str
     probabilities: str | None
     overlay: str | None
+    labels: str | None = None  # instance labels (--instances)
 
     def todo(self, overwrite: bool) -> dict[str, str]:
         """Outputs to (re)write: all with ``overwrite``, else those that do not exist yet."""
-        wanted = {"mask": self.mask, "probabilities": self.probabilities, "overlay": self.overlay}
+        wanted = {"mask": self.mask, "probabilities": self.probabilities, "overlay": self.overlay,
+                  "labels": self.labels}
         return {k: p for k, p in wanted.items() if p is not None and (overwrite or not os.path.exists(p))}
 
 
@@ -434,4 +443,6 @@ def output_paths(name: str, settings: Settings) -> OutputPaths:
         probabilities=(os.path.join(folder, PROBABILITIES_FOLDER, base + probs_ext)
                        if settings.save_probabilities else None),
         overlay=os.path.join(folder, OVERLAYS_FOLDER, base + ".png") if settings.overlay else None,
+        labels=(os.path.join(folder, LABELS_FOLDER, base + (".zarr" if settings.output_format == "zarr" else ".tif"))
+                if settings.instances is not None else None),
     )

@@ -332,7 +332,7 @@ def open_outputs(stack: contextlib.ExitStack, todo: dict[str, str], spatial_shap
     settings' tile size).
     """
     outputs = []
-    for kind in ("mask", "probabilities"):
+    for kind in ("mask", "probabilities", "labels"):
         if kind in todo:
             os.makedirs(os.path.dirname(todo[kind]), exist_ok=True)
             outputs.append(_open_output(stack, kind, todo[kind], tuple(spatial_shape), out_of_core, settings,
@@ -342,10 +342,23 @@ def open_outputs(stack: contextlib.ExitStack, todo: dict[str, str], spatial_shap
 
 def _open_output(stack: contextlib.ExitStack, kind: str, path: str, spatial: tuple[int, ...], out_of_core: bool,
                  settings: Settings, calibration: Calibration | None, name: str, tile: PerAxis) -> Any:
+    if kind == "labels":  # instance labels (segkit.inference.instances_out)
+        from segkit.inference.instances_out import LabelOutput
+
+        return stack.enter_context(LabelOutput(path, spatial, out_of_core, settings, calibration, name, tile))
     encode, dtype = _encoder(kind, settings)
     channels = kind != "mask"
     shape = spatial + (settings.number_classes,) if channels else spatial
-    if settings.output_format == "zarr":
+    return open_writer(stack, path, shape, dtype, tile, encode, channels, out_of_core, settings.output_format,
+                       calibration, name)
+
+
+def open_writer(stack: contextlib.ExitStack, path: str, shape: tuple[int, ...], dtype: np.dtype, tile: PerAxis,
+                encode: Callable, channels: bool, out_of_core: bool, output_format: str,
+                calibration: Calibration | None = None, name: str = "") -> Any:
+    """The writer of one output file (``put(zone, data)``, data encoded by ``encode``): OME-Zarr, a tiled
+    TIFF out of core, else one array written on exit; atomic (temporaries removed on failure)."""
+    if output_format == "zarr":
         tmp = stack.enter_context(atomic_dir(path))
         return stack.enter_context(_ZarrOutput(tmp, shape, dtype, tile, encode, channels=channels,
                                                name=name, calibration=calibration))

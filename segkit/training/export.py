@@ -16,6 +16,7 @@ import models
 from segkit import cliutil, image_io, model_metadata
 from segkit.training.checkpoints import json_default
 from segkit.training.config import RunConfig
+from segkit.training.resolve import training_instances
 from segkit.training.trainer import build_model, evaluated_weights
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[s
         size_factor=config.size_factor, receptive_field_radius=radius,
         effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
         training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
-        training={k: config.to_dict()[k] for k in TRAINING_FIELDS})
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=training_instances(config))
 
 
 def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any]) -> dict[s
         size_factor=list(models.size_factors(config.model, **config.model_config)),
         receptive_field_radius=list(models.receptive_field_radii(config.model, **config.model_config)),
         training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
-        training={k: config.to_dict()[k] for k in TRAINING_FIELDS})
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=training_instances(config))
 
 
 def _serving_module(model, channels: int, metadata_file: str, spatial_rank: int = 2):

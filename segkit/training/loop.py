@@ -21,6 +21,7 @@ from segkit import cliutil, metrics
 from segkit.training import export
 from segkit.training.checkpoints import CheckpointStore, MetricsCsv, RunState, check_same_precision
 from segkit.training.config import CONFIG_FILENAME, RunConfig, config_view
+from segkit.training.resolve import training_instances
 from segkit.training.summaries import Summaries
 from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_readers, make_strategy, set_precision
 
@@ -141,7 +142,7 @@ class Run:
         if resume:
             self._restore(CheckpointStore(out, True))
         self.csv = MetricsCsv(os.path.join(out, "metrics.csv"), self.state.step if resume else None, is_chief)
-        self.summaries = Summaries(out, is_chief)
+        self.summaries = Summaries(out, is_chief, (training_instances(config) or {}).get("target"))
         self.test_data = None
         try:
             local_replicas = len(strategy.extended.worker_devices)  # this machine's share of the replicas

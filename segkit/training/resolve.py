@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 import models
-from segkit import cliutil, lmdb_format
+from segkit import cliutil, instance_targets, lmdb_format
 from segkit.training import autoconfig
 from segkit.training.config import MAX_SIZE, WARMUP_MAX_STEPS, RunConfig, augmentation_constants
 
@@ -39,8 +39,12 @@ def resolve_config(args) -> RunConfig:
     test_meta = _read_database(args.test_database)
     args = _choose_model_for_rank(args, train_meta, test_meta)
     model_config, size_factor = _model_settings(args, _voxel_size(args, train_meta))
+    args, classes_reason = _choose_number_classes(args, train_meta, test_meta)
     channels = _check_databases(train_meta, test_meta, args)
+    _check_instance_target(args.train_database, train_meta, args.number_classes)
     args, origins = _self_configure(args, train_meta, size_factor, models.spatial_rank(args.model))
+    if classes_reason:
+        origins = {"number_classes": classes_reason, **origins}
     counts: dict[int, int] = {}
     for meta in train_meta:
         for c, n in meta["class_pixel_counts"].items():
@@ -152,6 +156,24 @@ def _model_settings(args, voxel_size: list[float] | None = None) -> tuple[dict[s
     return config, models.size_factor(args.model, **config)
 
 
+def _choose_number_classes(args, train_meta: list[dict], test_meta: dict) -> tuple[argparse.Namespace, str | None]:
+    """``--number_classes`` when passed; else the training target's classes (instance databases) or one more than
+    the largest class id the databases' masks hold (at least 2), with the reason (None when passed)."""
+    if args.number_classes is not None:
+        return args, None
+    targets = {_instance_target_of(m) for m in train_meta} - {None}
+    if len(targets) == 1:
+        target = targets.pop()
+        classes, reason = instance_targets.CLASSES[target], f"the databases store the {target} instance target"
+    else:
+        seen = [int(c) for m in [*train_meta, test_meta]
+                for c in (m.get("classes_seen") or [c for c, n in m["class_pixel_counts"].items() if n > 0])]
+        classes = max([1, *seen]) + 1
+        reason = f"the largest class id in the databases' masks is {max([0, *seen])}"
+    log.info("chose --number_classes %d: %s", classes, reason)
+    return argparse.Namespace(**{**vars(args), "number_classes": classes}), reason
+
+
 def _check_databases(train_meta: list[dict], test_meta: dict, args) -> int:
     """Channels equal everywhere, classes seen within --number_classes; returns the channel count."""
     real = [os.path.realpath(p) for p in args.train_database]
@@ -184,6 +206,39 @@ def _resolve_crop(args, size_factor: int) -> list[int]:
         raise cliutil.InputError(str(exc)) from None
     train.close()
     return list(train.crop_hw)
+
+
+def _instance_target_of(meta: dict[str, Any]) -> str | None:
+    return (meta.get("instance_target") or {}).get("target") if meta.get("mask_type") == "instances" else None
+
+
+def _check_instance_target(paths: list[str], train_meta: list[dict], number_classes: int) -> None:
+    """Training databases built from instance masks must all store the same target, with the model's classes."""
+    targets = {_instance_target_of(m) for m in train_meta}
+    if len(targets) > 1:
+        listing = ", ".join(f"{p}: {_instance_target_of(m) or 'class masks'}" for p, m in zip(paths, train_meta))
+        raise cliutil.InputError(f"the training databases store different targets ({listing}); build them all with "
+                                 "the same build_lmdb.py --mask_type / --instance_target")
+    target = targets.pop()
+    if target is not None and instance_targets.CLASSES[target] != number_classes:
+        raise cliutil.InputError(f"the training databases store the {target} instance target of "
+                                 f"{instance_targets.CLASSES[target]} classes but --number_classes is {number_classes}; "
+                                 f"pass --number_classes {instance_targets.CLASSES[target]}")
+
+
+def training_instances(config) -> dict[str, Any] | None:
+    """The model metadata ``instances`` block of a run trained on instance targets (its training databases'
+    ``instance_target``), else None: the default thresholds and a seam halo of the training crop (its largest
+    side; volumes: per axis): objects the model saw whole fit in it."""
+    metas = [_read_database(p) for p in config.train_database]
+    target = _instance_target_of(metas[0]) if metas else None
+    if target is None:
+        return None
+    from segkit.instances import InstanceThresholds
+
+    return {"target": target, "classes": list(instance_targets.CLASS_NAMES[target]),
+            "thresholds": InstanceThresholds().to_dict(),
+            "halo_px": [int(n) for n in config.crop_size] if len(config.crop_size) == 3 else int(max(config.crop_size))}
 
 
 def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:

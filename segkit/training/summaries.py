@@ -38,14 +38,32 @@ def summary_images(name: str, images_nhw3: np.ndarray) -> None:
     tf.summary.write(name, tensor, metadata=_plugin_metadata("images", bytes([0x10, len(pngs)])))
 
 
-def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.ndarray) -> np.ndarray:
-    """uint8 NHW3 panels [image | truth overlay | prediction overlay]; class 0 is left uncoloured."""
+def overlay_panels(images_nhwc: np.ndarray, truth_nhw: np.ndarray, pred_nhw: np.ndarray,
+                   instance_target: str | None = None) -> np.ndarray:
+    """uint8 NHW3 panels [image | truth overlay | prediction overlay]; class 0 is left uncoloured. With an
+    ``instance_target`` (three_class, boundary) the objects' outlines are drawn on the truth and prediction."""
     image = images_nhwc[..., :3] if images_nhwc.shape[-1] >= 3 else np.repeat(images_nhwc[..., :1], 3, axis=-1)
     lo = image.min(axis=(1, 2, 3), keepdims=True)
     hi = image.max(axis=(1, 2, 3), keepdims=True)
     gray = (image - lo) / np.maximum(hi - lo, 1e-6) * 255.0
     panels = [gray, image_io.tint(gray, truth_nhw), image_io.tint(gray, pred_nhw)]
+    if instance_target is not None:
+        panels[1:] = [outlined(p, classes, instance_target) for p, classes in zip(panels[1:], (truth_nhw, pred_nhw))]
     return np.concatenate(panels, axis=2).clip(0, 255).astype(np.uint8)
+
+
+def outlined(panels_nhw3: np.ndarray, classes_nhw: np.ndarray, instance_target: str) -> np.ndarray:
+    """Each panel with the outlines of the objects its classes give (segkit.instances.labels_from_probabilities
+    of the one-hot classes: the objects the classes stand for)."""
+    from segkit.inference.instances_out import draw_outlines
+    from segkit.instance_targets import CLASSES
+    from segkit.instances import TARGET_OF_BUILD, labels_from_probabilities, one_hot
+
+    classes = CLASSES[instance_target]
+    return np.stack([draw_outlines(panel, labels_from_probabilities(one_hot(c.astype(np.int64), classes),
+                                                                    target=TARGET_OF_BUILD[instance_target]))
+                     for panel, c in zip(panels_nhw3, classes_nhw)])
+
 
 
 def middle_sections(images, truth, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,10 +77,10 @@ def middle_sections(images, truth, pred) -> tuple[np.ndarray, np.ndarray, np.nda
 class Summaries:
     """The run's two event writers; on workers other than the chief they write nothing."""
 
-    def __init__(self, output_dir: str, is_chief: bool):
+    def __init__(self, output_dir: str, is_chief: bool, instance_target: str | None = None):
         import tensorflow as tf
 
-        self.is_chief = is_chief
+        self.is_chief, self.instance_target = is_chief, instance_target
         if is_chief:
             self.train_writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "train"))
             self.test_writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "test"))
@@ -93,7 +111,7 @@ class Summaries:
                 images, labels = (t[:OVERLAY_IMAGES] for t in first)
                 pred = predict(images).numpy()
                 shown = middle_sections(images.numpy(), labels.numpy(), pred)
-                summary_images("image_truth_prediction", overlay_panels(*shown))
+                summary_images("image_truth_prediction", overlay_panels(*shown, instance_target=self.instance_target))
         self.flush()
 
     def flush(self) -> None:

@@ -1,0 +1,269 @@
+"""Instance outputs of inference (``--instances``, issue #16): label images, ``objects.csv``, ``instance_metrics.csv``
+and object outlines on overlays.
+
+Labels come from the predicted probabilities (:func:`segkit.instances.labels_from_probabilities`): whole-image in
+memory; out of core zone by zone from a disk-backed copy of the probabilities with the model's seam halo, merged
+across seams (:mod:`segkit.instance_seams`). Measurements and scores are read back from the written files, so a
+restarted run (outputs kept) still lists every image. See README.md, "Stage 3" (objects).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from segkit import cliutil, instance_seams, instance_targets, metrics, tiling
+from segkit.cliutil import InputError
+from segkit.instance_metrics import InstanceScores, dense_scores
+from segkit.instances import (
+    TARGET_OF_BUILD,
+    InstanceThresholds,
+    ObjectTotals,
+    ThresholdError,
+    labels_from_probabilities,
+    object_columns,
+    spacing_from_calibration,
+)
+
+if TYPE_CHECKING:
+    from segkit.inference.settings import Settings
+    from segkit.model_metadata import ModelMetadata
+
+log = logging.getLogger("inference_unet.instances")
+
+LABELS_FOLDER = "labels"  # under --output_folder
+OUTLINE_RGB = (255.0, 255.0, 0.0)  # object outlines on overlays: yellow
+MEASURE_BLOCK_PIXELS = 16 * 2**20  # objects.csv reads labels and image this many pixels at a time
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    """How one run turns probabilities into objects: the model's target, thresholds and seam halo (flags win)."""
+
+    target: str                       # the build stage's name: three_class | boundary
+    thresholds: InstanceThresholds
+    halo_px: int | tuple[int, ...]    # context per side when labelling zone by zone (out of core)
+
+    @property
+    def labelling_target(self) -> str:
+        return TARGET_OF_BUILD[self.target]
+
+
+def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_filepath: str,
+                      min_object_size: int | None = None, seed_threshold: float | None = None,
+                      foreground_threshold: float | None = None,
+                      seam_halo: int | None = None) -> InstanceSettings | None:
+    """``--instances`` and its thresholds resolved against the model's metadata ``instances`` block (None: off).
+
+    Default (None): on for models with the block. ``--instances 1`` for a model without it: InputError."""
+    block = meta.instances
+    if instances is None:
+        instances = block is not None
+    if not instances:
+        return None
+    if block is None:
+        raise InputError(f"--instances 1: the model {saved_model_filepath} was not trained on instance targets (its "
+                         "metadata has no 'instances' block); build the databases with build_lmdb.py --mask_type "
+                         "instances and train on them, or drop --instances")
+    overrides = {"min_size": min_object_size, "seed": seed_threshold, "foreground": foreground_threshold}
+    flags = {"min_size": "--min_object_size", "seed": "--seed_threshold", "foreground": "--foreground_threshold"}
+    values = dict(block["thresholds"])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        thresholds = InstanceThresholds.from_dict(values)
+    except ThresholdError as exc:
+        given = [flags[k] for k, v in overrides.items() if v is not None]
+        raise InputError(f"{' / '.join(given) or 'the model metadata'}: {exc}") from None
+    halo = block["halo_px"] if seam_halo is None else seam_halo
+    for h in halo if isinstance(halo, (list, tuple)) else [halo]:
+        if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+            raise InputError(f"--seam_halo must be a whole number of pixels >= 1, got {seam_halo!r}")
+    halo = tuple(int(h) for h in halo) if isinstance(halo, (list, tuple)) else int(halo)
+    return InstanceSettings(block["target"], thresholds, halo)
+
+
+# --- the label image of one input ------------------------------------------------------------------
+
+
+class LabelOutput:
+    """An inference output (``put(zone, probs)``) that gathers the probabilities (in memory, or in a hidden
+    temporary file beside the output when out of core) and on success writes the label image atomically."""
+
+    def __init__(self, path: str, spatial: tuple[int, ...], out_of_core: bool, settings: Settings,
+                 calibration: Any = None, name: str = "", tile: tiling.PerAxis | None = None):
+        self.path, self.spatial, self.out_of_core, self.settings = path, tuple(spatial), out_of_core, settings
+        self.calibration, self.name = calibration, name
+        self.tile = settings.tile_size if tile is None else tile
+        self._temporaries: list[str] = []
+        self.probs: Any = None
+
+    def _array(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        if not self.out_of_core:
+            return np.zeros(shape, dtype)
+        spill = cliutil.make_temp(self.path, suffix=".npy")
+        self._temporaries.append(spill)
+        return np.lib.format.open_memmap(spill, mode="w+", dtype=dtype, shape=shape)
+
+    def __enter__(self) -> LabelOutput:
+        self.probs = self._array(self.spatial + (self.settings.number_classes,), np.float32)
+        return self
+
+    def put(self, zone: tiling.Zone, probs: np.ndarray) -> None:
+        self.probs[zone.region()] = probs
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._write()
+        finally:
+            self.probs = None
+            for path in self._temporaries:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+    def _write(self) -> None:
+        from segkit.inference import writers
+
+        inst = self.settings.instances
+        if self.out_of_core:  # zone by zone with the seam halo, ids merged across seams
+            ids = self._array(self.spatial, np.int64)
+            table = instance_seams.label_zones(self.probs, ids, self.tile, inst.halo_px, inst.thresholds,
+                                               inst.labelling_target)
+            dtype, block = table.dtype, (lambda box: instance_seams.relabel(ids[box], table))
+        else:
+            labels = labels_from_probabilities(self.probs, inst.thresholds, inst.labelling_target)
+            dtype, block = labels.dtype, (lambda box: labels[box])
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            writer = writers.open_writer(stack, self.path, self.spatial, dtype, self.tile, lambda a: a, False,
+                                         self.out_of_core, self.settings.output_format, self.calibration, self.name)
+            for box in instance_seams.zones(self.spatial, self.tile):
+                start = tuple(s.start for s in box)
+                writer.put(tiling.Zone(start, start, tuple(s.stop for s in box), start), block(box))
+
+
+# --- objects.csv and instance_metrics.csv -------------------------------------------------------------
+
+
+@dataclass
+class InstanceResults:
+    """What a run collects for its tables: object rows, matches and dense scores per image."""
+
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    scores: InstanceScores = field(default_factory=InstanceScores)
+    dense: dict[str, dict[str, float]] = field(default_factory=dict)
+    channels: int = 0
+    ndim: int = 2
+
+
+def _read_whole(view: Any) -> np.ndarray:
+    return np.asarray(view[0:view.shape[0]])
+
+
+def measure_image(name: str, image_path: str, labels_file: str, volume: bool, settings: Settings,
+                  results: InstanceResults) -> int:
+    """Rows of ``objects.csv`` for one image from its written labels and the image (block by block along the
+    first axis); returns the number of objects."""
+    from segkit.inference.regions import open_source, opened
+
+    source = open_source(image_path, settings)
+    try:
+        with opened(labels_file, volume) as labels:
+            ndim = len(labels.shape) - 1
+            channels = int(source.image.shape[-1])
+            totals = ObjectTotals(ndim, channels)
+            step = max(1, MEASURE_BLOCK_PIXELS // max(1, int(np.prod(labels.shape[1:-1]))))
+            for start in range(0, labels.shape[0], step):
+                totals.add(np.asarray(labels[start:start + step])[..., 0], np.asarray(source.image[start:start + step]))
+        rows = totals.rows(spacing_from_calibration(source.calibration, ndim), name)
+    finally:
+        source.close()
+    results.objects.extend(rows)
+    results.channels, results.ndim = channels, ndim
+    return len(rows)
+
+
+def read_truth_labels(truth_path: str, volume: bool, mask_dataset: str | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Ground-truth instance labels, checked: integer ids >= 0, the image's shape; ValueError (this image) else."""
+    from segkit.inference.regions import opened
+
+    with opened(truth_path, volume, mask_dataset, role="mask") as view:
+        if view.shape[-1] != 1:
+            raise ValueError(f"{truth_path}: ground-truth mask has {view.shape[-1]} channels; instance masks are "
+                             "single-channel")
+        truth = _read_whole(view)[..., 0]
+    try:
+        instance_targets.check_instances(truth, truth_path)
+    except InputError as exc:  # one bad ground truth fails its image, not the folder
+        raise ValueError(str(exc)) from None
+    if truth.shape != tuple(shape):
+        raise ValueError(f"{truth_path}: ground-truth mask is {'x'.join(map(str, truth.shape))} but the labels are "
+                         f"{'x'.join(map(str, shape))}; they must match pixel for pixel")
+    return truth
+
+
+def score_image(name: str, mask_file: str, labels_file: str, truth_path: str, volume: bool, settings: Settings,
+                results: InstanceResults) -> np.ndarray:
+    """Instance scores of one image into ``results``; returns the per-class confusion matrix of the predicted
+    classes against the target made from the true labels (instance_targets.make_target), for metrics.csv."""
+    from segkit.inference.regions import opened
+
+    with opened(labels_file, volume) as view:
+        pred = _read_whole(view)[..., 0]
+    truth = read_truth_labels(truth_path, volume, settings.mask_dataset, pred.shape)
+    results.scores.add(name, truth, pred)
+    results.dense[name] = dense_scores(truth, pred)
+    with opened(mask_file, volume) as view:
+        classes = _read_whole(view)[..., 0]
+    target = instance_targets.make_target(truth, settings.instances.target)
+    return metrics.confusion_matrix(target.astype(np.int64), classes, settings.number_classes)
+
+
+def _table_name(stem: str, settings: Settings) -> str:
+    index, count = settings.shard
+    return f"{stem}.csv" if count == 1 else f"{stem}_shard{index}_of_{count}.csv"
+
+
+def _write_csv(path: str, rows: list[Mapping[str, Any]], columns: list[str]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    cliutil.atomic_write_text(path, text.getvalue())
+
+
+def write_tables(results: InstanceResults, settings: Settings, scored: bool) -> list[str]:
+    """``objects.csv`` (every image's objects) and, when ground truth was scored, ``instance_metrics.csv``: one
+    row per image and ``ALL`` (matches summed over images; dense scores: their mean over images)."""
+    folder = settings.output_folder
+    objects_path = os.path.join(folder, _table_name("objects", settings))
+    _write_csv(objects_path, results.objects, object_columns(results.ndim, results.channels))
+    log.info("%d object(s) -> %s", len(results.objects), objects_path)
+    if not scored or not results.scores.rows:
+        return [objects_path]
+    rows = [{**row, **results.dense[row["image"]]} for row in results.scores.rows]
+    dense_mean = {k: float(np.mean([d[k] for d in results.dense.values()])) for k in next(iter(results.dense.values()))}
+    overall = {**results.scores.overall(), **dense_mean}
+    metrics_path = os.path.join(folder, _table_name("instance_metrics", settings))
+    _write_csv(metrics_path, rows + [overall], list(overall))
+    log.info("objects over %d image(s): AP@0.5 %.4f, AP@0.75 %.4f, PQ@0.5 %.4f -> %s", len(rows),
+             overall["ap_t50"], overall["ap_t75"], overall["pq_t50"], metrics_path)
+    return [objects_path, metrics_path]
+
+
+# --- overlays ---------------------------------------------------------------------------------------
+
+
+def draw_outlines(rgb: np.ndarray, labels: np.ndarray, colour: tuple[float, float, float] = OUTLINE_RGB) -> np.ndarray:
+    """``rgb`` (H, W, 3) with the outline of every object of ``labels`` (H, W) painted in ``colour``."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.array(rgb, dtype=np.float32, copy=True)
+    out[find_boundaries(labels, mode="inner") & (labels > 0)] = colour
+    return out
