@@ -98,7 +98,7 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.bioimageio and outcome.saved_model:
         from segkit.training.export import export_bioimageio_package
 
-        export_bioimageio_package(outcome.saved_model, config.output_dir)
+        export_bioimageio_package(outcome.saved_model, config.output_dir, config.test_database)
     # A reader failure is loop.ReaderFailed, a full disk cliutil.FaultError: run_cli prints either (exit 1).
     print(f"done: {outcome.stopped}; best test loss {outcome.best_loss:.5f} at step {outcome.best_step}; "
           f"model: {outcome.saved_model}")

@@ -309,6 +309,19 @@ def test_a_failed_package_export_warns_in_one_line_and_keeps_the_savedmodel(tmp_
     assert sorted(os.listdir(saved)) == ["saved_model.pb"] and not (tmp_path / "bioimageio_model").exists()
 
 
+def test_the_training_package_is_tested_on_the_first_test_image(dbs):
+    from segkit import lmdb_format
+    from segkit.training.export import first_test_image
+
+    image = first_test_image(dbs["gray"][1])
+    env = lmdb_format.open_readonly(dbs["gray"][1])
+    with env.begin() as txn:
+        expected = lmdb_format.decode_record(txn.get(lmdb_format.record_key(0))).image_hwc
+    env.close()
+    assert image is not None and np.array_equal(image, expected)
+    assert first_test_image(None) is None and first_test_image("/nonexistent/db.lmdb") is None
+
+
 def test_train_flag_bioimageio_takes_the_original_0_1_form():
     import train_unet
 

@@ -12,6 +12,8 @@ import shutil
 import socket
 from typing import Any
 
+import numpy as np
+
 import models
 from segkit import cliutil, image_io, model_metadata
 from segkit.training.checkpoints import json_default
@@ -168,14 +170,34 @@ def remove_stale_swaps(output_dir: str) -> None:
         cliutil.fsync_path(output_dir)
 
 
-def export_bioimageio_package(saved_model_dir: str, output_dir: str) -> str | None:
+def first_test_image(test_database: str | None):
+    """The first record's image of the test database (spatial axes, channels last), or None when unreadable:
+    the bioimage.io package's test tensors and cover then come from a synthetic image."""
+    if not test_database:
+        return None
+    from segkit import lmdb_format
+
+    try:
+        env = lmdb_format.open_readonly(test_database)
+        try:
+            with env.begin() as txn:
+                value = txn.get(lmdb_format.record_key(0))
+                return None if value is None else np.array(lmdb_format.decode_record(value).image_hwc)
+        finally:
+            env.close()
+    except Exception:  # the package is an extra; a synthetic image will do
+        return None
+
+
+def export_bioimageio_package(saved_model_dir: str, output_dir: str, test_database: str | None = None) -> str | None:
     """Write the bioimage.io model package (segkit/bioimageio_export.py, default authors, licence and
-    citations) beside ``saved_model_dir``; returns the folder, or None after a one-line warning: a failure
-    here never touches the SavedModel, and scripts/export_bioimageio.py can build the package later."""
+    citations) beside ``saved_model_dir``, its test tensors and cover from the first test image; returns the
+    folder, or None after a one-line warning: a failure here never touches the SavedModel, and
+    scripts/export_bioimageio.py can build the package later."""
     try:
         from segkit.bioimageio_export import export_bioimageio
 
-        folder, _ = export_bioimageio(saved_model_dir, output_dir)
+        folder, _ = export_bioimageio(saved_model_dir, output_dir, test_image=first_test_image(test_database))
     except Exception as exc:  # the package is an extra: the SavedModel stays exported whatever fails here
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         log.warning("bioimage.io package not written (%s: %s); the SavedModel is fine, build the package with "
