@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from typing import Any, Sequence
 
 from segkit import cliutil, lmdb_format
@@ -31,29 +30,9 @@ _TEMP_RE = re.compile(r"^\.(?P<base>.+\.lmdb)\.(?P<kind>tmp|old)-(?P<host>.+)-(?
 
 
 def check_output_folder(output_folder: str) -> None:
-    """Refuse, in one line, an output folder that cannot hold the databases (checked before any work).
-
-    Writability uses ``os.access`` (the effective user; root passes it except on a read-only file
-    system), then a probe file, so a folder root cannot write either (sysfs) is caught too.
-    """
-    flag = f"--output_folder {output_folder}"
-    if os.path.islink(output_folder) and not os.path.exists(output_folder):
-        raise InputError(f"{flag} is a symbolic link to {os.readlink(output_folder)}, which does not exist; "
-                         "create its target or give another folder")
-    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
-        raise InputError(f"{flag} is a file, not a folder; give a folder (it is created if missing)")
-    existing = os.path.abspath(output_folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise InputError(f"{flag}: {existing} is a file, so no folder can be created under it; give another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag}: {existing} is not writable by this user; give a folder you can write to")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise InputError(f"{flag}: cannot write in {existing} ({exc.strerror}); give a folder you can write to") from None
+    """Refuse, in one line, an output folder that cannot hold the databases (checked before any work):
+    :func:`cliutil.check_output_folder`."""
+    cliutil.check_output_folder(output_folder, "--output_folder")
 
 
 def check_database_paths(finals: dict[str, str], overwrite: bool) -> None:

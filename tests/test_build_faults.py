@@ -190,12 +190,17 @@ def test_unwritable_output_is_one_line_exit_2(tmp_path, capsys, where):
 
 
 def test_output_folder_without_write_permission(tmp_path, capsys, monkeypatch):
-    """os.access semantics (the effective user; root passes except on read-only file systems), emulated."""
+    """A folder the probe file cannot be written in (tests run as root, so the refusal is emulated)."""
     images, masks = make_pairs(str(tmp_path))
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(lmdb_store.os, "access", lambda path, mode: False)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(cliutil, "make_temp", refuse)
     assert cli(images, masks, tmp_path / "ro" / "out") == 2
-    assert "is not writable by this user" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "cannot write in" in line and "Permission denied" in line
 
 
 # ----------------------------------------------------------------------------- 4. full disk

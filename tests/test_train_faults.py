@@ -73,7 +73,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(dbs, tmp
     os.symlink(tmp_path / "nowhere", tmp_path / "link")
     out, expected = {
         "file": (tmp_path / "afile", "is a file"),
-        "under a file": (tmp_path / "afile" / "run", "afile is a file, not a folder"),
+        "under a file": (tmp_path / "afile" / "run", "afile is a file, so no folder can be created under it"),
         "dangling symlink": (tmp_path / "link", "is a symbolic link to"),
         "under a dangling symlink": (tmp_path / "link" / "run", "is a symbolic link to"),
         "not writable": ("/sys/segkit-run", "cannot write in /sys"),  # read-only even for root

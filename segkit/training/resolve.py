@@ -251,24 +251,7 @@ def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:
 
 def _check_output_dir(path: str) -> None:
     """The output folder must be a folder, or creatable: no file or dangling link on the way, writable."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise cliutil.InputError(f"--output_dir {path} is a symbolic link to {os.readlink(path)}, which does not "
-                                 "exist; remove the link or pass another folder")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise cliutil.InputError(f"--output_dir {path} is a file; pass a folder")
-    parent = path
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if os.path.islink(parent) and not os.path.exists(parent):
-        raise cliutil.InputError(f"--output_dir {path}: {parent} is a symbolic link to {os.readlink(parent)}, which "
-                                 "does not exist; remove the link or choose another folder")
-    if not os.path.isdir(parent):
-        raise cliutil.InputError(f"--output_dir {path}: {parent} is a file, not a folder; choose another folder")
-    try:  # os.access says yes to root on a read-only file system: try it
-        os.remove(cliutil.make_temp(os.path.join(parent, "write-test")))
-    except OSError as exc:
-        raise cliutil.InputError(f"--output_dir {path}: cannot write in {parent} ({exc.strerror}); choose another "
-                                 "folder or fix its permissions") from None
+    cliutil.check_output_folder(path, "--output_dir")
 
 
 # ---- 2-D or volumes (issue #15): the databases' spatial rank picks the model family ------------------
