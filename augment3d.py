@@ -162,12 +162,18 @@ class Geometry3D:
         mapped = self.linear @ corners
         lo, hi = mapped.min(axis=1), mapped.max(axis=1)
         if self.displacement is not None:
-            reach = np.array([0.0 if d is None else max(-float(d.min()), float(d.max())) for d in self.displacement])
+            reach = np.array([0.0 if d is None else _largest_magnitude(d) for d in self.displacement])
             lo, hi = lo - reach, hi + reach
         if self.section_offsets_yx is not None:
             lo[1:] += np.minimum(self.section_offsets_yx.min(axis=0), 0)
             hi[1:] += np.maximum(self.section_offsets_yx.max(axis=0), 0)
         return lo, hi
+
+
+def _largest_magnitude(field: np.ndarray) -> float:
+    """max |field| in one pass (cv2.minMaxLoc: min and max together)."""
+    low, high, _, _ = cv2.minMaxLoc(np.ascontiguousarray(field, np.float32).reshape(-1, field.shape[-1]))
+    return max(-low, high)
 
 
 def _isotropic_axes(spacing_zyx_um) -> list[int]:
@@ -312,14 +318,17 @@ def _input_coordinates(geometry: Geometry3D, centre_in: np.ndarray, region_zyx) 
     linear = geometry.linear.astype(np.float32)
     coords = []
     for axis in range(3):
-        value = np.full((size[0], 1, 1) if axis == 0 and geometry.keeps_sections else size, centre_in[axis], np.float32)
+        # the affine part and the per-section offsets on broadcast (Z, Y, 1) arrays: one full-size pass
+        value = np.full((1, 1, 1), centre_in[axis], np.float32)
+        if geometry.section_offsets_yx is not None and axis:
+            value = value + geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
         for k in range(3):
             if linear[axis, k] != 0:
-                value += linear[axis, k] * grids[k]
+                value = value + linear[axis, k] * grids[k]
+        full = (size[0], 1, 1) if axis == 0 and geometry.keeps_sections else size
+        value = np.broadcast_to(value, full).copy() if value.shape != tuple(full) else value
         if geometry.displacement is not None and geometry.displacement[axis] is not None:
             value += geometry.displacement[axis]
-        if geometry.section_offsets_yx is not None and axis:
-            value += geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
         coords.append(np.clip(value, 0, region_zyx[axis] - 1, out=value))  # float fuzz only: the region has margin
     return coords
 
@@ -389,16 +398,20 @@ def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float
         rows, cols = _mosaic_position(np.rint(z), y, x, region.shape[:3], columns)
         return _remap(image_source, rows, cols, cv2.INTER_LINEAR), _remap(mask_source, rows, cols, cv2.INTER_NEAREST)
     z0 = np.minimum(np.floor(z), zr - 2).astype(np.float32) if zr > 1 else np.zeros_like(z)
-    weight = (z - z0)[..., None]
-    lower = _remap(image_source, *_mosaic_position(z0, y, x, region.shape[:3], columns), cv2.INTER_LINEAR)
-    upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, region.shape[:3], columns),
-                   cv2.INTER_LINEAR)
+    weight = z - z0
+    rows, cols = _mosaic_position(z0, y, x, region.shape[:3], columns)
+    lower = _remap(image_source, rows, cols, cv2.INTER_LINEAR)
+    if columns == 1 and zr > 1:  # section z0 + 1 of the stack is section z0 of the stack one section down: a view
+        upper = _remap(image_source[region.shape[1]:], rows, cols, cv2.INTER_LINEAR)
+    else:
+        upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, region.shape[:3], columns),
+                       cv2.INTER_LINEAR)
     image = upper.astype(float_dtype)  # the blend along z in floating point: exact
     image -= lower
-    image *= weight
+    image *= weight[..., None]
     image += lower
-    mask = _remap(mask_source, *_mosaic_position(np.rint(z).astype(np.float32), y, x, region.shape[:3], columns),
-                  cv2.INTER_NEAREST)
+    nearest = np.rint(z, out=z)  # z is owned by this call
+    mask = _remap(mask_source, *_mosaic_position(nearest, y, x, region.shape[:3], columns), cv2.INTER_NEAREST)
     return image, mask
 
 
