@@ -383,9 +383,7 @@ def _mosaic_position(section, y, x, region_zyx, columns: int) -> tuple[np.ndarra
     index = section.astype(np.intp)
     rows = (tiles // columns * yr).astype(np.float32)[index]  # a table look-up: float floor_divide is slow
     cols = (tiles % columns * xr).astype(np.float32)[index]
-    rows += y
-    cols += x
-    return rows, cols
+    return rows + y, cols + x  # section may be (Z, 1, 1) (keeps_sections): broadcast
 
 
 def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float_dtype):
@@ -397,8 +395,8 @@ def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float
     if keeps_sections:  # one input section per output section: exact rows, 2D interpolation only
         rows, cols = _mosaic_position(np.rint(z), y, x, region.shape[:3], columns)
         return _remap(image_source, rows, cols, cv2.INTER_LINEAR), _remap(mask_source, rows, cols, cv2.INTER_NEAREST)
-    z0 = np.minimum(np.floor(z), zr - 2).astype(np.float32) if zr > 1 else np.zeros_like(z)
-    weight = z - z0
+    z0 = np.minimum(np.floor(z), zr - 2, out=np.floor(z)) if zr > 1 else np.zeros_like(z)
+    weight = np.subtract(z, z0)
     rows, cols = _mosaic_position(z0, y, x, region.shape[:3], columns)
     lower = _remap(image_source, rows, cols, cv2.INTER_LINEAR)
     if columns == 1 and zr > 1:  # section z0 + 1 of the stack is section z0 of the stack one section down: a view

@@ -244,10 +244,11 @@ def test_integer_images_are_interpolated_in_their_own_type_within_the_stated_bou
         assert error.mean() < 0.5  # negative control of the bound's size: mostly just the rounding
 
 
-def test_regions_too_tall_for_one_stack_are_laid_out_as_a_mosaic(monkeypatch):
+@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+def test_regions_too_tall_for_one_stack_are_laid_out_as_a_mosaic(monkeypatch, spacing):
     """A region with more rows than cv2.remap takes is tiled into a mosaic of sections: same samples."""
     image, mask = smooth_volume((24, 48, 48)), blob_labels((24, 48, 48))
-    geometry = augment3d.sample_geometry_3d(np.random.default_rng(4), (12, 20, 20), ISOTROPIC, GEOMETRY_ONLY)
+    geometry = augment3d.sample_geometry_3d(np.random.default_rng(4), (12, 20, 20), spacing, GEOMETRY_ONLY)
     origin = augment3d.choose_origin_3d(np.random.default_rng(4), (24, 48, 48), geometry)
     stacked = augment3d.warp_3d(image, mask, geometry, origin)
     monkeypatch.setattr(augment3d, "CV_MAX_ROWS", 400)
