@@ -218,17 +218,13 @@ def elastic_displacement_3d(rng, out_zyx, spacing_zyx_um, params: AugmentParams3
     grid, jitter = elastic_grid_3d(out_zyx, spacing_zyx_um, params)
     if not np.any(jitter):
         return None
-    z, y, x = (int(n) for n in out_zyx)
-    weights = [augment._upsampling_matrix(n, g) for n, g in zip((z, y, x), grid)]
-    field = []
-    for axis in range(3):
-        if not jitter[axis]:
-            field.append(None)
-            continue
-        control = (rng.normal(size=grid).clip(-ELASTIC_CLIP_SIGMAS, ELASTIC_CLIP_SIGMAS) * jitter[axis]).astype(np.float32)
-        control = (weights[0] @ control.reshape(grid[0], -1)).reshape(z, grid[1], grid[2])  # z first: small
-        field.append(weights[1] @ control @ weights[2].T)
-    return tuple(field)
+    moving = [axis for axis in range(3) if jitter[axis]]
+    weights = [augment._upsampling_matrix(int(n), g) for n, g in zip(out_zyx, grid)]
+    control = rng.normal(size=(len(moving),) + grid).clip(-ELASTIC_CLIP_SIGMAS, ELASTIC_CLIP_SIGMAS)
+    control = (control * jitter[moving, None, None, None]).astype(np.float32)
+    control = np.einsum("za,kabc->kzbc", weights[0], control)  # z first: the control grid stays small
+    fields = iter(weights[1] @ control @ weights[2].T)  # (moving axes, Z, Y, X): one stacked product
+    return tuple(next(fields) if jitter[axis] else None for axis in range(3))
 
 
 def section_offsets(rng: np.random.Generator, sections: int, params: AugmentParams3D) -> np.ndarray | None:
