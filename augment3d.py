@@ -372,14 +372,18 @@ def _remap(source, rows, cols, interpolation) -> np.ndarray:
 
 def _mosaic_position(section, y, x, region_zyx, columns: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) in the mosaic of in-section positions (y, x) of integer-valued float32 ``section``."""
-    zr, yr, xr = (int(v) for v in region_zyx)
+    _, yr, xr = (int(v) for v in region_zyx)
     if columns == 1:
         return section * np.float32(yr) + y, x
-    tiles = np.arange(zr)
-    index = section.astype(np.intp)
-    rows = (tiles // columns * yr).astype(np.float32)[index]  # a table look-up: float floor_divide is slow
-    cols = (tiles % columns * xr).astype(np.float32)[index]
-    return rows + y, cols + x  # section may be (Z, 1, 1) (keeps_sections): broadcast
+    # tile row = section // columns in float32 arithmetic (floor_divide and integer tables are 3x slower);
+    # exact: (section + 0.5) / columns is never within float32 error of an integer for these sizes
+    tile = section * np.float32(1 / columns)
+    tile += np.float32(0.5 / columns)
+    np.floor(tile, out=tile)
+    cols = section - tile * np.float32(columns)
+    cols *= np.float32(xr)
+    tile *= np.float32(yr)
+    return tile + y, cols + x  # section may be (Z, 1, 1) (keeps_sections): broadcast
 
 
 def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float_dtype):

@@ -267,3 +267,12 @@ def test_mosaic_places_every_section_where_the_positions_say():
             rows, cols = augment3d._mosaic_position(np.float32([z]), np.float32([0]), np.float32([0]), region.shape, columns)
             r, c = int(rows[0]), int(cols[0])
             np.testing.assert_array_equal(mosaic[r:r + 3, c:c + 4], region[z])
+
+
+@pytest.mark.parametrize("columns", [2, 3, 7, 13])
+def test_mosaic_tile_arithmetic_is_exact_for_every_section_index(columns):
+    sections = np.arange(4000, dtype=np.float32)
+    zero = np.zeros(1, np.float32)
+    rows, cols = augment3d._mosaic_position(sections, zero, zero, (4000, 180, 120), columns)
+    np.testing.assert_array_equal(rows, (np.arange(4000) // columns) * 180)
+    np.testing.assert_array_equal(cols, (np.arange(4000) % columns) * 120)
