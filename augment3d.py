@@ -404,7 +404,7 @@ def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float
     else:
         upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, region.shape[:3], columns),
                        cv2.INTER_LINEAR)
-    image = upper.astype(float_dtype)  # the blend along z in floating point: exact
+    image = upper.astype(float_dtype)  # the blend along z in floating point (not rounded to the source type)
     image -= lower
     image *= weight[..., None]
     image += lower
