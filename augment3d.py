@@ -15,9 +15,10 @@ in voxels of the input. The voxel size (``spacing_zyx_um``) is required: anisotr
 
   applied in ONE resampling, linear for images and nearest neighbour for masks. When z stays z and
   integer (always for an anisotropic z), every output section is one remap of one input section;
-  otherwise two input sections are remapped and blended linearly along z. The sections are stacked
-  into one tall 2D image so each of those is a single ``cv2.remap``; stacks too tall for OpenCV's
-  coordinate range use ``scipy.ndimage.map_coordinates``.
+  otherwise two input sections are remapped and blended linearly along z. The sections are laid out
+  as one 2D image (a tall stack, or a mosaic of sections when taller than OpenCV's coordinate range)
+  so each of those is a single ``cv2.remap``; integer images of at most 16 bits are remapped in their
+  own type (``REMAP_NATIVE_DTYPES``), regions too large even for a mosaic use ``scipy.ndimage``.
 * Context instead of padding, as in 2D: :meth:`Geometry3D.extent` says how far the warp samples,
   :func:`choose_origin_3d` places the crop so that it reads real data when the record is large enough
   (mirror reflection otherwise), and :func:`context_margin_3d` bounds the context any draw needs.
@@ -41,6 +42,10 @@ from segkit.volume_io import is_anisotropic
 
 MIN_ELASTIC_SPACING_VOXELS = 4   # a control grid finer than this folds the volume
 ELASTIC_CLIP_SIGMAS = 3.0        # control-point displacements are clipped to +-this many std (bounded context)
+# Integer images interpolated in their own type by cv2.remap (1/32-voxel fixed-point weights, the value
+# rounded to the integer grid: at most half a grey level plus a 64th of the local slope per in-plane axis,
+# tests/test_augment3d.py): a quarter of the bytes of float32, and no conversion of the whole region.
+REMAP_NATIVE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
 CV_MAX_ROWS = 32000              # cv2.remap's fixed-point coordinates must stay below 32767
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: arrays below it come from the heap, not fresh mmap pages
 TRIM_THRESHOLD_BYTES = 128 << 20  # free heap kept for the next sample instead of returned to the OS
@@ -157,12 +162,18 @@ class Geometry3D:
         mapped = self.linear @ corners
         lo, hi = mapped.min(axis=1), mapped.max(axis=1)
         if self.displacement is not None:
-            reach = np.array([0.0 if d is None else max(-float(d.min()), float(d.max())) for d in self.displacement])
+            reach = np.array([0.0 if d is None else _largest_magnitude(d) for d in self.displacement])
             lo, hi = lo - reach, hi + reach
         if self.section_offsets_yx is not None:
             lo[1:] += np.minimum(self.section_offsets_yx.min(axis=0), 0)
             hi[1:] += np.maximum(self.section_offsets_yx.max(axis=0), 0)
         return lo, hi
+
+
+def _largest_magnitude(field: np.ndarray) -> float:
+    """max |field| in one pass (cv2.minMaxLoc: min and max together)."""
+    low, high, _, _ = cv2.minMaxLoc(np.ascontiguousarray(field, np.float32).reshape(-1, field.shape[-1]))
+    return max(-low, high)
 
 
 def _isotropic_axes(spacing_zyx_um) -> list[int]:
@@ -207,17 +218,13 @@ def elastic_displacement_3d(rng, out_zyx, spacing_zyx_um, params: AugmentParams3
     grid, jitter = elastic_grid_3d(out_zyx, spacing_zyx_um, params)
     if not np.any(jitter):
         return None
-    z, y, x = (int(n) for n in out_zyx)
-    weights = [augment._upsampling_matrix(n, g) for n, g in zip((z, y, x), grid)]
-    field = []
-    for axis in range(3):
-        if not jitter[axis]:
-            field.append(None)
-            continue
-        control = (rng.normal(size=grid).clip(-ELASTIC_CLIP_SIGMAS, ELASTIC_CLIP_SIGMAS) * jitter[axis]).astype(np.float32)
-        control = (weights[0] @ control.reshape(grid[0], -1)).reshape(z, grid[1], grid[2])  # z first: small
-        field.append(weights[1] @ control @ weights[2].T)
-    return tuple(field)
+    moving = [axis for axis in range(3) if jitter[axis]]
+    weights = [augment._upsampling_matrix(int(n), g) for n, g in zip(out_zyx, grid)]
+    control = rng.normal(size=(len(moving),) + grid).clip(-ELASTIC_CLIP_SIGMAS, ELASTIC_CLIP_SIGMAS)
+    control = (control * jitter[moving, None, None, None]).astype(np.float32)
+    control = np.einsum("za,kabc->kzbc", weights[0], control)  # z first: the control grid stays small
+    fields = iter(weights[1] @ control @ weights[2].T)  # (moving axes, Z, Y, X): one stacked product
+    return tuple(next(fields) if jitter[axis] else None for axis in range(3))
 
 
 def section_offsets(rng: np.random.Generator, sections: int, params: AugmentParams3D) -> np.ndarray | None:
@@ -307,44 +314,102 @@ def _input_coordinates(geometry: Geometry3D, centre_in: np.ndarray, region_zyx) 
     linear = geometry.linear.astype(np.float32)
     coords = []
     for axis in range(3):
-        value = np.full((size[0], 1, 1) if axis == 0 and geometry.keeps_sections else size, centre_in[axis], np.float32)
+        # the affine part and the per-section offsets on broadcast (Z, Y, 1) arrays: one full-size pass
+        value = np.full((1, 1, 1), centre_in[axis], np.float32)
+        if geometry.section_offsets_yx is not None and axis:
+            value = value + geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
         for k in range(3):
             if linear[axis, k] != 0:
-                value += linear[axis, k] * grids[k]
+                value = value + linear[axis, k] * grids[k]
+        full = (size[0], 1, 1) if axis == 0 and geometry.keeps_sections else size
+        value = np.broadcast_to(value, full).copy() if value.shape != tuple(full) else value
         if geometry.displacement is not None and geometry.displacement[axis] is not None:
             value += geometry.displacement[axis]
-        if geometry.section_offsets_yx is not None and axis:
-            value += geometry.section_offsets_yx[:, axis - 1, None, None].astype(np.float32)
         coords.append(np.clip(value, 0, region_zyx[axis] - 1, out=value))  # float fuzz only: the region has margin
     return coords
 
 
-def _remap_stacked(region, rows, cols, interpolation) -> np.ndarray:
-    """One cv2.remap of the (Zr * Yr, Xr[, C]) stack of sections at (rows, cols) (each (Z, Y, X))."""
+def _mosaic_columns(region_zyx) -> int | None:
+    """Sections per row of the mosaic that keeps cv2.remap's source below CV_MAX_ROWS on both axes
+    (1: one tall stack of sections); None when even a square mosaic is too large."""
+    z, y, x = (int(v) for v in region_zyx)
+    columns = max(1, math.ceil(z * y / CV_MAX_ROWS)) if CV_MAX_ROWS else 0
+    while columns and columns <= z and math.ceil(z / columns) * y > CV_MAX_ROWS:
+        columns += 1
+    fits = columns and math.ceil(z / columns) * y <= CV_MAX_ROWS and min(columns, z) * x <= CV_MAX_ROWS
+    return min(columns, z) if fits else None
+
+
+def _mosaic(region, columns: int, dtype) -> np.ndarray:
+    """The (Zr, Yr, Xr[, C]) sections laid out as one 2D image, ``columns`` sections per row (in ``dtype``:
+    the layout and the conversion are one copy). Section z sits at rows (z // columns) * Yr, columns
+    (z % columns) * Xr."""
+    z, y, x = region.shape[:3]
+    rows = math.ceil(z / columns)
+    tail = region.shape[3:]
+    if columns == 1:
+        return np.ascontiguousarray(region, dtype).reshape((z * y, x) + tail)
+    mosaic = np.zeros((rows, y, columns, x) + tail, dtype)
+    for r in range(rows):
+        part = region[r * columns:(r + 1) * columns]
+        mosaic[r, :, :len(part)] = np.swapaxes(part, 0, 1)
+    return mosaic.reshape((rows * y, columns * x) + tail)
+
+
+def _remap(source, rows, cols, interpolation) -> np.ndarray:
+    """One cv2.remap of a mosaic at (rows, cols) (each (Z, Y, X)); returns (Z, Y, X[, C])."""
     z, y, x = rows.shape
-    flat = region.reshape((-1,) + region.shape[2:])
     rows, cols = rows.reshape(z * y, x), cols.reshape(z * y, x)
 
     def fn(array):
         return cv2.remap(array, cols, rows, interpolation, borderMode=cv2.BORDER_REPLICATE)
     if interpolation == cv2.INTER_NEAREST:
-        return augment._nearest(fn, flat).reshape(z, y, x)
-    return augment._grouped(fn, flat).reshape(z, y, x, -1)
+        return augment._nearest(fn, source).reshape(z, y, x)
+    if source.ndim == 2:
+        source = source[..., None]
+    return augment._grouped(fn, source).reshape(z, y, x, -1)
 
 
-def _sample_cv2(region, region_mask, coords, keeps_sections):
-    zr, yr = region.shape[:2]
+def _mosaic_position(section, y, x, region_zyx, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) in the mosaic of in-section positions (y, x) of integer-valued float32 ``section``."""
+    _, yr, xr = (int(v) for v in region_zyx)
+    if columns == 1:
+        return section * np.float32(yr) + y, x
+    # tile row = section // columns in float32 arithmetic (floor_divide and integer tables are 3x slower);
+    # exact: (section + 0.5) / columns is never within float32 error of an integer for these sizes
+    tile = section * np.float32(1 / columns)
+    tile += np.float32(0.5 / columns)
+    np.floor(tile, out=tile)
+    cols = section - tile * np.float32(columns)
+    cols *= np.float32(xr)
+    tile *= np.float32(yr)
+    return tile + y, cols + x  # section may be (Z, 1, 1) (keeps_sections): broadcast
+
+
+def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float_dtype):
+    """Linear image and nearest mask samples at ``coords`` through cv2.remap on mosaics of the region."""
+    zr = region.shape[0]
+    image_source = _mosaic(region, columns, region.dtype if region.dtype in REMAP_NATIVE_DTYPES else float_dtype)
+    mask_source = _mosaic(region_mask, columns, region_mask.dtype)
     z, y, x = coords
     if keeps_sections:  # one input section per output section: exact rows, 2D interpolation only
-        rows = y  # owned by this call: built in place
-        rows += np.rint(z) * np.float32(yr)
-        return _remap_stacked(region, rows, x, cv2.INTER_LINEAR), _remap_stacked(region_mask, rows, x, cv2.INTER_NEAREST)
-    z0 = np.minimum(np.floor(z), zr - 2).astype(np.float32) if zr > 1 else np.zeros_like(z)
-    weight = (z - z0)[..., None]
-    lower = _remap_stacked(region, z0 * yr + y, x, cv2.INTER_LINEAR)
-    upper = _remap_stacked(region, np.minimum(z0 + 1, zr - 1) * yr + y, x, cv2.INTER_LINEAR)
-    image = lower + weight * (upper - lower)
-    mask = _remap_stacked(region_mask, np.rint(z).astype(np.float32) * yr + y, x, cv2.INTER_NEAREST)
+        rows, cols = _mosaic_position(np.rint(z), y, x, region.shape[:3], columns)
+        return _remap(image_source, rows, cols, cv2.INTER_LINEAR), _remap(mask_source, rows, cols, cv2.INTER_NEAREST)
+    z0 = np.minimum(np.floor(z), zr - 2, out=np.floor(z)) if zr > 1 else np.zeros_like(z)
+    weight = np.subtract(z, z0)
+    rows, cols = _mosaic_position(z0, y, x, region.shape[:3], columns)
+    lower = _remap(image_source, rows, cols, cv2.INTER_LINEAR)
+    if columns == 1 and zr > 1:  # section z0 + 1 of the stack is section z0 of the stack one section down: a view
+        upper = _remap(image_source[region.shape[1]:], rows, cols, cv2.INTER_LINEAR)
+    else:
+        upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, region.shape[:3], columns),
+                       cv2.INTER_LINEAR)
+    image = upper.astype(float_dtype)  # the blend along z in floating point (not rounded to the source type)
+    image -= lower
+    image *= weight[..., None]
+    image += lower
+    nearest = np.rint(z, out=z)  # z is owned by this call
+    mask = _remap(mask_source, *_mosaic_position(nearest, y, x, region.shape[:3], columns), cv2.INTER_NEAREST)
     return image, mask
 
 
@@ -371,13 +436,14 @@ def warp_3d(image_zyxc, mask_zyx, geometry: Geometry3D, origin_zyx, float_dtype=
     margin = np.array([0 if geometry.keeps_sections else 1, 1, 1])
     start = np.floor(centre + lo + 1e-6).astype(int) - margin  # +1e-6: exact integers stay where they are
     stop = np.ceil(centre + hi - 1e-6).astype(int) + 1 + margin
-    region = _region(image_zyxc, start, stop).astype(float_dtype)
+    region = _region(image_zyxc, start, stop)  # a view where it lies inside the record: converted once, below
     region_mask = _region(mask_zyx, start, stop)
     coords = _input_coordinates(geometry, centre - start, region.shape)
-    if region.shape[0] * region.shape[1] <= CV_MAX_ROWS:
-        image, mask = _sample_cv2(region, region_mask, coords, geometry.keeps_sections)
+    columns = _mosaic_columns(region.shape[:3])
+    if columns is not None:
+        image, mask = _sample_cv2(region, region_mask, coords, geometry.keeps_sections, columns, float_dtype)
     else:
-        image, mask = _sample_scipy(region, region_mask, coords)
+        image, mask = _sample_scipy(region.astype(float_dtype), region_mask, coords)
     return image.astype(float_dtype, copy=False), mask
 
 

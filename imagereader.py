@@ -22,8 +22,9 @@ The trainer only picks up ready batches; N worker processes make them.
   crop sizes, eval crops and the shared-memory slots have one size per spatial axis. 2-D train samples
   come from ``augment.make_sample``; volume train samples from ``augment3d.make_sample_3d`` with the
   database's ``voxel_size_zyx_um`` (plain random crops with ``augment=False``; ``reader_worker``).
-* Eval mode: every record exactly once per pass, in order, cropped (top-left) to a multiple of
-  ``size_factor`` on every spatial axis, no augmentation; batches group consecutive records of equal shape. With several shards,
+* Eval mode: every record exactly once per pass, in order, whole: padded at the end of every spatial axis
+  up to a multiple of ``size_factor`` (image mirrored, mask ``IGNORE_LABEL`` = -1 there, which the test
+  pass does not score), no augmentation; batches group consecutive records of equal shape. With several shards,
   shard ``s`` gets batches ``s, s + shard_count, ...`` of the pass.
 * Samples: see ``augment.make_sample`` (context crop, one fused warp, intensity transforms on raw values),
   then ``image_io.normalize`` with the record's source-image statistics from the metadata.
@@ -63,7 +64,7 @@ import numpy as np
 import augment as augmentation
 from reader_databases import ReaderDatabases, _record_shapes, _tile_tuple  # noqa: F401
 from reader_sampling import RandomSampler, ShuffleOrder  # noqa: F401 (public here, as before)
-from reader_worker import _eval_shape, _Plan, _Producer, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
+from reader_worker import IGNORE_LABEL, _eval_shape, _Plan, _Producer, _slot_views, _worker_main  # noqa: F401 (benchmarks use _Producer)
 from segkit import cliutil, image_io
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ class ImageReader(_WorkerPool):
         crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
             ``size_factor``. Default: the databases' tile
             size, else the smallest record, rounded down to the size factor.
-        size_factor: the model's size factor; eval records are cropped to a multiple of it.
+        size_factor: the model's size factor; eval records are padded up to a multiple of it (the
+            padding's labels are ``IGNORE_LABEL``).
         seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
         queue_size: samples buffered per worker (default 100, at most 512 MB of shared memory per worker,
             at least 2 batches).
@@ -472,6 +474,8 @@ def _make_plan(db: ReaderDatabases, *, mode, sampling, batch_size, workers, seed
         params_3d = augment3d.AugmentParams3D()
     mask_dtype = image_io.dtype_for_classes(max(db.number_classes, max(
         (max(m["classes_seen"], default=0) + 1 for m in metadata), default=1)))
+    if mode == "eval":  # signed: the padding to the size factor is IGNORE_LABEL (-1)
+        mask_dtype = np.dtype(np.int32)
     max_pixels = int(eval_shapes.prod(axis=1).max()) if mode == "eval" else math.prod(crop_shape)
     slot_bytes = -(-batch_size * max_pixels * (4 * db.channels + mask_dtype.itemsize) // 64) * 64
     wanted = DEFAULT_QUEUE_SAMPLES if queue_size is None else queue_size

@@ -2,8 +2,8 @@
 
 One home for a sample's geometry for any number of spatial axes (records HWC / HW or ZYXC / ZYX): the
 train crop (2-D through ``augment.make_sample``, volumes through ``augment3d.make_sample_3d`` with the
-database's voxel size, or :func:`_random_crop` without augmentation), the eval crop to the size factor, and
-the shapes of a ring slot.
+database's voxel size, or :func:`_random_crop` without augmentation), the eval record padded up to the size
+factor (:func:`_eval_sample`: mirrored image, padding labelled :data:`IGNORE_LABEL`), and the shapes of a ring slot.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from segkit import cliutil, image_io, lmdb_format
 
 if TYPE_CHECKING:
     import augment3d
+
+IGNORE_LABEL = -1  # eval masks (int32): pixels added to reach the size factor; the test pass never scores them
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class _Producer:
         for i, index in enumerate(indices):
             record, mean, std = self.record(int(index))
             if plan.mode == "eval":
-                image, mask = _crop(record.image_hwc, (0,) * len(shape), shape), _crop(record.mask_hw, (0,) * len(shape), shape)
+                image, mask = _eval_sample(record.image_hwc, record.mask_hw, shape)
             elif len(shape) == 2:  # augment.py's 2-D pipeline, exactly as before volumes existed
                 params = plan.params or augmentation.AugmentParams.none()
                 image, mask = augmentation.make_sample(record.image_hwc, record.mask_hw, augment_rng, shape, params)
@@ -149,8 +151,17 @@ class _Producer:
 
 
 def _eval_shape(shape: Sequence[int], size_factor: int) -> tuple[int, ...]:
-    """Eval shape of a record: every spatial axis cropped down to a multiple of size_factor (padded up to one factor)."""
-    return tuple(max(int(v) // size_factor, 1) * size_factor for v in shape)
+    """Eval shape of a record: every spatial axis padded UP to a multiple of size_factor (all pixels scored)."""
+    return tuple(-(-int(v) // size_factor) * size_factor for v in shape)
+
+
+def _eval_sample(image: np.ndarray, mask: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The whole record in ``shape`` (>= the record's): the image mirror-padded at the end of each axis, the
+    mask (int32) with :data:`IGNORE_LABEL` on the padding so that loss and scores skip it."""
+    padded = _crop(image, (0,) * len(shape), shape)
+    labels = np.full(tuple(shape), IGNORE_LABEL, np.int32)
+    labels[tuple(slice(0, n) for n in mask.shape)] = mask
+    return padded, labels
 
 
 def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:

@@ -218,3 +218,61 @@ def test_benchmark_script_runs(capsys):
     assert bench.main(["--seconds", "0.01"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
     assert len(lines) == 4 and all("per CPU second" in line for line in lines)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+def test_integer_images_are_interpolated_in_their_own_type_within_the_stated_bound(dtype, spacing):
+    """uint8/uint16 regions are remapped without conversion (REMAP_NATIVE_DTYPES): each in-plane
+    interpolation is rounded to the integer grid (<= 0.5) with 1/32-voxel weights (<= slope / 64 per axis)."""
+    rng = np.random.default_rng(9)
+    record, out = (72, 110, 110), (12, 24, 20)
+    exact = smooth_volume(record, 9)[..., 0] * 25 + 120  # about 20..220 grey levels
+    image = np.rint(exact).astype(dtype)[..., None]
+    mask = blob_labels(record)
+    slope = max(np.abs(g).max() for g in np.gradient(image[..., 0].astype(np.float64)))
+    params = GEOMETRY_ONLY.replace(elastic_jitter_um=(0.016,) * 3, elastic_spacing_um=(0.08,) * 3)
+    for _ in range(4):
+        geometry = augment3d.sample_geometry_3d(rng, out, spacing, params)
+        origin = augment3d.choose_origin_3d(rng, record, geometry)
+        fast, _ = augment3d.warp_3d(image, mask, geometry, origin)
+        coords = reference_coordinates(geometry, np.asarray(origin) + (np.asarray(out) - 1) / 2)
+        assert coords.min() >= 0 and (coords.max(axis=(1, 2, 3)) <= np.asarray(record) - 1).all()  # real context
+        reference = ndimage.map_coordinates(image[..., 0].astype(np.float64), coords, order=1)
+        error = np.abs(fast[..., 0] - reference)
+        assert fast.dtype == np.float32 and error.max() <= 0.5 + 2 * slope / 64 + 1e-3
+        assert error.mean() < 0.5  # negative control of the bound's size: mostly just the rounding
+
+
+@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+def test_regions_too_tall_for_one_stack_are_laid_out_as_a_mosaic(monkeypatch, spacing):
+    """A region with more rows than cv2.remap takes is tiled into a mosaic of sections: same samples."""
+    image, mask = smooth_volume((24, 48, 48)), blob_labels((24, 48, 48))
+    geometry = augment3d.sample_geometry_3d(np.random.default_rng(4), (12, 20, 20), spacing, GEOMETRY_ONLY)
+    origin = augment3d.choose_origin_3d(np.random.default_rng(4), (24, 48, 48), geometry)
+    stacked = augment3d.warp_3d(image, mask, geometry, origin)
+    monkeypatch.setattr(augment3d, "CV_MAX_ROWS", 400)
+    lo, hi = geometry.extent
+    assert augment3d._mosaic_columns(np.ceil(hi - lo).astype(int) + 3) > 1
+    tiled = augment3d.warp_3d(image, mask, geometry, origin)
+    np.testing.assert_allclose(tiled[0], stacked[0], atol=1e-3)  # float32 row coordinates of other sizes
+    np.testing.assert_array_equal(tiled[1], stacked[1])
+
+
+def test_mosaic_places_every_section_where_the_positions_say():
+    region = np.arange(7 * 3 * 4, dtype=np.uint8).reshape(7, 3, 4)
+    for columns in (1, 2, 3, 7):
+        mosaic = augment3d._mosaic(region, columns, np.uint8)
+        for z in range(7):
+            rows, cols = augment3d._mosaic_position(np.float32([z]), np.float32([0]), np.float32([0]), region.shape, columns)
+            r, c = int(rows[0]), int(cols[0])
+            np.testing.assert_array_equal(mosaic[r:r + 3, c:c + 4], region[z])
+
+
+@pytest.mark.parametrize("columns", [2, 3, 7, 13])
+def test_mosaic_tile_arithmetic_is_exact_for_every_section_index(columns):
+    sections = np.arange(4000, dtype=np.float32)
+    zero = np.zeros(1, np.float32)
+    rows, cols = augment3d._mosaic_position(sections, zero, zero, (4000, 180, 120), columns)
+    np.testing.assert_array_equal(rows, (np.arange(4000) // columns) * 180)
+    np.testing.assert_array_equal(cols, (np.arange(4000) % columns) * 120)

@@ -19,7 +19,7 @@ import pytest
 from lmdb_helpers import id_samples, unit_sources, write_database
 
 import imagereader
-from imagereader import ImageReader, RandomSampler, ReaderWorkerError, ShuffleOrder
+from imagereader import IGNORE_LABEL, ImageReader, RandomSampler, ReaderWorkerError, ShuffleOrder
 from segkit import image_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,17 +209,20 @@ def test_eval_pass_covers_every_record_once_in_order_normalized(dbs):
         it = iter(reader)
         next(it)  # abandon a pass after one batch: the next iteration starts a fresh pass
         passes.append(list(reader))
-    # shapes 16x16 x3, 20x24 x2 (-> 16x24), 16x16 x2, 37x45 (-> 32x40): batches never mix shapes
-    assert [b[0].shape[:3] for b in passes[0]] == [(2, 16, 16), (1, 16, 16), (2, 16, 24), (2, 16, 16), (1, 32, 40)]
+    # shapes 16x16 x3, 20x24 x2 (-> 24x24), 16x16 x2, 37x45 (-> 40x48): padded up, batches never mix shapes
+    assert [b[0].shape[:3] for b in passes[0]] == [(2, 16, 16), (1, 16, 16), (2, 24, 24), (2, 16, 16), (1, 40, 48)]
     for batches in passes:
         images = [image for batch, _ in batches for image in batch]
         masks = [mask for _, batch in batches for mask in batch]
         assert len(images) == len(samples)
         for (image, mask), got_image, got_mask in zip(samples, images, masks):
-            h, w = got_mask.shape
+            h, w = mask.shape  # the whole record, then mirrored image / IGNORE_LABEL mask to the factor
+            pads = [(0, got_mask.shape[0] - h), (0, got_mask.shape[1] - w)]
             mean, std = image_io.image_stats(image[:, :, None])
-            np.testing.assert_allclose(got_image, image_io.normalize(image[:h, :w, None], mean, std), rtol=1e-6)
-            np.testing.assert_array_equal(got_mask, mask[:h, :w])
+            expected = image_io.mirror_pad(image_io.normalize(image[:, :, None], mean, std), pads)
+            np.testing.assert_allclose(got_image, expected, rtol=1e-6)
+            np.testing.assert_array_equal(got_mask[:h, :w], mask)
+            assert np.count_nonzero(got_mask == IGNORE_LABEL) == got_mask.size - mask.size
 
 
 def test_eval_over_concatenated_databases_is_in_order(dbs):

@@ -7,7 +7,7 @@ import pytest
 from lmdb_helpers import unit_sources, write_database
 
 import reader_worker
-from imagereader import ImageReader
+from imagereader import IGNORE_LABEL, ImageReader
 from segkit import tiling
 
 # sha256 of the streams of stream_digest() given by imagereader.py at commit 0d11729 (before this branch).
@@ -15,7 +15,9 @@ EXPECTED_2D = {
     # Issue #17: train batches draw from reader_sampling.batch_generators(seed, shard, batch index) (resume
     # reproduces the uninterrupted run), no longer from per-worker streams; was bb2c012f...dd66a8.
     "train": "9c137a3237e3d0f93c273c412e9ed47d2f3762b2ad503788e4813cca6268d3ec",
-    "eval": "3f5bb1f1e427c29c5eed0e1e71290eec726ecc9edbcc802e88e462f21e2789c8",
+    # Issue #17: eval records are padded UP to the size factor (mirrored image, int32 masks with
+    # IGNORE_LABEL on the padding) so that every pixel is scored; was 3f5bb1f1...2789c8 (cropped down).
+    "eval": "6dfb7fb75e1fb8fc5255814ac9ec3ebf400a3bc8d68d3ba206ca1d441331854a",
 }
 
 
@@ -80,16 +82,17 @@ def test_default_volume_crop_is_the_smallest_record_rounded_to_the_size_factor(v
         ImageReader([volumes["vol"], volumes["flat"]], batch_size=1, size_factor=4, augment=False)
 
 
-def test_eval_volumes_are_top_left_crops_to_the_size_factor_in_order(volumes):
+def test_eval_volumes_are_whole_and_padded_up_to_the_size_factor_in_order(volumes):
     with ImageReader(volumes["vol"], batch_size=2, mode="eval", size_factor=4) as reader:
         batches = list(reader)
-    expected_shapes = [(4, 20, 24), (4, 16, 16), (8, 16, 28)]  # Z=3 is padded up to one factor
     got = [(image, mask) for images, masks in batches for image, mask in zip(images, masks)]
-    assert [m.shape for _, m in got] == expected_shapes
-    for (image, mask), (source, source_mask), shape in zip(got, volumes["samples"], expected_shapes):
-        index = [tiling.reflect_index(np.arange(n), size) for n, size in zip(shape, source_mask.shape)]
-        np.testing.assert_array_equal(image, source[np.ix_(*index)])
-        np.testing.assert_array_equal(mask, source_mask[np.ix_(*index)])
+    assert [m.shape for _, m in got] == [(8, 20, 24), (4, 16, 16), (8, 20, 32)]  # every axis up to a multiple of 4
+    for (image, mask), (source, source_mask) in zip(got, volumes["samples"]):
+        index = [tiling.reflect_index(np.arange(n), size) for n, size in zip(mask.shape, source_mask.shape)]
+        np.testing.assert_array_equal(image, source[np.ix_(*index)])  # the padding mirrors the record
+        inside = tuple(slice(0, n) for n in source_mask.shape)
+        np.testing.assert_array_equal(mask[inside], source_mask)
+        assert np.count_nonzero(mask == IGNORE_LABEL) == mask.size - source_mask.size
 
 
 def test_random_crop_reaches_every_placement_of_a_small_axis():

@@ -8,21 +8,33 @@ FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 
 
-def batch_statistics(labels, logits, loss: str, class_weights, number_classes: int) -> dict:
-    """Sums over the batch from which :func:`loss_from_statistics` computes the loss (sum across replicas/batches)."""
+def batch_statistics(labels, logits, loss: str, class_weights, number_classes: int, ignore_negative: bool = False) -> dict:
+    """Sums over the batch from which :func:`loss_from_statistics` computes the loss (sum across replicas/batches).
+
+    ``ignore_negative`` (test passes): pixels labelled < 0 (the reader's padding to the size factor,
+    ``imagereader.IGNORE_LABEL``) count nowhere: not in the pixels, the cross-entropy or the Dice sums.
+    """
     import tensorflow as tf
 
     logits = tf.cast(logits, tf.float32)
-    stats = {"pixels": tf.cast(tf.size(labels), tf.float32)}
+    valid = None
+    if ignore_negative:
+        valid = tf.cast(labels >= 0, tf.float32)
+        labels = tf.maximum(labels, 0)  # any class: its terms are multiplied by 0 below
+    stats = {"pixels": tf.cast(tf.size(labels), tf.float32) if valid is None else tf.reduce_sum(valid)}
     if loss in ("ce", "ce+dice", "focal"):
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         weight = tf.gather(class_weights, labels)
         if loss == "focal":
             ce = (1.0 - tf.exp(-ce)) ** FOCAL_GAMMA * ce
+        if valid is not None:
+            weight = weight * valid
         stats["ce_sum"] = tf.reduce_sum(weight * ce)
     if loss in ("dice", "ce+dice"):
         probs = tf.nn.softmax(logits, axis=-1)
         truth = tf.one_hot(labels, number_classes, dtype=tf.float32)
+        if valid is not None:
+            probs, truth = probs * valid[..., None], truth * valid[..., None]
         axes = tf.range(tf.rank(truth) - 1)
         stats["intersection"] = tf.reduce_sum(probs * truth, axis=axes)
         stats["prob_sum"] = tf.reduce_sum(probs, axis=axes)

@@ -189,11 +189,14 @@ class Trainer:
 
         classes = self.number_classes
 
-        def compute():
+        def compute():  # labels < 0: the reader's padding to the size factor, never scored
             logits = self.eval_model(images, training=False)
-            stats = self._statistics(labels, logits)
+            stats = batch_statistics(labels, logits, self.config.loss, self.class_weights, classes, ignore_negative=True)
             pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            stats["confusion"] = tf.cast(tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(pred, [-1]),
+            flat_labels, flat_pred = tf.reshape(labels, [-1]), tf.reshape(pred, [-1])
+            scored = flat_labels >= 0
+            stats["confusion"] = tf.cast(tf.math.confusion_matrix(tf.boolean_mask(flat_labels, scored),
+                                                                  tf.boolean_mask(flat_pred, scored),
                                                                   num_classes=classes, dtype=tf.int32), tf.float64)
             return stats
 
