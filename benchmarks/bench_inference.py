@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -342,8 +343,9 @@ def side_by_side(args: argparse.Namespace) -> None:
               for name in args.side_models}
     checkpoint = original_checkpoint(args.work_dir)
     settings = [None] if args.side_onednn == "default" else ["0", "1"]
-    ours = {f"ours {name}{'' if o is None else ' oneDNN ' + ('off', 'on')[int(o)]}": (path, o)
-            for name, path in models.items() for o in settings}
+    variants = [[]] + [shlex.split(v) for v in args.side_variant]
+    ours = {f"ours {name}{'' if o is None else ' oneDNN ' + ('off', 'on')[int(o)]}{' ' + ' '.join(v) if v else ''}":
+            (path, o, v) for name, path in models.items() for o in settings for v in variants}
     originals = ["original FC-DenseNet56 channels-last"] + (["original FC-DenseNet56 as shipped"] if args.side_as_shipped
                                                             else [])
     print("the original: its inference.py and model.py run channels-last (benchmarks/original_nhwc.py)"
@@ -361,8 +363,8 @@ def side_by_side(args: argparse.Namespace) -> None:
                 elif who.startswith("original"):
                     result = run_original_nhwc(folder, out, checkpoint)
                 else:
-                    path, onednn = ours[who]
-                    result = run_ours(path, folder, out, args.side_flags, onednn)
+                    path, onednn, variant = ours[who]
+                    result = run_ours(path, folder, out, [*args.side_flags, *variant], onednn)
                 runs.setdefault(who, []).append(result)
                 print(f"  {label}: {who:>38} {result[0]:7.2f} s  cpu {result[1]:7.1f} s  peak RSS {result[2]:6.0f} MB  "
                       f"(load {load:.1f})", flush=True)
@@ -405,6 +407,9 @@ def main() -> None:
     p.add_argument("--side_as_shipped", action="store_true",
                    help="also run the anchor as shipped (NCHW through oneDNN: >400 s per 256x256 image on the 2-core "
                         "development machine)")
+    p.add_argument("--side_variant", action="append", default=[],
+                   help="side by side: also run each of our models with these inference_unet.py flags (quoted; "
+                        "repeatable), e.g. --side_variant='--tile_size 2048'")
     p.add_argument("--side_only_size", action="store_true", help="side by side: skip the NIST folder")
     p.add_argument("--side_onednn", choices=["default", "both"], default="default",
                    help="both: run ours with TF_ENABLE_ONEDNN_OPTS=0 and =1 (alternating with the rest)")
