@@ -1,0 +1,247 @@
+"""One volume across shards, block by block (issue #21): shards == one process (exactly; instances up to
+renumbering), restarts after a crash or a kill, two processes on the same shard, the closing step's refusals.
+
+Fast tests use the pointwise numpy "model" of test_inference_instances (metadata-only SavedModel, predictor
+passed in); the slow ones run the CLI in concurrent processes with the tiny untrained 3-D UNet of
+test_inference_volumes.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import zarr
+from conftest import ROOT, one_error_line, signal_group_when_ready
+from test_inference_instances import fake_model, image_1channel, intensity_predict, same_up_to_renumbering, \
+    touching_objects
+from test_inference_volumes import ISOTROPIC, blob_volume, export_unet3d, write_tiff_stack
+
+import inference_unet as inf
+from segkit.cliutil import InputError
+from segkit.inference import blocks, folder
+
+SHAPE = (24, 64, 64)
+TILE = "8,16,16"  # 3 x 4 x 4 = 48 blocks
+OUTPUTS = ("mask.zarr", "probabilities/vol.zarr")
+
+
+@pytest.fixture(scope="module")
+def volume():
+    labels = touching_objects(SHAPE, seed=4, count=14)
+    return image_1channel(labels)
+
+
+def write_input(tmp_path, volume):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    write_tiff_stack(images / "vol.tif", volume, spacing=ISOTROPIC)
+    return images
+
+
+def segment(model, images, out, volume, **kw):
+    kw = {"tile_size": TILE, "output_format": "zarr", "save_probabilities": True, **kw}
+    return folder.segment_folder(saved_model_filepath=model, image_folder=str(images), output_folder=str(out),
+                                 predict_fn=intensity_predict(volume[..., None]), **kw)
+
+
+def level0(path):
+    return zarr.open_array(os.path.join(str(path), "0"), mode="r")[...]
+
+
+def assert_same_outputs(a, b, labels=True):
+    for kind in ("vol.zarr", "probabilities/vol.zarr"):
+        np.testing.assert_array_equal(level0(a / kind), level0(b / kind))
+        assert zarr.open_group(str(b / kind), mode="r").attrs["multiscales"] == \
+            zarr.open_group(str(a / kind), mode="r").attrs["multiscales"]
+    if labels:
+        assert same_up_to_renumbering(level0(a / "labels" / "vol.zarr"), level0(b / "labels" / "vol.zarr"))
+
+
+def temporaries(folder_path):
+    return [os.path.join(d, n) for d, dirs, files in os.walk(folder_path) for n in dirs + files if ".tmp-" in n]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, volume):
+    root = tmp_path_factory.mktemp("single")
+    model = fake_model(root / "m", rank=3, channels=1, classes=3)
+    images = write_input(root, volume)
+    summary = segment(model, images, root / "out", volume)
+    assert not summary.failed and summary.segmented == ["vol.tif"]
+    return model, images, root / "out"
+
+
+def test_four_shards_equal_one_process_and_instances_up_to_renumbering(single_run, tmp_path, volume):
+    model, images, single = single_run
+    out = tmp_path / "out"
+    for index in range(4):
+        summary = segment(model, images, out, volume, shard_index=index, shard_count=4)
+        assert not summary.failed, summary.failed
+    assert os.path.exists(out / "vol.zarr" / blocks.BLOCKS_FOLDER / blocks.FINAL_FILE)  # the last shard closed it
+    assert len([n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".done")]) == 48
+    assert not os.path.exists(out / "vol.zarr" / ".blocks" / blocks.PROBS_ARRAY)  # labelled, then removed
+    assert_same_outputs(single, out)
+    assert temporaries(out) == []
+    labels = level0(out / "labels" / "vol.zarr")
+    assert labels.max() >= 10 and len(np.unique(level0(out / "vol.zarr"))) == 3  # objects across seams, 3 classes
+    # A later run (shard or plain) skips the finished output; --finalize 1 writes the tables over every input.
+    again = segment(model, images, out, volume, shard_index=1, shard_count=4)
+    assert again.skipped == ["vol.tif"]
+    closing = segment(model, images, out, volume, finalize=True)
+    assert not closing.failed and os.path.exists(out / "objects.csv")
+
+
+def test_finalize_names_the_missing_blocks_and_their_shard(single_run, tmp_path, volume, caplog):
+    model, images, single = single_run
+    out = tmp_path / "out"
+    for index in (0, 1, 3):
+        assert not segment(model, images, out, volume, shard_index=index, shard_count=4).failed
+    assert blocks.unfinished(str(out / "vol.zarr"))
+    assert inf.main(["--saved_model_filepath", model, "--image_folder", str(images), "--output_folder", str(out),
+                     "--output_format", "zarr", "--tile_size", TILE, "--save_probabilities", "1",
+                     "--finalize", "1"]) == inf.EXIT_IMAGES_FAILED
+    line = next(r.getMessage() for r in caplog.records if "not done" in r.getMessage())
+    assert "12 of 48 block(s) not done" in line and "(shard 2)" in line and "rerun shard(s) 2 of --shard_count 4" in line
+    # a plain run (no shard flags) finishes the remaining blocks itself and closes the output
+    assert not segment(model, images, out, volume).failed
+    assert_same_outputs(single, out)
+
+
+def test_crash_mid_block_and_a_killed_runs_temporaries_leave_the_same_result(single_run, tmp_path, volume,
+                                                                             monkeypatch):
+    model, images, single = single_run
+    out = tmp_path / "out"
+    real, calls = blocks.put_chunks, []
+
+    def crash_after_some_chunks(array_dir, key, data):  # the 6th block: its mask chunk written, then a crash
+        calls.append(array_dir)
+        if len(calls) == 3 * 5 + 1 + 1:
+            raise OSError("simulated crash inside a block")
+        real(array_dir, key, data)
+
+    monkeypatch.setattr(blocks, "put_chunks", crash_after_some_chunks)
+    summary = segment(model, images, out, volume, shard_index=0, shard_count=2)
+    assert summary.failed and "simulated crash" in summary.failed[0][1]
+    done = [n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".done")]
+    assert len(done) == 5
+    monkeypatch.setattr(blocks, "put_chunks", real)
+    # what SIGKILL leaves: a temporary array of a dead process beside the chunks, with a partial chunk in it
+    stale = out / "vol.zarr" / "0" / ".block.tmp-{}-999999-abcdefgh".format(os.uname().nodename)
+    os.makedirs(stale / "0" / "0")
+    (stale / "0" / "0" / "0").write_bytes(b"half")
+    for index in (0, 1):
+        assert not segment(model, images, out, volume, shard_index=index, shard_count=2).failed
+    assert_same_outputs(single, out)
+    assert temporaries(out) == []
+
+
+_SAME_SHARD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+    import tifffile
+    from test_inference_instances import intensity_predict
+    from segkit.inference import folder
+    kw = json.loads(sys.argv[2])
+    volume = tifffile.imread(kw["image_folder"] + "/vol.tif")
+    summary = folder.segment_folder(predict_fn=intensity_predict(volume[..., None]), **kw)
+    sys.exit(1 if summary.failed else 0)
+""")
+
+
+def test_two_processes_claiming_the_same_shard_do_not_corrupt_it(single_run, tmp_path, volume):
+    model, images, single = single_run
+    out = tmp_path / "out"
+    kw = {"saved_model_filepath": model, "image_folder": str(images), "output_folder": str(out), "tile_size": TILE,
+          "output_format": "zarr", "save_probabilities": True, "shard_index": 0, "shard_count": 2}
+    procs = [subprocess.Popen([sys.executable, "-c", _SAME_SHARD, ROOT, json.dumps(kw)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert segment(model, images, out, volume, shard_index=1, shard_count=2).failed == []
+    assert_same_outputs(single, out)
+    assert temporaries(out) == []
+
+
+def test_an_output_of_another_geometry_is_refused_in_one_line(single_run, tmp_path, volume):
+    model, images, _ = single_run
+    out = tmp_path / "out"
+    assert not segment(model, images, out, volume, shard_index=0, shard_count=3).failed
+    with pytest.raises(InputError, match=r"vol.zarr: being written with another tile .*same flags"):
+        segment(model, images, out, volume, shard_index=1, shard_count=3, tile_size="8,32,32")
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"finalize": True, "output_format": "tif"}, "--finalize 1 closes outputs split into blocks"),
+    ({"shard_count": 2, "overwrite": True}, "--overwrite 1 with shards writing one OME-Zarr"),
+])
+def test_block_flags_refused_in_one_line(single_run, tmp_path, volume, flags, expected):
+    model, images, _ = single_run
+    with pytest.raises(InputError, match=expected):
+        segment(model, images, tmp_path / "out", volume, **flags)
+
+
+# --- the CLI in concurrent processes, a real convolutional model ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unet3d")
+    images = root / "images"
+    images.mkdir()
+    write_tiff_stack(images / "vol.tif", blob_volume(SHAPE), spacing=ISOTROPIC)
+    model = export_unet3d(str(root / "iso"), ISOTROPIC, depth=1)
+    single = subprocess.run(cli(model, images, root / "single"), env=env_one_thread(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    return model, images, root / "single"
+
+
+def cli(model, images, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", model,
+            "--image_folder", str(images), "--output_folder", str(out), "--output_format", "zarr",
+            "--tile_size", TILE, "--save_probabilities", "1", *map(str, extra)]
+
+
+def env_one_thread():
+    return {**os.environ, "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.mark.slow
+def test_four_concurrent_shard_processes_equal_one_process_exactly(unet, tmp_path):
+    model, images, single = unet
+    procs = [subprocess.Popen(cli(model, images, tmp_path / "out", "--shard_index", i, "--shard_count", 4),
+                              env=env_one_thread(), stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    closing = subprocess.run(cli(model, images, tmp_path / "out", "--finalize", "1"), env=env_one_thread(),
+                             capture_output=True, text=True)
+    assert closing.returncode == 0, closing.stderr
+    assert_same_outputs(single, tmp_path / "out", labels=False)
+    assert temporaries(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_a_shard_killed_mid_run_and_rerun_gives_the_same_result(unet, tmp_path):
+    model, images, single = unet
+    out = tmp_path / "out"
+    marks = out / "vol.zarr" / ".blocks"
+
+    def some_blocks_done(_proc):
+        return marks.is_dir() and sum(n.endswith(".done") for n in os.listdir(marks)) >= 3
+
+    proc, _ = signal_group_when_ready(cli(model, images, out, "--shard_index", 0, "--shard_count", 2),
+                                      some_blocks_done, sig=signal.SIGKILL, env=env_one_thread())
+    assert proc.returncode == -signal.SIGKILL
+    assert blocks.unfinished(str(out / "vol.zarr"))
+    for index in (0, 1):
+        rerun = subprocess.run(cli(model, images, out, "--shard_index", index, "--shard_count", 2),
+                               env=env_one_thread(), capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr
+    assert not blocks.unfinished(str(out / "vol.zarr"))
+    assert_same_outputs(single, out, labels=False)
+    assert temporaries(out) == []
