@@ -245,3 +245,31 @@ def test_a_shard_killed_mid_run_and_rerun_gives_the_same_result(unet, tmp_path):
     assert not blocks.unfinished(str(out / "vol.zarr"))
     assert_same_outputs(single, out, labels=False)
     assert temporaries(out) == []
+
+
+def test_slurm_script_submits_the_shards_then_the_closing_step_after_them(tmp_path):
+    """scripts/slurm_volume_array.sh with a stand-in sbatch: an array of SHARDS tasks, then --finalize 1
+    depending on it (afterok), both with flags inference_unet.py parses and the same for every step."""
+    import shlex
+
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$CALLS"; echo "--" >> "$CALLS"\n'
+                    'echo 4242\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls"),
+           "SHARDS": "3", "MODEL": "m dir/saved_model", "IMAGES": "vols", "OUTPUT": "seg"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_volume_array.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = [c.strip("\n").split("\n") for c in (tmp_path / "calls").read_text().split("--\n") if c.strip()]
+    assert len(calls) == 2 and "--array=0-2" in calls[0] and "--dependency=afterok:4242" in calls[1]
+    parsed = []
+    for call in calls:
+        wrap = next(a for a in call if a.startswith("--wrap="))
+        argv = shlex.split(wrap.split("&& ", 1)[1])
+        assert argv[:2] == ["python", "inference_unet.py"]
+        parsed.append(vars(inf.build_parser().parse_args(argv[2:])))
+    assert parsed[0]["saved_model_filepath"] == "m dir/saved_model" and parsed[0]["output_format"] == "zarr"
+    assert not parsed[0]["finalize"] and parsed[1]["finalize"]
+    assert {k: v for k, v in parsed[0].items() if k != "finalize"} == {k: v for k, v in parsed[1].items() if k != "finalize"}
