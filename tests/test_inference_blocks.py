@@ -8,6 +8,7 @@ test_inference_volumes.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,8 @@ import textwrap
 import numpy as np
 import pytest
 import zarr
-from conftest import ROOT, one_error_line, signal_group_when_ready
-from test_inference_instances import fake_model, image_1channel, intensity_predict, same_up_to_renumbering, \
-    touching_objects
+from conftest import ROOT, signal_group_when_ready
+from test_inference_instances import fake_model, image_1channel, intensity_predict, same_up_to_renumbering, touching_objects
 from test_inference_volumes import ISOTROPIC, blob_volume, export_unet3d, write_tiff_stack
 
 import inference_unet as inf
@@ -130,7 +130,9 @@ def test_crash_mid_block_and_a_killed_runs_temporaries_leave_the_same_result(sin
     assert len(done) == 5
     monkeypatch.setattr(blocks, "put_chunks", real)
     # what SIGKILL leaves: a temporary array of a dead process beside the chunks, with a partial chunk in it
-    stale = out / "vol.zarr" / "0" / ".block.tmp-{}-999999-abcdefgh".format(os.uname().nodename)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = out / "vol.zarr" / "0" / f".block.tmp-{socket.gethostname()}-{finished.pid}-abcdefgh"
     os.makedirs(stale / "0" / "0")
     (stale / "0" / "0" / "0").write_bytes(b"half")
     for index in (0, 1):
@@ -152,6 +154,7 @@ _SAME_SHARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_claiming_the_same_shard_do_not_corrupt_it(single_run, tmp_path, volume):
     model, images, single = single_run
     out = tmp_path / "out"
@@ -165,6 +168,26 @@ def test_two_processes_claiming_the_same_shard_do_not_corrupt_it(single_run, tmp
     assert segment(model, images, out, volume, shard_index=1, shard_count=2).failed == []
     assert_same_outputs(single, out)
     assert temporaries(out) == []
+
+
+def test_one_large_2d_image_split_across_shards_equals_one_process(tmp_path):
+    import tifffile
+    from test_inference_instances import image_3channel, one_hot_predict
+
+    model = fake_model(tmp_path / "m", rank=2, channels=3, classes=3)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "big.tif", image_3channel(touching_objects((96, 80), seed=2)))
+    kw = {"saved_model_filepath": model, "image_folder": str(images), "tile_size": 32, "output_format": "zarr",
+          "predict_fn": one_hot_predict}
+    assert not folder.segment_folder(output_folder=str(tmp_path / "single"), **kw).failed
+    for index in range(3):
+        assert not folder.segment_folder(output_folder=str(tmp_path / "out"), shard_index=index, shard_count=3,
+                                         **kw).failed
+    np.testing.assert_array_equal(level0(tmp_path / "single" / "big.zarr"), level0(tmp_path / "out" / "big.zarr"))
+    assert same_up_to_renumbering(level0(tmp_path / "single" / "labels" / "big.zarr"),
+                                  level0(tmp_path / "out" / "labels" / "big.zarr"))
+    assert len([n for n in os.listdir(tmp_path / "out" / "big.zarr" / ".blocks") if n.endswith(".done")]) == 3 * 3
 
 
 def test_an_output_of_another_geometry_is_refused_in_one_line(single_run, tmp_path, volume):
@@ -225,6 +248,20 @@ def test_four_concurrent_shard_processes_equal_one_process_exactly(unet, tmp_pat
     assert temporaries(tmp_path / "out") == []
 
 
+def assert_visible_chunks_whole(expected_zarr, written_zarr):
+    """Every chunk file of level 0 decodes to the chunk of the one-process run (no half-written chunk)."""
+    expected = zarr.open_array(os.path.join(str(expected_zarr), "0"), mode="r")
+    written = zarr.open_array(os.path.join(str(written_zarr), "0"), mode="r")
+    root = os.path.join(str(written_zarr), "0")
+    chunk_files = [os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root)
+                   for f in files if not f.startswith(".") and "/." not in d[len(root):]]
+    assert chunk_files
+    for rel in chunk_files:
+        index = [int(i) for i in rel.split(os.sep)]
+        box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, written.chunks))
+        np.testing.assert_array_equal(written[box], expected[box])
+
+
 @pytest.mark.slow
 def test_a_shard_killed_mid_run_and_rerun_gives_the_same_result(unet, tmp_path):
     model, images, single = unet
@@ -237,11 +274,10 @@ def test_a_shard_killed_mid_run_and_rerun_gives_the_same_result(unet, tmp_path):
     proc, _ = signal_group_when_ready(cli(model, images, out, "--shard_index", 0, "--shard_count", 2),
                                       some_blocks_done, sig=signal.SIGKILL, env=env_one_thread())
     assert proc.returncode == -signal.SIGKILL
-    assert blocks.unfinished(str(out / "vol.zarr"))
-    for index in (0, 1):
-        rerun = subprocess.run(cli(model, images, out, "--shard_index", index, "--shard_count", 2),
-                               env=env_one_thread(), capture_output=True, text=True)
-        assert rerun.returncode == 0, rerun.stderr
+    assert sum(n.endswith(".done") for n in os.listdir(marks)) < 24  # killed before its 24 blocks were done
+    assert_visible_chunks_whole(single / "vol.zarr", out / "vol.zarr")
+    rerun = subprocess.run(cli(model, images, out), env=env_one_thread(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr  # a plain run does the missing blocks (both shards') and closes
     assert not blocks.unfinished(str(out / "vol.zarr"))
     assert_same_outputs(single, out, labels=False)
     assert temporaries(out) == []
