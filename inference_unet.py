@@ -93,7 +93,7 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--shard_index", type=int, default=None,
                    help="process every shard_count-th image, starting at this one (default: the Slurm "
                         "array task, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0); with --output_format zarr, "
-                        "every shard_count-th block of every image instead")
+                        "its contiguous share of the blocks of every image instead")
     p.add_argument("--shard_count", type=int, default=None,
                    help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     p.add_argument("--finalize", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",

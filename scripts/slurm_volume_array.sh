@@ -1,6 +1,6 @@
 #!/bin/bash
 # Segment ONE large volume (or a folder of them) with a Slurm array job, block by block:
-# task i of N predicts every N-th block of each input's OME-Zarr output (inference_unet.py
+# task i of N predicts the i-th of N contiguous runs of blocks of each OME-Zarr output (inference_unet.py
 # reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT), then a dependent job closes the outputs
 # (--finalize 1: checks every block, writes the multiscale levels, instance labels, metrics).
 # Run it on the login node:   bash scripts/slurm_volume_array.sh
@@ -8,7 +8,7 @@
 # README.md, "One volume across a cluster".
 set -euo pipefail
 
-SHARDS=${SHARDS:-8}                        # array tasks; each owns blocks b with b % SHARDS == task
+SHARDS=${SHARDS:-8}                        # array tasks; of B blocks, task i owns b with b * SHARDS // B == i
 MODEL=${MODEL:-/path/to/runs/my-experiment/saved_model}
 IMAGES=${IMAGES:-/path/to/volumes}         # a folder holding the volume(s): .zarr, .h5 or TIFF stacks
 OUTPUT=${OUTPUT:-/path/to/segmentation}

@@ -22,7 +22,7 @@ from test_inference_volumes import ISOTROPIC, blob_volume, export_unet3d, write_
 
 import inference_unet as inf
 from segkit.cliutil import InputError
-from segkit.inference import blocks, folder
+from segkit.inference import block_labels, blocks, folder
 
 SHAPE = (24, 64, 64)
 TILE = "8,16,16"  # 3 x 4 x 4 = 48 blocks
@@ -75,12 +75,21 @@ def single_run(tmp_path_factory, volume):
     return model, images, root / "out"
 
 
-def test_four_shards_equal_one_process_and_instances_up_to_renumbering(single_run, tmp_path, volume):
+def test_four_shards_equal_one_process_and_instances_up_to_renumbering(single_run, tmp_path, volume, monkeypatch):
     model, images, single = single_run
     out = tmp_path / "out"
+    labelled, closing = [], []  # which blocks were labelled by a shard itself, which by the closing step
+    real_label, real_write = block_labels.label_block, block_labels.write_labels
+    monkeypatch.setattr(block_labels, "label_block", lambda job, zone, s: (labelled.append((zone.index, bool(
+        closing))), real_label(job, zone, s))[1])
+    monkeypatch.setattr(block_labels, "write_labels", lambda job, s: (closing.append(1), real_write(job, s))[1])
     for index in range(4):
         summary = segment(model, images, out, volume, shard_index=index, shard_count=4)
         assert not summary.failed, summary.failed
+    # shard 3 (blocks 36-47, the last z layer's rows 1-3: contiguous ownership) labelled its own blocks once
+    # their neighbourhood was predicted; the closing step labelled the others, each block once
+    assert sorted(index for index, late in labelled if not late) == [(2, y, x) for y in (1, 2, 3) for x in range(4)]
+    assert len(labelled) == 48 and len(set(labelled)) == 48
     assert os.path.exists(out / "vol.zarr" / blocks.BLOCKS_FOLDER / blocks.FINAL_FILE)  # the last shard closed it
     assert len([n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".done")]) == 48
     assert not os.path.exists(out / "vol.zarr" / ".blocks" / blocks.PROBS_ARRAY)  # labelled, then removed

@@ -2,11 +2,13 @@
 
 A block is one zone of the input's tile plan (:func:`segkit.tiling.plan_tiles`): exactly one chunk of every
 OME-Zarr output (:func:`segkit.inference.writers.create_zarr_level` chunks by the zone size). Block ``b`` (raster
-order) belongs to shard ``b % N``. The outputs are created once with their full shape (a temporary folder renamed
-into place: whichever shard comes first); each block is written into a temporary array and its chunk files are
-renamed into place, then marked done (``MASK.zarr/.blocks/Z.Y.X.done``); the closing step (``--finalize 1``, or the
-last shard to finish) checks every block, writes the multiscale levels and the instance labels. Layout, launchers
-and restarts: README.md, "One volume across a cluster".
+order) of ``B`` belongs to shard ``b * N // B``: contiguous runs, so a shard's blocks are mostly each other's
+neighbours and it can label their objects itself (:mod:`segkit.inference.block_labels`). The outputs are created
+once with their full shape (a temporary folder renamed into place: whichever shard comes first); each block is
+written into a temporary array and its chunk files are renamed into place, then marked done
+(``MASK.zarr/.blocks/Z.Y.X.done``); the closing step (``--finalize 1``, or the last shard to finish) checks every
+block, writes the multiscale levels and merges the instance labels. Layout, launchers and restarts: README.md,
+"One volume across a cluster".
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from segkit import cliutil, image_io, tiling
 from segkit.cliutil import InputError
-from segkit.inference import writers
+from segkit.inference import block_labels, writers
 from segkit.inference.regions import Source, open_source
 from segkit.inference.settings import OutputPaths, Settings, output_paths
 
@@ -104,18 +106,25 @@ def process(name: str, predict: Callable[[], Callable], settings: Settings, summ
         if settings.finalize:
             summary.segmented.append(name)
             return _close(job, settings, explicit=True)
-        mine = [zone for b, zone in enumerate(job.plan.zones)
-                if b % count == index and not os.path.exists(job.marker(zone))]
+        owned = [zone for b, zone in enumerate(job.plan.zones) if owner(b, len(job.plan.zones), count) == index]
+        mine = [zone for zone in owned if not os.path.exists(job.marker(zone))]
         if mine:
             predict_blocks(job, source.image, mine, _model(predict, path, settings, job), _block_writers(job, settings),
                            settings.batch_size)
     finally:
         source.close()
+    if settings.instances is not None:
+        block_labels.label_ready(job, owned, settings)
     summary.segmented.append(name)
     done = len(job.plan.zones) - len(job.missing())
     log.info("%s: shard %d of %d: %d block(s) computed, %d of %d done, %.1f s", name, index, count, len(mine), done,
              len(job.plan.zones), time.perf_counter() - start)
     return _close(job, settings, explicit=False)
+
+
+def owner(block: int, blocks: int, shard_count: int) -> int:
+    """The shard of block number ``block`` (raster order) of ``blocks``: contiguous runs of nearly equal length."""
+    return block * shard_count // blocks
 
 
 def _model(predict: Callable[[], Callable], path: str, settings: Settings, job: Job) -> Callable:
@@ -187,7 +196,8 @@ def put_chunks(array_dir: str, key: tuple[slice, ...], data: np.ndarray) -> None
 
 def _remove_stale(job: Job) -> None:
     """Temporaries of killed shards (this machine): half-built blocks and markers."""
-    folders = [job.blocks_dir, os.path.join(job.blocks_dir, PROBS_ARRAY), os.path.join(job.paths.mask, "0")]
+    folders = [job.blocks_dir, os.path.join(job.paths.mask, "0")]
+    folders += [os.path.join(job.blocks_dir, name) for name in (PROBS_ARRAY, block_labels.IDS_ARRAY)]
     if job.paths.probabilities:
         folders.append(os.path.join(job.paths.probabilities, "0"))
     cliutil.remove_stale_temporaries(*folders)
@@ -281,6 +291,7 @@ def _build_mask(folder: str, job: Job, settings: Settings) -> None:
         zarr.create_array(os.path.join(blocks, PROBS_ARRAY), shape=job.plan.shape + (settings.number_classes,),
                           chunks=chunks, dtype=np.float32, fill_value=0, zarr_format=2, compressors=None,
                           chunk_key_encoding={"name": "v2", "separator": "/"})
+        block_labels.create_ids_array(blocks, job.plan)
 
 
 def _check_array(array_dir: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype) -> None:
@@ -340,9 +351,9 @@ def _close(job: Job, settings: Settings, explicit: bool) -> bool:
 
 
 def missing_message(job: Job, missing: list[tuple[int, tiling.Zone]]) -> str:
-    count = int(job.record.get("shard_count", 1))
-    listed = ", ".join(f"{block_id(zone)} (shard {b % count})" for b, zone in missing[:8])
-    shards = sorted({b % count for b, _ in missing})
+    count, blocks = int(job.record.get("shard_count", 1)), len(job.plan.zones)
+    listed = ", ".join(f"{block_id(zone)} (shard {owner(b, blocks, count)})" for b, zone in missing[:8])
+    shards = sorted({owner(b, blocks, count) for b, _ in missing})
     return (f"{job.paths.mask}: {len(missing)} of {len(job.plan.zones)} block(s) not done: {listed}"
             f"{' ...' if len(missing) > 8 else ''}; rerun shard(s) {', '.join(map(str, shards[:16]))} of "
             f"--shard_count {count} (finished blocks are skipped), then --finalize 1")
@@ -358,15 +369,9 @@ def _pyramid(path: str, job: Job, channels: bool) -> int:
 
 
 def _labels(job: Job, settings: Settings) -> None:
-    """Instance labels from the blocks' probabilities, zone by zone with the seam halo and one merge across every
-    seam (:func:`segkit.instance_seams.label_zones`, as a single out-of-core run); the probabilities are removed."""
-    import zarr
-
-    from segkit.inference.instances_out import write_labels
-
+    """Instance labels merged across every block border (:mod:`segkit.inference.block_labels`); then the blocks'
+    probabilities are removed (a closing step run again after that finds the labels written)."""
     probs_dir = os.path.join(job.blocks_dir, PROBS_ARRAY)
     if os.path.isdir(probs_dir):
-        os.makedirs(os.path.dirname(job.paths.labels), exist_ok=True)
-        write_labels(zarr.open_array(probs_dir, mode="r", zarr_format=2), job.paths.labels, job.plan.shape, settings,
-                     job.calibration, os.path.basename(job.name), job.plan.zone_size)
+        block_labels.write_labels(job, settings)
         shutil.rmtree(probs_dir, ignore_errors=True)

@@ -148,15 +148,6 @@ class LabelOutput:
                 writer.put(tiling.Zone(start, start, tuple(s.stop for s in box), start), block(box))
 
 
-def write_labels(probs: Any, path: str, spatial: tuple[int, ...], settings: Settings, calibration: Any = None,
-                 name: str = "", tile: tiling.PerAxis | None = None) -> None:
-    """The label image of complete probabilities already on disk ((spatial..., K), e.g. a zarr array: the closing
-    step of outputs split into blocks, :mod:`segkit.inference.blocks`), exactly as the out-of-core path writes it."""
-    output = LabelOutput(path, spatial, True, settings, calibration, name, tile)
-    output.probs = probs
-    output.__exit__(None, None, None)
-
-
 # --- objects.csv and instance_metrics.csv -------------------------------------------------------------
 
 
