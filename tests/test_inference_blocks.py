@@ -136,7 +136,7 @@ def test_crash_mid_block_and_a_killed_runs_temporaries_leave_the_same_result(sin
     summary = segment(model, images, out, volume, shard_index=0, shard_count=2)
     assert summary.failed and "simulated crash" in summary.failed[0][1]
     done = [n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".done")]
-    assert len(done) == 5
+    assert "0.1.1.done" not in done and 5 <= len(done) <= 5 + blocks.WRITE_QUEUE_BLOCKS  # the writer ran ahead
     monkeypatch.setattr(blocks, "put_chunks", real)
     # what SIGKILL leaves: a temporary array of a dead process beside the chunks, with a partial chunk in it
     finished = subprocess.Popen(["true"])

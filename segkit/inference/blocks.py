@@ -12,6 +12,7 @@ block, writes the multiscale levels and merges the instance labels. Layout, laun
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -31,10 +32,11 @@ from segkit.inference.settings import OutputPaths, Settings, output_paths
 
 log = logging.getLogger("inference_unet.blocks")
 
-BLOCKS_FOLDER = ".blocks"  # in the mask's OME-Zarr: plan.json, one BLOCK.done per finished block, .lock, finalized
-PLAN_FILE, FINAL_FILE, LOCK_FILE = "plan.json", "finalized", ".lock"
+BLOCKS_FOLDER = ".blocks"  # in the mask's OME-Zarr: plan.json, one BLOCK.done per finished block, finalized
+PLAN_FILE, FINAL_FILE = "plan.json", "finalized"
 PROBS_ARRAY = "probs"      # --instances: float32 (spatial..., K) probabilities, labelled by the closing step
 ZARR_META = (".zarray", ".zattrs", ".zgroup")
+WRITE_QUEUE_BLOCKS = 2    # blocks predicted and waiting for the writer thread
 PLAN_KEYS = ("shape", "tile", "halo", "border", "saved_model")  # what every shard of one output must agree on
 
 
@@ -139,17 +141,32 @@ def _model(predict: Callable[[], Callable], path: str, settings: Settings, job: 
 def predict_blocks(job: Job, image: Any, zones: list[tiling.Zone], predict_fn: Callable,
                    write: Callable[[tiling.Zone, np.ndarray], None], batch_size: int = 1) -> None:
     """Predict ``zones`` (each from its own tile, as :func:`segkit.tiling.predict_tiled` does) and ``write`` each
-    zone's float32 probabilities; zones another process finished meanwhile are skipped."""
+    zone's float32 probabilities; zones another process finished meanwhile are skipped. Tiles are read ahead and
+    blocks written in background threads, so the model rarely waits for the disk."""
     mean, std = job.record["mean"], job.record["std"]
-    for first in range(0, len(zones), batch_size):
-        group = [zone for zone in zones[first : first + batch_size] if not os.path.exists(job.marker(zone))]
-        if not group:
-            continue
-        batch = np.stack([np.asarray(image_io.normalize(tiling.read_tile(image, job.plan, zone), mean, std),
-                                     np.float32) for zone in group])
-        probs = np.asarray(predict_fn(batch))
-        for zone, tile_probs in zip(group, probs):
-            write(zone, np.array(tile_probs[zone.crop()], np.float32))
+
+    def batches():
+        for first in range(0, len(zones), batch_size):
+            group = [zone for zone in zones[first : first + batch_size] if not os.path.exists(job.marker(zone))]
+            if group:
+                yield group, np.stack([np.asarray(image_io.normalize(tiling.read_tile(image, job.plan, zone), mean,
+                                                                     std), np.float32) for zone in group])
+
+    pending: list[concurrent.futures.Future] = []
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="block-writer") as pool:
+        try:
+            for group, batch in tiling.prefetched(batches(), 2, "block-prefetch"):
+                probs = np.asarray(predict_fn(batch))
+                for zone, tile_probs in zip(group, probs):
+                    pending.append(pool.submit(write, zone, np.array(tile_probs[zone.crop()], np.float32)))
+                while len(pending) > WRITE_QUEUE_BLOCKS or (pending and pending[0].done()):
+                    pending.pop(0).result()  # re-raises a failed write here
+            for future in pending:
+                future.result()
+        except BaseException:
+            for future in pending:  # blocks not started stay undone; the one being written finishes
+                future.cancel()
+            raise
 
 
 def _block_writers(job: Job, settings: Settings) -> Callable[[tiling.Zone, np.ndarray], None]:
@@ -218,11 +235,13 @@ def prepare(name: str, paths: OutputPaths, source: Source, settings: Settings) -
     job = Job(name, paths, plan, record, source.calibration)
     plan_path = os.path.join(job.blocks_dir, PLAN_FILE)
     if not os.path.isdir(paths.mask):
-        mean, std = image_io.image_stats(source.image, **source.stats_blocks)
-        if not np.all(np.isfinite(np.asarray(mean) + np.asarray(std))):
-            raise ValueError(f"{name}: image contains NaN or infinite pixels; replace them first")
-        record.update(mean=[float(m) for m in mean], std=[float(s) for s in std])
-        _create_once(paths.mask, lambda tmp: _build_mask(tmp, job, settings))
+        with _locked(os.path.dirname(os.path.abspath(paths.mask))):  # one statistics pass, not one per shard
+            if not os.path.isdir(paths.mask):
+                mean, std = image_io.image_stats(source.image, **source.stats_blocks)
+                if not np.all(np.isfinite(np.asarray(mean) + np.asarray(std))):
+                    raise ValueError(f"{name}: image contains NaN or infinite pixels; replace them first")
+                record.update(mean=[float(m) for m in mean], std=[float(s) for s in std])
+                _create_once(paths.mask, lambda tmp: _build_mask(tmp, job, settings))
     with open(plan_path, encoding="utf-8") as fh:
         existing = json.load(fh)
     changed = [k for k in PLAN_KEYS if existing.get(k) != record[k]]
@@ -314,11 +333,11 @@ def _check_array(array_dir: str, shape: tuple[int, ...], chunks: tuple[int, ...]
 
 @contextlib.contextmanager
 def _locked(folder: str):
-    """An exclusive flock on ``folder/.lock`` (blocking): one closing step at a time. Where flock is unsupported
-    the step runs unlocked (it is idempotent: every write is atomic and gives the same bytes)."""
+    """An exclusive flock on ``folder`` itself (blocking; no lock file): one creator of an output, one closing step
+    at a time. Where flock is unsupported the step runs unlocked: it is idempotent (atomic writes, same bytes)."""
     import fcntl
 
-    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
