@@ -186,8 +186,8 @@ def test_one_large_2d_image_split_across_shards_equals_one_process(tmp_path):
     model = fake_model(tmp_path / "m", rank=2, channels=3, classes=3)
     images = tmp_path / "images"
     images.mkdir()
-    tifffile.imwrite(images / "big.tif", image_3channel(touching_objects((96, 80), seed=2)))
-    kw = {"saved_model_filepath": model, "image_folder": str(images), "tile_size": 32, "output_format": "zarr",
+    tifffile.imwrite(images / "big.tif", image_3channel(touching_objects((64, 1040), seed=2)))  # 2 levels
+    kw = {"saved_model_filepath": model, "image_folder": str(images), "tile_size": 64, "output_format": "zarr",
           "predict_fn": one_hot_predict}
     assert not folder.segment_folder(output_folder=str(tmp_path / "single"), **kw).failed
     for index in range(3):
@@ -196,7 +196,30 @@ def test_one_large_2d_image_split_across_shards_equals_one_process(tmp_path):
     np.testing.assert_array_equal(level0(tmp_path / "single" / "big.zarr"), level0(tmp_path / "out" / "big.zarr"))
     assert same_up_to_renumbering(level0(tmp_path / "single" / "labels" / "big.zarr"),
                                   level0(tmp_path / "out" / "labels" / "big.zarr"))
-    assert len([n for n in os.listdir(tmp_path / "out" / "big.zarr" / ".blocks") if n.endswith(".done")]) == 3 * 3
+    assert len([n for n in os.listdir(tmp_path / "out" / "big.zarr" / ".blocks") if n.endswith(".done")]) == 17
+    single, split = (zarr.open_group(str(tmp_path / run / "big.zarr"), mode="r") for run in ("single", "out"))
+    assert split.attrs["multiscales"] == single.attrs["multiscales"] and len(single.attrs["multiscales"][0]["datasets"]) == 2
+    np.testing.assert_array_equal(split["1"][...], single["1"][...])
+
+
+def test_the_closing_step_scores_the_whole_volume_as_one_process(tmp_path, volume):
+    from segkit import instance_targets
+    from test_inference_instances import touching_objects as objects
+
+    model = fake_model(tmp_path / "m", instances=False, rank=3, channels=1, classes=3)
+    images = write_input(tmp_path, volume)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    truth = instance_targets.make_target(objects(SHAPE, seed=4, count=14), "three_class").astype(np.uint8)
+    truth[:, :8, :8] = 0  # a few errors, so the scores are not all 1
+    write_tiff_stack(masks / "vol.tif", truth, spacing=ISOTROPIC)
+    assert not segment(model, images, tmp_path / "single", volume, mask_folder=str(masks)).failed
+    for index in (0, 1):
+        assert not segment(model, images, tmp_path / "out", volume, shard_index=index, shard_count=2).failed
+    closing = segment(model, images, tmp_path / "out", volume, mask_folder=str(masks), finalize=True)
+    assert not closing.failed and closing.skipped == ["vol.tif"]  # closed by the last shard already
+    single_csv, split_csv = ((tmp_path / run / "metrics.csv").read_text() for run in ("single", "out"))
+    assert split_csv == single_csv and "vol.tif" in split_csv
 
 
 def test_an_output_of_another_geometry_is_refused_in_one_line(single_run, tmp_path, volume):

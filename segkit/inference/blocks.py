@@ -82,7 +82,9 @@ class Job:
         return os.path.join(self.blocks_dir, block_id(zone) + ".done")
 
     def missing(self) -> list[tuple[int, tiling.Zone]]:
-        return [(b, zone) for b, zone in enumerate(self.plan.zones) if not os.path.exists(self.marker(zone))]
+        """(number, zone) of the blocks without a done-marker (one listing of the folder, not a stat per block)."""
+        done = {entry.name for entry in os.scandir(self.blocks_dir) if entry.name.endswith(".done")}
+        return [(b, zone) for b, zone in enumerate(self.plan.zones) if block_id(zone) + ".done" not in done]
 
 
 # --- one input, one shard ------------------------------------------------------------------------------------
@@ -95,8 +97,7 @@ def process(name: str, predict: Callable[[], Callable], settings: Settings, summ
     paths = output_paths(name, settings)
     index, count = settings.shard
     if os.path.isdir(paths.mask) and not unfinished(paths.mask):
-        if not settings.finalize:
-            summary.skipped.append(name)
+        summary.skipped.append(name)  # closed before; the closing step still scores it
         return settings.finalize
     if settings.finalize and not os.path.isdir(paths.mask):
         raise BlocksMissing(f"{paths.mask}: no block was written yet; run the shards first, then --finalize 1")
