@@ -35,8 +35,9 @@ that same run (a 20000^2 run takes too long to repeat forward-only under the sam
 Blocks (``--blocks``, issue #21): one ``--blocks_shape`` uint16 volume (a TIFF stack; the default UNet
 section by section) into OME-Zarr, by one process with 2 TensorFlow threads, then by 2 shard processes at
 once with 1 thread each (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS / OMP_NUM_THREADS); whole CLI
-processes, model loading included. Prints both wall times, their ratio (target <= 1.2), each process's
-peak RSS, and whether the masks are equal.
+processes, model loading included (about 5 CPU seconds of TensorFlow start-up per process: use a volume
+large enough that prediction dominates). Prints both wall times, their ratio (target <= 1.2), each process's
+peak RSS, and how many mask pixels differ.
 
 Each part runs in its own subprocess, so each peak RSS (VmHWM) is that part's alone. The machine
 is shared and noisy: the load average is printed; trust the ratio (measured within one run) over
@@ -429,13 +430,14 @@ def blocks_mode(args: argparse.Namespace) -> None:
                                                for i in range(shards)]
         runs[label] = _run_processes(commands, threads) + (out,)
     (one_s, one_rss, one_out), (two_s, two_rss, two_out) = runs.values()
-    same = np.array_equal(zarr.open_array(os.path.join(one_out, "volume.zarr", "0"), mode="r")[...],
-                          zarr.open_array(os.path.join(two_out, "volume.zarr", "0"), mode="r")[...])
+    differ = int(np.count_nonzero(zarr.open_array(os.path.join(one_out, "volume.zarr", "0"), mode="r")[...]
+                                  != zarr.open_array(os.path.join(two_out, "volume.zarr", "0"), mode="r")[...]))
     print(f"\nBlocks. {'x'.join(map(str, shape))} uint16 volume, default UNet section by section, tile {args.tile_size}")
     print(f"   1 process, 2 threads   {one_s:8.1f} s   peak RSS {one_rss[0]:.0f} MB")
     print(f"   2 shards, 1 thread each {two_s:7.1f} s   peak RSS per shard {', '.join(f'{r:.0f}' for r in two_rss)} MB")
     print(f"   ratio                  {two_s / one_s:8.3f}     (2 shards / 1 process; target <= 1.2)")
-    print(f"   masks equal            {same}")
+    print(f"   mask pixels differing  {differ:8d}     (2 vs 1 TensorFlow threads round sums differently: a few argmax "
+          "ties of random weights may flip; at equal thread counts shards equal one process exactly)")
 
 
 def run_part(name: str, args: argparse.Namespace) -> dict:

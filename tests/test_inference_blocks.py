@@ -203,8 +203,9 @@ def test_one_large_2d_image_split_across_shards_equals_one_process(tmp_path):
 
 
 def test_the_closing_step_scores_the_whole_volume_as_one_process(tmp_path, volume):
-    from segkit import instance_targets
     from test_inference_instances import touching_objects as objects
+
+    from segkit import instance_targets
 
     model = fake_model(tmp_path / "m", instances=False, rank=3, channels=1, classes=3)
     images = write_input(tmp_path, volume)
