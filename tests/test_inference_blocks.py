@@ -104,6 +104,18 @@ def test_four_shards_equal_one_process_and_instances_up_to_renumbering(single_ru
     assert not closing.failed and os.path.exists(out / "objects.csv")
 
 
+def test_a_shard_labels_the_blocks_inside_its_slab_itself(tmp_path, volume):
+    model = fake_model(tmp_path / "m", rank=3, channels=1, classes=3, halo=8)  # a seam halo of one block in z
+    images = write_input(tmp_path, volume)
+    out = tmp_path / "out"
+    assert not segment(model, images, out, volume, shard_index=0, shard_count=2).failed
+    seams = sorted(n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".seams.npz"))
+    # shard 0 owns z layer 0 and rows 0-1 of z layer 1: only row 0 of layer 0 has its whole neighbourhood
+    assert seams == [f"0.0.{x}.seams.npz" for x in range(4)]
+    assert not segment(model, images, out, volume, shard_index=1, shard_count=2).failed
+    assert not blocks.unfinished(str(out / "vol.zarr")) and level0(out / "labels" / "vol.zarr").max() >= 10
+
+
 def test_finalize_names_the_missing_blocks_and_their_shard(single_run, tmp_path, volume, caplog):
     model, images, single = single_run
     out = tmp_path / "out"
