@@ -90,7 +90,7 @@ def merge_table(job: Job) -> tuple[np.ndarray, list[int]]:
 
 def write_labels(job: Job, settings: Settings) -> None:
     """The closing step: label the blocks still unlabelled, merge, relabel block by block into the label image
-    (written atomically as any OME-Zarr output); the blocks' probabilities, ids and seam data are removed."""
+    (written atomically as any OME-Zarr output)."""
     import zarr
 
     from segkit.inference import writers
@@ -105,6 +105,10 @@ def write_labels(job: Job, settings: Settings) -> None:
         for zone, offset in zip(job.plan.zones, offsets):
             local = np.asarray(ids[zone.region()])
             writer.put(zone, table[np.where(local > 0, local + offset, 0)])
+
+
+def remove_intermediates(job: Job) -> None:
+    """The blocks' ids and seam data, once the label image is written."""
     for zone in job.plan.zones:
         with contextlib.suppress(FileNotFoundError):
             os.remove(seams_path(job, zone))

@@ -107,8 +107,9 @@ def process(name: str, predict: Callable[[], Callable], settings: Settings, summ
         job = prepare(name, paths, source, settings)
         _remove_stale(job)
         if settings.finalize:
+            closed = _close(job, settings, explicit=True)
             summary.segmented.append(name)
-            return _close(job, settings, explicit=True)
+            return closed
         owned = [zone for b, zone in enumerate(job.plan.zones) if owner(b, len(job.plan.zones), count) == index]
         mine = [zone for zone in owned if not os.path.exists(job.marker(zone))]
         if mine:
@@ -394,4 +395,5 @@ def _labels(job: Job, settings: Settings) -> None:
     probs_dir = os.path.join(job.blocks_dir, PROBS_ARRAY)
     if os.path.isdir(probs_dir):
         block_labels.write_labels(job, settings)
-        shutil.rmtree(probs_dir, ignore_errors=True)
+        shutil.rmtree(probs_dir, ignore_errors=True)  # first: the labels are written (ids and seams still needed before)
+    block_labels.remove_intermediates(job)
