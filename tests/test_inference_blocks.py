@@ -239,8 +239,10 @@ def test_an_output_of_another_geometry_is_refused_in_one_line(single_run, tmp_pa
     model, images, _ = single_run
     out = tmp_path / "out"
     assert not segment(model, images, out, volume, shard_index=0, shard_count=3).failed
-    with pytest.raises(InputError, match=r"vol.zarr: being written with another tile .*same flags"):
+    with pytest.raises(InputError, match=r"vol.zarr: started with a different tile .*same flags"):
         segment(model, images, out, volume, shard_index=1, shard_count=3, tile_size="8,32,32")
+    with pytest.raises(InputError, match=r"vol.zarr: started with a different outputs"):
+        segment(model, images, out, volume, shard_index=1, shard_count=3, save_probabilities=False)
 
 
 @pytest.mark.parametrize("flags,expected", [

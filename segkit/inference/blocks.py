@@ -37,7 +37,7 @@ PLAN_FILE, FINAL_FILE = "plan.json", "finalized"
 PROBS_ARRAY = "probs"      # --instances: float32 (spatial..., K) probabilities, labelled by the closing step
 ZARR_META = (".zarray", ".zattrs", ".zgroup")
 WRITE_QUEUE_BLOCKS = 2    # blocks predicted and waiting for the writer thread
-PLAN_KEYS = ("shape", "tile", "halo", "border", "saved_model")  # what every shard of one output must agree on
+PLAN_KEYS = ("shape", "tile", "halo", "border", "saved_model", "outputs")  # what every shard of an output agrees on
 
 
 class BlocksMissing(Exception):
@@ -233,6 +233,8 @@ def prepare(name: str, paths: OutputPaths, source: Source, settings: Settings) -
     plan = tiling.plan_tiles(spatial, tile, halo, factor, settings.border)
     record = {"image": name, "shape": list(spatial), "tile": list(plan.zone_size), "halo": list(plan.halo),
               "border": plan.border, "saved_model": os.path.abspath(settings.saved_model_filepath),
+              "outputs": {"probabilities": settings.probability_dtype if paths.probabilities else None,
+                          "instances": settings.instances is not None},
               "blocks": len(plan.zones), "shard_count": settings.shard[1]}
     job = Job(name, paths, plan, record, source.calibration)
     plan_path = os.path.join(job.blocks_dir, PLAN_FILE)
@@ -248,7 +250,7 @@ def prepare(name: str, paths: OutputPaths, source: Source, settings: Settings) -
         existing = json.load(fh)
     changed = [k for k in PLAN_KEYS if existing.get(k) != record[k]]
     if changed:
-        raise InputError(f"{paths.mask}: being written with another {', '.join(changed)} ("
+        raise InputError(f"{paths.mask}: started with a different {', '.join(changed)} ("
                          f"{', '.join(f'{k} {existing.get(k)}' for k in changed)}); run every shard with the same "
                          "flags, or remove it and start again")
     job.record = existing
