@@ -92,9 +92,14 @@ def build_parser() -> cliutil.ArgumentParser:
                    help="1 = write overlays/STEM.png, the mask over the image")
     p.add_argument("--shard_index", type=int, default=None,
                    help="process every shard_count-th image, starting at this one (default: the Slurm "
-                        "array task, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)")
+                        "array task, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0); with --output_format zarr, "
+                        "its contiguous share of the blocks of every image instead")
     p.add_argument("--shard_count", type=int, default=None,
                    help="number of shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--finalize", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
+                   help="1 = the closing step of OME-Zarr outputs split into blocks by shards: check every block is "
+                        "done (else name the missing ones and their shards, exit 1), write the multiscale levels, "
+                        "instance labels, metrics (README: One volume across a cluster)")
     p.add_argument("--overwrite", type=cliutil.str2bool, nargs="?", const=True, default=False, metavar="0/1",
                    help="1 = redo images whose outputs exist; 0 = skip them (restart after a failure)")
     p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="tif",

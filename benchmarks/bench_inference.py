@@ -32,6 +32,13 @@ Part B (out of core): a ``--big_size`` squared uint16 image written to disk tile
 (target < 2 GB), megapixels/s, and wall time over the seconds spent inside the forward calls of
 that same run (a 20000^2 run takes too long to repeat forward-only under the same load).
 
+Blocks (``--blocks``, issue #21): one ``--blocks_shape`` uint16 volume (a TIFF stack; the default UNet
+section by section) into OME-Zarr, by one process with 2 TensorFlow threads, then by 2 shard processes at
+once with 1 thread each (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS / OMP_NUM_THREADS); whole CLI
+processes, model loading included (about 5 CPU seconds of TensorFlow start-up per process: use a volume
+large enough that prediction dominates). Prints both wall times, their ratio (target <= 1.2), each process's
+peak RSS, and how many mask pixels differ.
+
 Each part runs in its own subprocess, so each peak RSS (VmHWM) is that part's alone. The machine
 is shared and noisy: the load average is printed; trust the ratio (measured within one run) over
 absolute seconds.
@@ -379,6 +386,62 @@ def side_by_side(args: argparse.Namespace) -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
+def _threads_env(threads: int) -> dict:
+    return {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _run_processes(commands: list[list[str]], threads: int) -> tuple[float, list[float]]:
+    """Run ``commands`` at once; (wall seconds until the last ends, peak RSS MB of each)."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, env=_threads_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for cmd in commands]
+    peaks = []
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(proc.args[:2])} failed:\n{proc.stderr.read().decode()[-3000:]}")
+        peaks.append(usage.ru_maxrss / 1024)
+    return time.perf_counter() - start, peaks
+
+
+def blocks_mode(args: argparse.Namespace) -> None:
+    """One volume by 1 process with 2 threads vs 2 shard processes with 1 thread each (module docstring)."""
+    import shutil
+
+    import tifffile
+    import zarr
+
+    shape = tuple(int(n) for n in args.blocks_shape.split(","))
+    model = export_default_unet(os.path.join(args.work_dir, "unet_saved_model"))
+    images = os.path.join(args.work_dir, "blocks_images")
+    os.makedirs(images, exist_ok=True)
+    volume_path = os.path.join(images, "volume.tif")
+    if not os.path.exists(volume_path) or tifffile.TiffFile(volume_path).series[0].shape != shape:
+        tifffile.imwrite(volume_path, np.stack([synthetic_tile(0, 0, shape[1], shape[2], seed=z)
+                                                for z in range(shape[0])]), imagej=True, metadata={"axes": "ZYX"})
+    runs = {}
+    for label, shards, threads in (("1 process x 2 threads", 1, 2), ("2 shards x 1 thread", 2, 1)):
+        out = os.path.join(args.work_dir, f"blocks_out_{shards}")
+        shutil.rmtree(out, ignore_errors=True)
+        base = [sys.executable, os.path.join(ROOT, "inference_unet.py"), "--saved_model_filepath", model,
+                "--image_folder", images, "--output_folder", out, "--output_format", "zarr",
+                "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size)]
+        commands = [base] if shards == 1 else [base + ["--shard_index", str(i), "--shard_count", str(shards)]
+                                               for i in range(shards)]
+        runs[label] = _run_processes(commands, threads) + (out,)
+    (one_s, one_rss, one_out), (two_s, two_rss, two_out) = runs.values()
+    differ = int(np.count_nonzero(zarr.open_array(os.path.join(one_out, "volume.zarr", "0"), mode="r")[...]
+                                  != zarr.open_array(os.path.join(two_out, "volume.zarr", "0"), mode="r")[...]))
+    print(f"\nBlocks. {'x'.join(map(str, shape))} uint16 volume, default UNet section by section, tile {args.tile_size}")
+    print(f"   1 process, 2 threads   {one_s:8.1f} s   peak RSS {one_rss[0]:.0f} MB")
+    print(f"   2 shards, 1 thread each {two_s:7.1f} s   peak RSS per shard {', '.join(f'{r:.0f}' for r in two_rss)} MB")
+    print(f"   ratio                  {two_s / one_s:8.3f}     (2 shards / 1 process; target <= 1.2)")
+    print(f"   mask pixels differing  {differ:8d}     (2 vs 1 TensorFlow threads round sums differently: a few argmax "
+          "ties of random weights may flip; at equal thread counts shards equal one process exactly)")
+
+
 def run_part(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--size", str(args.size), "--big_size",
            str(args.big_size), "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size),
@@ -413,9 +476,17 @@ def main() -> None:
     p.add_argument("--side_only_size", action="store_true", help="side by side: skip the NIST folder")
     p.add_argument("--side_onednn", choices=["default", "both"], default="default",
                    help="both: run ours with TF_ENABLE_ONEDNN_OPTS=0 and =1 (alternating with the rest)")
+    p.add_argument("--blocks", action="store_true",
+                   help="instead of parts A/B: one volume by 1 process with 2 threads vs 2 shard processes with 1 "
+                        "thread each (block by block, OME-Zarr)")
+    p.add_argument("--blocks_shape", default="16,1024,1024", help="--blocks: the volume's z,y,x")
     p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.blocks:
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
+        blocks_mode(args)
+        return
     if args.side_by_side:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
         side_by_side(args)

@@ -18,7 +18,7 @@ import numpy as np
 
 from segkit import cliutil, image_io, metrics, tiling
 from segkit.cliutil import InputError
-from segkit.inference import instances_out
+from segkit.inference import blocks, instances_out
 from segkit.inference.predictor import MISMATCH, SavedModelPredictor, with_tta
 from segkit.inference.regions import is_volume, open_source, opened
 from segkit.inference.settings import OUTPUT_SUBFOLDERS, Settings, output_paths, resolve_settings
@@ -204,8 +204,10 @@ def _write_metrics(summary: Summary, settings: Settings) -> str:
     return path
 
 
-def _process(name: str, predict: Callable[[], Callable], settings: Settings, summary: Summary) -> None:
-    """Predict (if needed), overlay, score one image; per-image faults go to ``summary.failed``.
+def _process(name: str, predict: Callable[[], Callable], settings: Settings, summary: Summary,
+             predicted: bool = False) -> None:
+    """Predict (if needed, unless ``predicted``: block by block already), overlay, score one image; per-image
+    faults go to ``summary.failed``.
 
     A full disk fails the image and raises :class:`DiskFull` (the folder stops; see docs/faults.md).
     """
@@ -216,7 +218,9 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
     start = time.perf_counter()
     writing = {}  # what is being written, for a full disk's message
     try:
-        if {"mask", "probabilities", "labels"} & set(todo):
+        if predicted:
+            pass
+        elif {"mask", "probabilities", "labels"} & set(todo):
             writing = {k: v for k, v in todo.items() if k != "overlay"}
             detail = predict_image(path, todo, predict(), settings)
             summary.segmented.append(name)
@@ -255,6 +259,27 @@ def _process(name: str, predict: Callable[[], Callable], settings: Settings, sum
         _fail(name, path, exc, writing, settings, summary)
     finally:
         summary.seconds[name] = time.perf_counter() - start
+
+
+def _process_blocks(name: str, predict: Callable[[], Callable], settings: Settings, summary: Summary) -> None:
+    """This shard's blocks of one input's OME-Zarr outputs (:mod:`segkit.inference.blocks`); once they are all
+    done, the overlay, objects and scores as for any image."""
+    start = time.perf_counter()
+    try:
+        complete = blocks.process(name, predict, settings, summary)
+    except cliutil.InputError:
+        raise
+    except blocks.BlocksMissing as exc:
+        log.error("%s", exc)
+        summary.failed.append((name, str(exc)))
+        return
+    except (image_io.ImageReadError, ValueError, RuntimeError, OSError) as exc:
+        _fail(name, os.path.join(settings.image_folder, name), exc, {}, settings, summary)
+        return
+    finally:
+        summary.seconds[name] = time.perf_counter() - start
+    if complete:
+        _process(name, predict, settings, summary, predicted=True)
 
 
 # --- faults of one image (issue #17; docs/faults.md, "Stage 3") ----------------------------------
@@ -311,7 +336,10 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     settings = resolve_settings(**kwargs)
     _SLICE_WISE_NOTICE.clear()  # said once per run
     index, count = settings.shard
-    if count > 1:
+    if settings.blocks and not settings.finalize:
+        log.info("shard %d of %d: its blocks of %d image(s) (OME-Zarr outputs split block by block)", index, count,
+                 len(settings.names))
+    elif count > 1:
         log.info("shard %d of %d: %d image(s)", index, count, len(settings.names))
     os.makedirs(settings.output_folder, exist_ok=True)
     cliutil.remove_stale_temporaries(settings.output_folder,
@@ -334,7 +362,10 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
                                        mininterval=_bar_interval()) as bar:
         try:
             for name in settings.names:
-                _process(name, predict, settings, summary)
+                if blocks.wanted(name, settings):
+                    _process_blocks(name, predict, settings, summary)
+                else:
+                    _process(name, predict, settings, summary)
                 bar.update(1)
         except DiskFull as exc:
             full = exc

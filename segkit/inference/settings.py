@@ -64,6 +64,8 @@ class Settings:
     mask_dataset: str | None = None       # the same for --mask_folder volumes
     slice_wise: bool | None = None        # a 2-D model on volumes: section by section (None: automatic)
     instances: Any = None                 # instances_out.InstanceSettings: labels and objects.csv (None: off)
+    blocks: bool = False                  # shards split each input's OME-Zarr into blocks (segkit.inference.blocks)
+    finalize: bool = False                # --finalize 1: the closing step of block-split outputs
 
     @property
     def size_factor(self) -> int | tuple[int, ...]:
@@ -321,7 +323,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      image_dataset: str | None = None, mask_dataset: str | None = None,
                      slice_wise: bool | None = None, instances: bool | None = None,
                      min_object_size: int | None = None, seed_threshold: float | None = None,
-                     foreground_threshold: float | None = None, seam_halo: int | None = None) -> Settings:
+                     foreground_threshold: float | None = None, seam_halo: int | None = None,
+                     finalize: bool = False) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
     from segkit.inference.instances_out import resolve_instances
@@ -344,7 +347,10 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
         _check_mask_folder(mask_folder, image_folder, output_folder)
     cliutil.check_output_folder(output_folder, "--output_folder")
     index, count = resolve_shard(shard_index, shard_count)
-    mine = shard_names(names, index, count)
+    blocks = _block_mode(output_format, count, bool(finalize), bool(overwrite))
+    if finalize:
+        index, count = 0, 1  # the closing step covers every block and writes metrics.csv, not a shard's
+    mine = list(names) if blocks else shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
     truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
     tile, halo_px = _model_tile_size(tile_size, meta), resolve_halo(halo, meta)
@@ -368,7 +374,21 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
         overwrite=bool(overwrite), output_format=output_format,
         working_set_limit=working_set_limit, shard=(index, count),
         image_dataset=image_dataset or None, mask_dataset=mask_dataset or None,
-        slice_wise=None if slice_wise is None else bool(slice_wise), instances=instance_settings)
+        slice_wise=None if slice_wise is None else bool(slice_wise), instances=instance_settings,
+        blocks=blocks, finalize=bool(finalize))
+
+
+def _block_mode(output_format: str, shard_count: int, finalize: bool, overwrite: bool) -> bool:
+    """Whether shards split every input's OME-Zarr into blocks (README "One volume across a cluster") rather
+    than the folder's files: with ``--output_format zarr`` and several shards, and for ``--finalize 1``."""
+    if finalize and output_format != "zarr":
+        raise InputError("--finalize 1 closes outputs split into blocks, which are OME-Zarr: add --output_format zarr "
+                         "(as the shards were run)")
+    blocks = finalize or (output_format == "zarr" and shard_count > 1)
+    if blocks and overwrite:
+        raise InputError("--overwrite 1 with shards writing one OME-Zarr: each shard would remove the others' blocks; "
+                         "delete the outputs once, then run the shards without --overwrite")
+    return blocks
 
 
 def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata) -> int | tuple[int, ...]:

@@ -223,39 +223,49 @@ class _ZarrOutput(_ThreadedOutput):
 
         spatial = self.shape[:-1] if self.channels else self.shape
         group = zarr.open_group(self.tmp_dir, mode="w", zarr_format=2)
-        array = self._create(group, "0", spatial)
+        array = create_zarr_level(group, "0", spatial, self.shape[-1] if self.channels else None, self.dtype, self.tile)
         for zone, data in items:
             if self.channels:
                 array[(slice(None),) + zone.region()] = np.moveaxis(data, -1, 0)
             else:
                 array[zone.region()] = data
-        levels = [array]
-        while max(levels[-1].shape[-len(spatial):]) > PYRAMID_MAX_SIDE:
-            levels.append(self._halve(group, levels[-1], len(levels), len(spatial)))
-        group.attrs["multiscales"] = [multiscales_entry(self.name, len(spatial), self.channels, len(levels),
-                                                        self.calibration)]
+        finish_pyramid(group, array, len(spatial), self.channels, self.tile, self.name, self.calibration)
 
-    def _create(self, group, path: str, spatial: tuple[int, ...]):
-        import numcodecs
 
-        shape = ((self.shape[-1],) if self.channels else ()) + tuple(spatial)
-        tiles = tiling.per_axis(self.tile, len(spatial), "tile")
-        chunks = ((shape[0],) if self.channels else ()) + tuple(min(t, n) for t, n in zip(tiles, spatial))
-        return group.create_array(path, shape=shape, chunks=chunks, dtype=self.dtype, fill_value=0,
-                                  compressors=numcodecs.Zstd(level=3),
-                                  chunk_key_encoding={"name": "v2", "separator": "/"})
+def create_zarr_level(group, path: str, spatial: tuple[int, ...], classes: int | None, dtype: np.dtype,
+                      tile: PerAxis):
+    """One level of an OME-Zarr output: ([classes,] spatial...), chunked by the zone size (one chunk per zone
+    at level 0), Zstd, chunk keys '/'-separated (segkit.inference.blocks renames chunk files by these keys)."""
+    import numcodecs
 
-    def _halve(self, group, source, level: int, spatial_ndim: int):
-        """The next level from ``source``, a band of rows at a time (memory: two bands)."""
-        spatial = tuple(-(-n // 2) for n in source.shape[-spatial_ndim:])
-        target = self._create(group, str(level), spatial)
-        lead = (slice(None),) * (source.ndim - 2)  # class and z axes are read whole per band
-        rows = 2 * tiling.per_axis(self.tile, spatial_ndim, "tile")[-2]
-        for y in range(0, source.shape[-2], rows):
-            band = np.asarray(source[lead + (slice(y, y + rows),)])
-            target[lead + (slice(y // 2, y // 2 + -(-band.shape[-2] // 2)),)] = downsample2(
-                band, spatial_ndim, mean=self.channels)
-        return target
+    shape = ((classes,) if classes else ()) + tuple(spatial)
+    tiles = tiling.per_axis(tile, len(spatial), "tile")
+    chunks = ((classes,) if classes else ()) + tuple(min(t, n) for t, n in zip(tiles, spatial))
+    return group.create_array(path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                              compressors=numcodecs.Zstd(level=3), chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+def finish_pyramid(group, array, spatial_ndim: int, channels: bool, tile: PerAxis, name: str,
+                   calibration: Calibration | None) -> int:
+    """Levels 1.. halved from level 0 (``array``, complete) while the largest side exceeds PYRAMID_MAX_SIDE, and
+    the ``multiscales`` metadata; returns the number of levels."""
+    levels = [array]
+    while max(levels[-1].shape[-spatial_ndim:]) > PYRAMID_MAX_SIDE:
+        levels.append(_halve(group, levels[-1], len(levels), spatial_ndim, channels, tile))
+    group.attrs["multiscales"] = [multiscales_entry(name, spatial_ndim, channels, len(levels), calibration)]
+    return len(levels)
+
+
+def _halve(group, source, level: int, spatial_ndim: int, channels: bool, tile: PerAxis):
+    """The next level from ``source``, a band of rows at a time (memory: two bands)."""
+    spatial = tuple(-(-n // 2) for n in source.shape[-spatial_ndim:])
+    target = create_zarr_level(group, str(level), spatial, source.shape[0] if channels else None, source.dtype, tile)
+    lead = (slice(None),) * (source.ndim - 2)  # class and z axes are read whole per band
+    rows = 2 * tiling.per_axis(tile, spatial_ndim, "tile")[-2]
+    for y in range(0, source.shape[-2], rows):
+        band = np.asarray(source[lead + (slice(y, y + rows),)])
+        target[lead + (slice(y // 2, y // 2 + -(-band.shape[-2] // 2)),)] = downsample2(band, spatial_ndim, mean=channels)
+    return target
 
 
 def downsample2(array: np.ndarray, spatial_ndim: int, mean: bool) -> np.ndarray:
