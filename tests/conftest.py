@@ -1,10 +1,15 @@
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A shell starts background jobs (`make test &`, nohup ... &) with SIGINT ignored, and an ignored SIGINT is inherited
+# through exec: the Ctrl-C tests' children would never see it. Handle it here, so children start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "nist-phase-contrast")
 
