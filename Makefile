@@ -7,7 +7,7 @@ GPU ?= 0
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-fast lint bench data clean
+.PHONY: setup demo test test-all test-fast lint bench data clean
 
 setup: $(VENV)/.installed-$(GPU)
 
@@ -18,11 +18,13 @@ $(VENV)/.installed-$(GPU): requirements.txt requirements-gpu.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: setup
+test: setup  # what CI runs: everything but the tests marked slow (a few minutes on 2 cores)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup  # the whole suite, slow tests included (about 15-20 minutes on 2 cores)
 	$(PY) -m pytest -q tests
 
-test-fast: setup  # the inner loop: everything but the tests marked slow
-	$(PY) -m pytest -q -m "not slow" tests
+test-fast: test
 
 lint: setup
 	$(PY) -m ruff check .
