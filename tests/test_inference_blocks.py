@@ -104,6 +104,36 @@ def test_four_shards_equal_one_process_and_instances_up_to_renumbering(single_ru
     assert not closing.failed and os.path.exists(out / "objects.csv")
 
 
+def _shard_process(model, images, out, volume, index, count):
+    """One shard in a forked process (the injected predictor needs no TensorFlow); exit 0 when it succeeded."""
+    try:
+        summary = segment(model, images, out, volume, shard_index=index, shard_count=count)
+        os._exit(0 if not summary.failed else 1)
+    except BaseException:
+        os._exit(2)
+
+
+def test_four_concurrent_shard_processes_give_instances_up_to_renumbering(single_run, tmp_path, volume):
+    """4 shard processes at once on one volume with an instance model: semantic outputs byte-identical to one
+    process, labels equal up to renumbering (whichever shard finishes last merges them)."""
+    import multiprocessing
+
+    model, images, single = single_run
+    out = tmp_path / "out"
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_shard_process, args=(model, images, out, volume, i, 4)) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+        assert proc.exitcode == 0
+    closing = segment(model, images, out, volume, finalize=True)
+    assert not closing.failed
+    assert_same_outputs(single, out)  # mask and probabilities exactly, labels up to renumbering
+    assert temporaries(out) == []
+    assert len([n for n in os.listdir(out / "vol.zarr" / ".blocks") if n.endswith(".done")]) == 48
+
+
 def test_a_shard_labels_the_blocks_inside_its_slab_itself(tmp_path, volume):
     model = fake_model(tmp_path / "m", rank=3, channels=1, classes=3, halo=8)  # a seam halo of one block in z
     images = write_input(tmp_path, volume)
