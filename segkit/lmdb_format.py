@@ -183,6 +183,18 @@ def open_readonly(path: str):
     return lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512, subdir=True)
 
 
+def read_record(path: str, index: int = 0) -> Record | None:
+    """Record ``index`` of a database (its arrays backed by bytes of their own), None when it has no such
+    record; ValueError when the record does not decode."""
+    env = open_readonly(path)
+    try:
+        with env.begin() as txn:
+            value = txn.get(record_key(index))
+    finally:
+        env.close()
+    return None if value is None else decode_record(value)
+
+
 def read_metadata(path: str) -> dict[str, Any]:
     """Read a database's metadata; raises ValueError with a user-facing message."""
     import os

@@ -43,6 +43,28 @@ def signal_group_when_ready(cmd, ready, *, sig=None, timeout=120.0, settle=0.0, 
     return proc, err
 
 
+UNWRITABLE_KINDS = ["file", "under a file", "dangling symlink", "under a dangling symlink", "not writable"]
+
+
+def unwritable_output(tmp_path, kind, leaf):
+    """An output folder of ``kind`` (UNWRITABLE_KINDS) that cannot be written, and the text
+    cliutil.check_output_folder's one line must hold; ``tmp_path/afile`` and ``tmp_path/link`` (dangling) are
+    made. Skips "not writable" where /sys cannot stand in for a read-only folder."""
+    import pytest
+
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    if kind == "not writable" and os.access("/sys", os.W_OK) and not os.path.isdir("/sys/kernel"):
+        pytest.skip("no /sys to stand in for a read-only folder")
+    return {
+        "file": (tmp_path / "afile", "is a file, not a folder"),
+        "under a file": (tmp_path / "afile" / leaf, "afile is a file, so no folder can be created under it"),
+        "dangling symlink": (tmp_path / "link", "is a symbolic link to"),
+        "under a dangling symlink": (tmp_path / "link" / leaf, "is a symbolic link to"),
+        "not writable": (f"/sys/segkit-{leaf}", "cannot write in /sys"),  # read-only even for root
+    }[kind]
+
+
 def one_error_line(capsys):
     """The one 'error: ...' line a stage printed to stderr (and no traceback)."""
     err = capsys.readouterr().err

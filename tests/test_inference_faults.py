@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import pytest
 import tifffile
-from conftest import ROOT, one_error_line, signal_group_when_ready
+from conftest import ROOT, UNWRITABLE_KINDS, one_error_line, signal_group_when_ready, unwritable_output
 from savedmodel_helpers import (
     TINY_UNET_SIZE_FACTOR,
     build_tiny_unet,
@@ -95,22 +95,11 @@ def no_model_load(monkeypatch):
 # ----------------------------------------------------------------------------- 1. unwritable output locations
 
 
-@pytest.mark.parametrize("kind", ["file", "under a file", "dangling symlink", "under a dangling symlink",
-                                  "not writable"])
+@pytest.mark.parametrize("kind", UNWRITABLE_KINDS)
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(models, tmp_path, capsys,
                                                                                    no_model_load, kind):
     write_images(tmp_path / "images")
-    (tmp_path / "afile").write_text("x")
-    os.symlink(tmp_path / "nowhere", tmp_path / "link")
-    out, expected = {
-        "file": (tmp_path / "afile", "is a file, not a folder"),
-        "under a file": (tmp_path / "afile" / "masks", "afile is a file, so no folder can be created under it"),
-        "dangling symlink": (tmp_path / "link", "is a symbolic link to"),
-        "under a dangling symlink": (tmp_path / "link" / "masks", "is a symbolic link to"),
-        "not writable": ("/sys/segkit-masks", "cannot write in /sys"),  # read-only even for root
-    }[kind]
-    if kind == "not writable" and not os.path.isdir("/sys/kernel"):
-        pytest.skip("no /sys to stand in for a read-only folder")
+    out, expected = unwritable_output(tmp_path, kind, "masks")
     assert run(models["pointwise"], tmp_path / "images", out) == 2
     line = one_error_line(capsys)
     assert "--output_folder" in line and expected in line

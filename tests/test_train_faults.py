@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import one_error_line
+from conftest import UNWRITABLE_KINDS, one_error_line, unwritable_output
 from test_train import argv, dbs, pointer, state  # noqa: F401  (dbs: the module fixture)
 
 import train_unet
@@ -67,19 +67,9 @@ def test_the_lock_text_decides_where_flock_is_unsupported(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- 2. unwritable output locations
 
 
-@pytest.mark.parametrize("kind", ["file", "under a file", "dangling symlink", "under a dangling symlink", "not writable"])
+@pytest.mark.parametrize("kind", UNWRITABLE_KINDS)
 def test_an_output_folder_that_cannot_be_written_is_refused_in_one_line(dbs, tmp_path, capsys, kind):
-    (tmp_path / "afile").write_text("x")
-    os.symlink(tmp_path / "nowhere", tmp_path / "link")
-    out, expected = {
-        "file": (tmp_path / "afile", "is a file"),
-        "under a file": (tmp_path / "afile" / "run", "afile is a file, so no folder can be created under it"),
-        "dangling symlink": (tmp_path / "link", "is a symbolic link to"),
-        "under a dangling symlink": (tmp_path / "link" / "run", "is a symbolic link to"),
-        "not writable": ("/sys/segkit-run", "cannot write in /sys"),  # read-only even for root
-    }[kind]
-    if kind == "not writable" and os.access("/sys", os.W_OK) and not os.path.isdir("/sys/kernel"):
-        pytest.skip("no /sys to stand in for a read-only folder")
+    out, expected = unwritable_output(tmp_path, kind, "run")
     assert train_unet.main(argv(dbs, out, "--max_steps", 2)) == 2
     assert expected in one_error_line(capsys)
     assert not (tmp_path / "nowhere").exists()

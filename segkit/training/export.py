@@ -178,15 +178,10 @@ def first_test_image(test_database: str | None):
     from segkit import lmdb_format
 
     try:
-        env = lmdb_format.open_readonly(test_database)
-        try:
-            with env.begin() as txn:
-                value = txn.get(lmdb_format.record_key(0))
-                return None if value is None else np.array(lmdb_format.decode_record(value).image_hwc)
-        finally:
-            env.close()
+        record = lmdb_format.read_record(test_database, 0)
     except Exception:  # the package is an extra; a synthetic image will do
         return None
+    return None if record is None else np.array(record.image_hwc)
 
 
 def export_bioimageio_package(saved_model_dir: str, output_dir: str, test_database: str | None = None) -> str | None:

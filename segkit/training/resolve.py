@@ -260,17 +260,13 @@ def _database_rank(path: str, meta: dict[str, Any]) -> int:
     """Spatial axes of a database's records: its metadata's ``spatial_rank``, else its first record's mask."""
     if meta.get("spatial_rank") is not None:
         return int(meta["spatial_rank"])
-    env = lmdb_format.open_readonly(path)
     try:
-        with env.begin(buffers=True) as txn:
-            value = txn.get(lmdb_format.record_key(0))
-            if value is None:
-                raise cliutil.InputError(f"{path}: the database has no records; rebuild it with build_lmdb.py")
-            return lmdb_format.decode_record(value).mask_hw.ndim
+        record = lmdb_format.read_record(path, 0)
     except ValueError as exc:
         raise cliutil.InputError(f"{path}: record 0: {exc}; rebuild the database with build_lmdb.py") from None
-    finally:
-        env.close()
+    if record is None:
+        raise cliutil.InputError(f"{path}: the database has no records; rebuild it with build_lmdb.py")
+    return record.mask_hw.ndim
 
 
 def _choose_model_for_rank(args, train_meta: list[dict], test_meta: dict) -> argparse.Namespace:
