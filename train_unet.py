@@ -26,6 +26,11 @@ from segkit.training.trainer import Trainer, distribute, learning_rate_at, make_
 
 EXIT_DIVERGED = 3
 
+# oneDNN's CPU kernels for training unless the user set TF_ENABLE_ONEDNN_OPTS: TensorFlow 2.21 leaves
+# them off on CPUs without AVX-512 VNNI (the AMD EPYC development machine), where the default UNet's
+# step (batch 8, 256x256) then takes 1.91 s instead of 0.53 s (README.md, "Benchmarks").
+ONEDNN_TRAINING = "1"
+
 
 def build_parser() -> cliutil.ArgumentParser:
     p = cliutil.ArgumentParser(description="Train a UNet / FC-DenseNet on LMDB databases built by build_lmdb.py; "
@@ -90,6 +95,9 @@ def _run(argv: Sequence[str] | None) -> int:
     config = resolve_config(args)
     resume = check_resume(config, require=args.resume)
     tfquiet.configure(args.verbose)  # before TensorFlow is imported (by train())
+    if tfquiet.default_onednn(ONEDNN_TRAINING):
+        logging.getLogger("train_unet").info("oneDNN CPU kernels on (TF_ENABLE_ONEDNN_OPTS=%s; set it to 0 for "
+                                             "TensorFlow's own choice)", ONEDNN_TRAINING)
     try:  # Ctrl-C / SIGTERM: train() stops between steps, saves, raises KeyboardInterrupt (exit 130 in run_cli)
         outcome = train(config, resume=resume)
     except TrainingDiverged as exc:

@@ -6,6 +6,8 @@ cuInit``, ``oneDNN custom operations``, absl's ``All log messages before absl::I
 :func:`import_tensorflow` runs the import and the first GPU probe with file descriptor 2 captured,
 then writes back every captured line that is not such noise (a Python traceback, a fatal line).
 Training and inference import TensorFlow through it; call :func:`configure` once after parsing flags.
+
+:func:`default_onednn` is the other choice that must come before the import: which CPU kernels run.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, MutableMapping
 
 # Native glog-style lines ("I0000 00:00:1795.46 21454 cudart_stub.cc:31] ...") at info/warning/error
 # level, absl's pre-initialization banner and the CPU-feature advice's second line.
@@ -37,6 +39,19 @@ def configure(verbose: bool) -> None:
         import absl.logging
 
         absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def default_onednn(value: str | None, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set TF_ENABLE_ONEDNN_OPTS to ``value`` ("0" or "1") unless the user set it; None leaves TensorFlow's choice.
+
+    TensorFlow 2.21 turns oneDNN on only on CPUs with AVX-512 VNNI or newer. Only effective before
+    TensorFlow is imported (then returns True); a no-op afterwards. GPU kernels do not depend on it.
+    """
+    environ = os.environ if environ is None else environ
+    if value is None or "tensorflow" in sys.modules or environ.get("TF_ENABLE_ONEDNN_OPTS", "") != "":
+        return False
+    environ["TF_ENABLE_ONEDNN_OPTS"] = value
+    return True
 
 
 def is_noise(line: str) -> bool:

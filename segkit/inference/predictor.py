@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from typing import Callable, MutableMapping
 
 import numpy as np
@@ -26,15 +24,10 @@ class ModelMismatchError(ValueError):
 
 
 def default_onednn(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Set TF_ENABLE_ONEDNN_OPTS to :data:`ONEDNN_DEFAULT` unless the user set it.
+    """Set TF_ENABLE_ONEDNN_OPTS to :data:`ONEDNN_DEFAULT` unless the user set it (before TensorFlow's import)."""
+    from segkit import tfquiet
 
-    Only effective before TensorFlow is imported (then returns True); a no-op afterwards.
-    """
-    environ = os.environ if environ is None else environ
-    if ONEDNN_DEFAULT is None or "tensorflow" in sys.modules or environ.get("TF_ENABLE_ONEDNN_OPTS", "") != "":
-        return False
-    environ["TF_ENABLE_ONEDNN_OPTS"] = ONEDNN_DEFAULT
-    return True
+    return tfquiet.default_onednn(ONEDNN_DEFAULT, environ)
 
 
 class SavedModelPredictor:
