@@ -32,6 +32,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from segkit import tfquiet  # noqa: E402
+from train_unet import ONEDNN_TRAINING  # noqa: E402
+
+tfquiet.default_onednn(ONEDNN_TRAINING)  # the CPU kernels train_unet.py runs with (unless TF_ENABLE_ONEDNN_OPTS is set)
 
 import numpy as np  # noqa: E402
 
