@@ -8,7 +8,7 @@ import tifffile
 
 import build_lmdb
 import train_unet
-from segkit.training import autoconfig
+from segkit.training import autoconfig, checkpoints
 from segkit.training.resolve import resolve_config
 
 
@@ -131,3 +131,22 @@ def test_a_time_budget_stops_the_run_tests_and_exports(two_databases, tmp_path):
     assert os.path.exists(out / "saved_model" / "saved_model.pb")
     with open(out / "config.json") as fh:
         assert json.load(fh)["max_minutes"] == 0.05
+    store = checkpoints.CheckpointStore(str(out), is_chief=True)
+    spent = store.load_state(store.pointer()["latest"]).train_seconds
+    assert spent >= 0.05 * 60 * 0.5  # the budget counts the steps and the test passes of the run
+    # The same command again resumes; the budget covers every invocation, so it has nothing left to spend.
+    assert train_unet.main(["--train_database", train, "--test_database", test, "--output_dir", str(out),
+                            "--depth", "2", "--base_filters", "4", "--test_every_n_steps", "100000",
+                            "--max_minutes", "0.05"]) == 0
+    with open(out / "metrics.csv") as fh:
+        assert fh.read().splitlines() == rows
+
+
+def test_cosine_needs_an_end_steps_or_a_time_budget(two_databases, tmp_path, capsys):
+    train, test = two_databases["small"]
+    base = ["--train_database", train, "--test_database", test, "--lr_schedule", "cosine"]
+    assert train_unet.main(base + ["--output_dir", str(tmp_path / "x")]) == 2
+    assert "pass --max_steps N or --max_minutes M" in capsys.readouterr().err
+    config = _resolve(two_databases["small"], tmp_path / "o", "--lr_schedule", "cosine", "--max_minutes", 5)
+    assert config.max_steps is None and config.max_minutes == 5
+    assert "max_minutes" in config.run_defining()  # the decay ends with the budget: another budget, another run

@@ -154,6 +154,20 @@ def test_learning_rate_schedules():
     assert train_unet.learning_rate_at(2000, config) == pytest.approx(1e-5)  # stays at the floor
 
 
+def test_cosine_under_a_time_budget_decays_over_the_budget_spent():
+    """--lr_schedule cosine --max_minutes M (no --max_steps): the decay follows the fraction of the budget spent."""
+    config = {"learning_rate": 1e-3, "warmup_steps": 100, "max_steps": None, "lr_schedule": "cosine"}
+    assert train_unet.learning_rate_at(50, config, 0.3) == pytest.approx(1e-4)  # warm-up is still counted in steps
+    assert train_unet.learning_rate_at(100, config, 0.0) == pytest.approx(1e-3)
+    assert train_unet.learning_rate_at(100, config, 0.5) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    spent = [i / 100 for i in range(101)]
+    lrs = [train_unet.learning_rate_at(5000, config, f) for f in spent]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-5)
+    assert train_unet.learning_rate_at(5000, config, 1.7) == pytest.approx(1e-5)  # past the budget: the floor
+    config["max_steps"] = 1100  # --max_steps given: the steps define the decay, the time does not
+    assert train_unet.learning_rate_at(600, config, 0.9) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+
+
 def test_early_stopping_counts_passes_without_improvement_beyond_tolerance():
     config = {"max_steps": None, "early_stopping": 2}
     st = train_unet.RunState()

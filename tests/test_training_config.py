@@ -143,3 +143,13 @@ def test_training_turns_onednn_on_unless_the_user_chose(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", object())  # imported already: too late, leave it
     late: dict = {}
     assert not tfquiet.default_onednn("1", late) and late == {}
+
+
+def test_state_written_before_train_seconds_existed_still_loads_and_a_bad_value_is_refused():
+    old = json.dumps({"step": 5, "best_loss": 0.5, "best_step": 5, "best_metrics": {}, "evals_without_improvement": 0,
+                      "history": [{"step": 5, "test_loss": 0.5}]})
+    assert checkpoints.RunState.from_json(old).train_seconds == 0.0
+    assert checkpoints.RunState.from_json(old[:-1] + ', "train_seconds": 61.5}').train_seconds == 61.5
+    for bad in ('"soon"', "-1", "NaN", "Infinity"):
+        with pytest.raises(cliutil.InputError, match="the field 'train_seconds' must be a number >= 0"):
+            checkpoints.RunState.from_json(old[:-1] + f', "train_seconds": {bad}}}')

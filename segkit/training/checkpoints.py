@@ -35,6 +35,7 @@ class RunState:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "test_loss"} per test pass
+    train_seconds: float = 0.0  # steps and test passes so far, over every invocation (--max_minutes counts them)
 
     def record(self, step: int, test_loss: float, result: dict[str, Any]) -> bool:
         """Add a test pass; return True when it improves the best loss by more than the tolerance."""
@@ -65,7 +66,11 @@ class RunState:
                 raise _corrupt(source, f"the field '{name}' is missing")
             if not _passes(test, data[name]):
                 raise _corrupt(source, f"the field '{name}' must be {want}, got {json.dumps(data[name])[:40]}")
-        data = {name: data[name] for name, _, _ in _STATE_FIELDS}
+        for name, test, want, _ in _OPTIONAL_STATE_FIELDS:
+            if name in data and not _passes(test, data[name]):
+                raise _corrupt(source, f"the field '{name}' must be {want}, got {json.dumps(data[name])[:40]}")
+        data = {**{name: data.get(name, default) for name, _, _, default in _OPTIONAL_STATE_FIELDS},
+                **{name: data[name] for name, _, _ in _STATE_FIELDS}}
         data["best_loss"] = float(data["best_loss"])
         return cls(**data)
 
@@ -87,6 +92,10 @@ _STATE_FIELDS = (  # name, test, what it must be
     ("history", lambda v: isinstance(v, list) and all(
         isinstance(h, dict) and _is_int(h.get("step")) and _is_number(h.get("test_loss")) for h in v),
      'a list of {"step": integer, "test_loss": number}'),
+)
+
+_OPTIONAL_STATE_FIELDS = (  # name, test, what it must be, value in a state.json written before the field existed
+    ("train_seconds", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0", 0.0),
 )
 
 

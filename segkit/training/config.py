@@ -89,7 +89,8 @@ class RunConfig:
     batch_size: int = setting("samples per replica; global batch = batch_size x replicas", run_defining=True,
                               rule=at_most(MAX_SIZE))
     learning_rate: float = setting("Adam learning rate after warm-up", run_defining=True, rule=POSITIVE)
-    lr_schedule: str = setting("after warm-up: constant, or cosine decay to a hundredth at max_steps",
+    lr_schedule: str = setting("after warm-up: constant, or cosine decay to a hundredth at max_steps (else at the "
+                               "end of the max_minutes budget)",
                                run_defining=True, rule=one_of(LR_SCHEDULES), legacy="constant")
     ema_decay: float = setting("decay of the weights' moving average that is tested and exported; 0 = raw weights",
                                run_defining=True, legacy=0.0,
@@ -127,7 +128,10 @@ class RunConfig:
                                  rule=Rule(lambda v: set(v) == {"2d", "3d"} and all(isinstance(p, dict) for p in v.values()),
                                            "must hold the '2d' and '3d' parameter objects"))
     max_minutes: float | None = setting("stop stepping when this many minutes of training (steps and test passes) "
-                                           "have passed in this process, then test and export; None = no time limit",
+                                           "have passed in this run, over every resumed invocation (state.json "
+                                           "counts them), then test and export; None = no time limit "
+                                           "(run-defining under lr_schedule cosine without max_steps, which decays to it)",
+                                           run_defining=lambda c: c.lr_schedule == "cosine" and c.max_steps is None,
                                            rule=POSITIVE, legacy=None, default=None, omit_empty=True)
     # Known once the run starts (train()):
     replicas: int | None = setting("replicas in sync (GPUs over all workers)", default=None, legacy=None,
@@ -145,8 +149,9 @@ class RunConfig:
     def __post_init__(self):
         for f in _fields():
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name), "RunConfig"))
-        if self.lr_schedule == "cosine" and self.max_steps is None:
-            raise cliutil.InputError("RunConfig: lr_schedule cosine decays to max_steps; set max_steps")
+        if self.lr_schedule == "cosine" and self.max_steps is None and self.max_minutes is None:
+            raise cliutil.InputError("RunConfig: lr_schedule cosine decays to max_steps or to the end of max_minutes; "
+                                     "set one")
 
     def __getitem__(self, name: str) -> Any:
         """Read access by name, as the dict this replaces (config["model"]): scripts written for it keep working."""

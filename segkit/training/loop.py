@@ -210,13 +210,22 @@ class Loop:
         self.state = run.state
         self.last_train_loss = float("nan")
         self.started = time.perf_counter()
+        self.seconds_before = self.state.train_seconds  # earlier invocations of this run (resume)
         self.time_up = False
+        self.budget_spent = 0.0  # fraction of --max_minutes spent (agreed by the workers): cosine's progress
         self.last_test_seconds = 0.0
         self.stop: StopRequest | None = None
 
     def until_stopped(self, stop: StopRequest | None = None) -> str:
         """Train until a stop reason (or until ``stop`` is requested: checked between steps)."""
         self.started = time.perf_counter()
+        self.seconds_before = self.state.train_seconds
+        if self.config.max_minutes is not None:  # the same on every worker: state.json is the chief's
+            self.budget_spent = self.seconds_before / (60.0 * self.config.max_minutes)
+            self.time_up = self.budget_spent >= 1.0
+            if self.seconds_before > 0:
+                log.info("--max_minutes %g: %.1f minutes spent before this invocation", self.config.max_minutes,
+                         self.seconds_before / 60.0)
         self.stop = stop
         train_reader, test_reader = self.run.readers
         self.run.test_data = distribute(self.run.strategy, test_reader)
@@ -231,8 +240,8 @@ class Loop:
         while (reason := stop_reason(self.state, self.config, self.time_up)) is None:
             if stop is not None and stop.signal_name:
                 return f"interrupted by {stop.signal_name}"
-            if learning_rate_at(self.state.step, self.config) != lr:
-                lr = learning_rate_at(self.state.step, self.config)
+            if learning_rate_at(self.state.step, self.config, self.budget_spent) != lr:
+                lr = learning_rate_at(self.state.step, self.config, self.budget_spent)
                 self.trainer.set_learning_rate(lr)
             asked = time.perf_counter()
             batch = next(iterator)
@@ -241,6 +250,7 @@ class Loop:
             meter.add(out, started - asked, time.perf_counter() - started)
             self._check_finite(out)
             self.state.step += 1
+            self.state.train_seconds = self._seconds()  # what every checkpoint of this step records
             self.trainer.step.assign(self.state.step)
             bar.update(1)
             if self.state.step % min(100, every) == 0:
@@ -253,19 +263,26 @@ class Loop:
     def _last_step(self) -> bool:
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
 
+    def _seconds(self) -> float:
+        """Training time of this run so far (steps and test passes), earlier invocations included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
     def _budget_spent(self) -> bool:
         """--max_minutes: stop once the training time plus one more test pass (the final one, as long as
-        the last one took) would exceed the budget. Every worker must stop at the same step, so under the
-        multi-worker strategy the workers agree (an all-reduce) at each log interval."""
+        the last one took) would exceed the budget; also update :attr:`budget_spent`, the fraction of the
+        budget spent (cosine's progress). Every worker must stop at the same step and use the same learning
+        rate, so under the multi-worker strategy the workers agree (all-reduces of the largest time) at
+        each log interval, and keep the agreed values in between."""
         budget = self.config.max_minutes
         if budget is None:
             return False
-        spent = time.perf_counter() - self.started + self.last_test_seconds
+        spent, with_test = self._seconds(), self._seconds() + self.last_test_seconds
         if self.config.workers and self.config.workers > 1:
             if self.state.step % min(100, self.config.test_every_n_steps):
                 return False
-            return self.trainer.any_replica(spent >= 60.0 * budget)
-        return spent >= 60.0 * budget
+            spent, with_test = self.trainer.max_over_replicas(spent), self.trainer.max_over_replicas(with_test)
+        self.budget_spent = spent / (60.0 * budget)
+        return with_test >= 60.0 * budget
 
     def _check_finite(self, out: dict[str, float]) -> None:
         if not math.isfinite(out["loss"]) or out["finite_grads"] < 0.999:
@@ -290,6 +307,7 @@ class Loop:
             raise TrainingDiverged(f"the test loss became NaN/Inf at step {self.state.step}; stopped without saving. "
                                    f"The last good checkpoint (step {self.run.last_saved_step()}) is kept; lower --learning_rate")
         improved = self.state.record(self.state.step, loss, result)
+        self.state.train_seconds = self._seconds()
         with self.stop.deferred() if self.stop is not None else contextlib.nullcontext():
             self.run.store.save(self.trainer.checkpoint, self.state, best=improved)
         row = metrics.flat_row({"step": self.state.step, "train_loss": self.last_train_loss,

@@ -102,8 +102,9 @@ def _check_numbers(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not test(value):  # NaN fails every comparison
             raise cliutil.InputError(f"--{name} {text}, got {value}")
-    if args.lr_schedule == "cosine" and args.max_steps is None:
-        raise cliutil.InputError("--lr_schedule cosine decays to --max_steps; pass --max_steps N")
+    if args.lr_schedule == "cosine" and args.max_steps is None and args.max_minutes is None:
+        raise cliutil.InputError("--lr_schedule cosine decays to --max_steps or to the end of --max_minutes; "
+                                 "pass --max_steps N or --max_minutes M")
 
 
 def _read_database(path: str) -> dict[str, Any]:

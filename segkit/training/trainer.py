@@ -71,15 +71,20 @@ def set_precision(requested: bool) -> bool:
     return requested
 
 
-def learning_rate_at(step: int, config: RunConfig | Mapping[str, Any]) -> float:
+def learning_rate_at(step: int, config: RunConfig | Mapping[str, Any], budget_spent: float = 0.0) -> float:
     """LR for the update that makes step ``step + 1``: a tenth during warm-up, then constant or cosine decay.
-    ``config``: a RunConfig, or a mapping with learning_rate, warmup_steps, lr_schedule and max_steps."""
+    ``config``: a RunConfig, or a mapping with learning_rate, warmup_steps, lr_schedule and max_steps.
+    Cosine decays over the steps from warm-up to max_steps; without max_steps, over the time budget
+    (--max_minutes): ``budget_spent`` is the fraction of it spent so far (0..1)."""
     c = config_view(config)
     if step < c.warmup_steps:
         return c.learning_rate / 10.0
     if c.lr_schedule == "constant":
         return c.learning_rate
-    progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+    if c.max_steps is None:
+        progress = min(1.0, max(0.0, float(budget_spent)))
+    else:
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return c.learning_rate * (COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * cosine)
 
@@ -130,12 +135,12 @@ class Trainer:
         models_held = 2 if self.ema_model is not None else 1
         return int(sum(int(np.prod(w.shape)) * 4 for w in self.model.weights) * (models_held + 2))
 
-    def any_replica(self, flag: bool) -> bool:
-        """True when ``flag`` is true on any replica of any worker (a collective: every worker must call it)."""
+    def max_over_replicas(self, value: float) -> float:
+        """The largest ``value`` over the replicas of every worker (a collective: every worker must call it)."""
         import tensorflow as tf
 
-        values = self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
-        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, values, axis=None).numpy() > 0)
+        values = self.strategy.run(lambda: tf.constant(float(value), tf.float32))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, values, axis=None).numpy())
 
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.learning_rate = value
