@@ -32,6 +32,13 @@ Part B (out of core): a ``--big_size`` squared uint16 image written to disk tile
 (target < 2 GB), megapixels/s, and wall time over the seconds spent inside the forward calls of
 that same run (a 20000^2 run takes too long to repeat forward-only under the same load).
 
+Volume (``--volume Z,Y,X``, issue #15): a Z x Y x X uint8 volume written chunk by chunk as OME-Zarr
+(10 nm isotropic voxels, 32x256x256 chunks), segmented by ``inference_unet.segment_folder`` with the default
+3D UNet (``models.build_model("unet3d", ...)`` at its default configuration, random weights, exported as
+train_unet.py exports) and ``--volume_memory_mb`` (default 64) far below the volume's float32 working set,
+so it runs out of core, writing OME-Zarr. Prints wall time over the seconds inside the forward calls of the
+same run (target <= 1.25), voxels/s and peak RSS (target < 2 GB).
+
 Blocks (``--blocks``, issue #21): one ``--blocks_shape`` uint16 volume (a TIFF stack; the default UNet
 section by section) into OME-Zarr, by one process with 2 TensorFlow threads, then by 2 shard processes at
 once with 1 thread each (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS / OMP_NUM_THREADS); whole CLI
@@ -219,6 +226,7 @@ def part_b(args: argparse.Namespace) -> dict:
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("inference_unet").addHandler(handler)
+    logging.getLogger("inference_unet").setLevel(logging.INFO)  # TensorFlow's import (export) may have set up the root
     cliutil.setup_logging()
     start = time.perf_counter()
     predictor = inf.SavedModelPredictor(model)
@@ -236,6 +244,98 @@ def part_b(args: argparse.Namespace) -> dict:
         "detail": next((line for line in lines if line.startswith("big.tif:")), "?"),
         "model_load_s": load_seconds, "seconds": seconds, "in_model_s": timed.seconds, "calls": timed.calls,
         "megapixels_per_s": args.big_size**2 / 1e6 / seconds, "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def export_default_unet3d(path: str, voxel_size_um=(0.01, 0.01, 0.01)) -> str:
+    """The default unet3d for ``voxel_size_um``, random weights, exported through train_unet.py's serving module."""
+    import models
+    from segkit import image_io, model_metadata
+
+    config = models.model_config("unet3d", voxel_size=list(voxel_size_um))
+    try:
+        meta = model_metadata.load(path)
+        if meta.model == "unet3d" and dict(meta.model_config) == config:
+            return path
+    except ValueError:
+        pass
+    import keras
+    import tensorflow as tf
+
+    from segkit.training.export import _serving_module
+
+    keras.utils.set_random_seed(0)
+    net = models.build_model("unet3d", 1, 2, **config)
+    meta = model_metadata.make_metadata(
+        model="unet3d", model_config=config, channels=1, number_classes=2, image_dtype="uint8", spatial_rank=3,
+        voxel_size_um=list(voxel_size_um), normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": 1e-6},
+        size_factor=list(models.size_factors("unet3d", **config)),
+        receptive_field_radius=list(models.receptive_field_radii("unet3d", **config)), training_tile_size=[32, 64, 64])
+    asset = path + "-asset"
+    os.makedirs(asset, exist_ok=True)
+    source = os.path.join(asset, model_metadata.METADATA_FILENAME)
+    with open(source, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh)
+    module = _serving_module(net, 1, source, spatial_rank=3)
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return path
+
+
+def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 256)) -> float:
+    """A uint8 blob texture as OME-Zarr (10 nm voxels), written one chunk slab at a time; returns seconds."""
+    import zarr
+
+    start = time.perf_counter()
+    tmp = path + ".partial"
+    group = zarr.open_group(tmp, mode="w", zarr_format=2)
+    array = group.create_array("0", shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)), dtype="uint8")
+    for z0 in range(0, shape[0], chunks[0]):
+        z1 = min(z0 + chunks[0], shape[0])
+        slab = np.stack([synthetic_tile(0, 0, shape[1], shape[2], seed=z) for z in range(z0, z1)])
+        array[z0:z1] = (slab // 64).clip(0, 255).astype(np.uint8)
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"}
+                                                             for a in "zyx"],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [0.01, 0.01, 0.01]}]}]}]
+    os.replace(tmp, path)
+    return time.perf_counter() - start
+
+
+def part_v(args: argparse.Namespace) -> dict:
+    import inference_unet as inf
+    from segkit import cliutil
+
+    shape = tuple(int(v) for v in args.volume.split(","))
+    model = export_default_unet3d(os.path.join(args.work_dir, "unet3d_savedmodel"))
+    folder = os.path.join(args.work_dir, "v_images_" + "x".join(map(str, shape)))
+    path = os.path.join(folder, "volume.zarr")
+    generated = None
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        generated = write_volume_zarr(path, shape)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("inference_unet").addHandler(handler)
+    logging.getLogger("inference_unet").setLevel(logging.INFO)  # TensorFlow's import (export) may have set up the root
+    cliutil.setup_logging()
+    start = time.perf_counter()
+    predictor = inf.SavedModelPredictor(model)
+    load_seconds = time.perf_counter() - start
+    timed = TimedPredictor(predictor)
+    reset_peak_rss()
+    start = time.perf_counter()
+    summary = inf.segment_folder(predict_fn=timed, saved_model_filepath=model, image_folder=folder,
+                                 output_folder=os.path.join(args.work_dir, "v_out"), image_format="zarr",
+                                 output_format="zarr", memory_limit_mb=args.volume_memory_mb, overwrite=True)
+    seconds = time.perf_counter() - start
+    voxels = int(np.prod(shape))
+    return {
+        "image": f"{'x'.join(map(str, shape))} uint8 OME-Zarr ({voxels / 2**20:.0f} MB; float32 {4 * voxels / 2**20:.0f} MB)",
+        "memory_limit_mb": args.volume_memory_mb, "generation_s": generated, "failed": len(summary.failed),
+        "detail": next((line for line in lines if line.startswith("volume.zarr:")), "?"),
+        "model_load_s": load_seconds, "seconds": seconds, "in_model_s": timed.seconds, "calls": timed.calls,
+        "voxels_per_s": voxels / seconds, "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -445,7 +545,7 @@ def blocks_mode(args: argparse.Namespace) -> None:
 def run_part(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--size", str(args.size), "--big_size",
            str(args.big_size), "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size),
-           "--work_dir", args.work_dir]
+           "--work_dir", args.work_dir, "--volume", args.volume, "--volume_memory_mb", str(args.volume_memory_mb)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"part {name} failed:\n{result.stderr[-3000:]}")
@@ -480,7 +580,11 @@ def main() -> None:
                    help="instead of parts A/B: one volume by 1 process with 2 threads vs 2 shard processes with 1 "
                         "thread each (block by block, OME-Zarr)")
     p.add_argument("--blocks_shape", default="16,1024,1024", help="--blocks: the volume's z,y,x")
-    p.add_argument("--part", choices=["a", "b"], help=argparse.SUPPRESS)
+    p.add_argument("--volume", default="",
+                   help="instead of parts A/B: this Z,Y,X uint8 OME-Zarr volume, default 3D UNet, out of core "
+                        "(issue #15: 256,512,512)")
+    p.add_argument("--volume_memory_mb", type=float, default=64, help="--volume: inference's --memory_limit_mb")
+    p.add_argument("--part", choices=["a", "b", "v"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     if args.blocks:
@@ -492,7 +596,23 @@ def main() -> None:
         side_by_side(args)
         return
     if args.part:
-        print(json.dumps(part_a(args) if args.part == "a" else part_b(args)))
+        print(json.dumps({"a": part_a, "b": part_b, "v": part_v}[args.part](args)))
+        return
+    if args.volume:
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
+        v = run_part("v", args)
+        print(f"\nV. {v['image']}, default 3D UNet (random weights), --memory_limit_mb {v['memory_limit_mb']:g}")
+        print(f"   {v['detail']}")
+        if v["generation_s"] is not None:
+            print(f"   generated in    {v['generation_s']:8.1f} s")
+        print(f"   failed images   {v['failed']:8d}")
+        print(f"   model load      {v['model_load_s']:8.1f} s   (TensorFlow import included; not in the wall time)")
+        print(f"   wall time       {v['seconds']:8.1f} s   (statistics pass, reading, prediction, writing)")
+        print(f"   in the model    {v['in_model_s']:8.1f} s   ({v['calls']} forward calls timed inside the run)")
+        print(f"   ratio           {v['seconds'] / v['in_model_s']:8.3f}     (wall / in-model, same run; target <= 1.25)")
+        print(f"   throughput      {v['voxels_per_s'] / 1e6:8.3f} megavoxels/s")
+        print(f"   peak RSS        {v['peak_rss_mb']:8.0f} MB  (target < 2048; TensorFlow included)")
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         return
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
     a = run_part("a", args)
