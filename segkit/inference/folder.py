@@ -349,7 +349,7 @@ def segment_folder(*, predict_fn: Callable[[np.ndarray], np.ndarray] | None = No
     def predict() -> Callable:  # load TensorFlow and the model only if some image needs them
         if not predictor:
             fn = predict_fn or SavedModelPredictor(settings.saved_model_filepath)
-            predictor.append(with_tta(fn) if settings.tta else fn)
+            predictor.append(with_tta(fn, settings.spatial_rank) if settings.tta else fn)
         return predictor[0]
 
     summary = Summary()

@@ -95,14 +95,21 @@ def _first_line(exc: BaseException) -> str:
 
 # The 8 symmetries of the square: rot90 k times, optionally after a left-right flip.
 D4 = tuple((k, flip) for flip in (False, True) for k in range(4))
+# Volumes: the 8 mirrorings of the z, y, x axes (nnU-Net's test-time mirroring); a rot90 in y, x would
+# also be valid only for square in-plane size factors, and z is never rotated into the plane.
+MIRRORS_3D = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
+                   for bits in ((a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)))
 
 
-def with_tta(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """Test-time augmentation: mean of the 8 flip/rot90 predictions, in probability space.
+def with_tta(predict_fn: Callable[[np.ndarray], np.ndarray], spatial_rank: int = 2) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: mean of the 8 flip/rot90 predictions (volumes: the 8 mirrorings of z, y, x),
+    in probability space.
 
-    Tiles are multiples of the size factor, so each transformed tile keeps the pooling grid
+    Tiles are multiples of the size factor on every axis, so each transformed tile keeps the pooling grid
     of the transformed whole image: tiled == untiled holds for every transform, hence for the mean.
     """
+    if spatial_rank == 3:
+        return _with_mirrors_3d(predict_fn)
 
     def predict(batch_nhwc: np.ndarray) -> np.ndarray:
         total = None
@@ -113,5 +120,17 @@ def with_tta(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.nda
             p = p[:, :, ::-1] if flip else p
             total = p.astype(np.float32) if total is None else total + p
         return total / len(D4)
+
+    return predict
+
+
+def _with_mirrors_3d(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(batch_ndhwc: np.ndarray) -> np.ndarray:
+        total = None
+        for axes in MIRRORS_3D:
+            p = np.asarray(predict_fn(np.ascontiguousarray(np.flip(batch_ndhwc, axes) if axes else batch_ndhwc)))
+            p = np.flip(p, axes) if axes else p
+            total = p.astype(np.float32) if total is None else total + p
+        return total / len(MIRRORS_3D)
 
     return predict

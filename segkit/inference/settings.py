@@ -354,9 +354,6 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     masks = pair_masks(mine, mask_folder) if mask_folder else None
     truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
     tile, halo_px = _model_tile_size(tile_size, meta), resolve_halo(halo, meta)
-    if tta and meta.spatial_rank == 3:
-        raise InputError("--tta 1 averages flips and rotations of 2-D images; for volume models it is not "
-                         "implemented (the y, x plane's symmetries would be): drop --tta")
     if slice_wise and meta.spatial_rank == 3:
         raise InputError("--slice_wise 1 applies a 2-D model section by section, but this model segments volumes "
                          "(spatial rank 3); drop --slice_wise")
