@@ -331,3 +331,28 @@ def test_a_tiff_stack_out_of_core_writes_the_tiff_stack_of_in_memory(saved, tmp_
         ooc, spacing = read_volume(tmp_path / "ooc" / name)
         mem, _ = read_volume(tmp_path / "mem" / name)
         assert np.array_equal(ooc, mem) and np.allclose(spacing, ANISOTROPIC), name
+
+
+def test_a_tile_larger_than_the_available_memory_is_warned_about(saved, tmp_path, monkeypatch, caplog):
+    """The model's activations for a tile with its halo are estimated from the UNet's base filters; more than
+    the memory available now gives one warning that names the fix (the run would otherwise be killed)."""
+    import collections
+    import logging
+
+    import psutil
+
+    from segkit.inference import settings
+
+    os.makedirs(tmp_path / "images")
+    write_tiff_stack(tmp_path / "images" / "vol.tif", blob_volume((4, 16, 16)))
+    memory = collections.namedtuple("memory", "available")
+    options = dict(saved_model_filepath=saved["iso"], image_folder=str(tmp_path / "images"),
+                   output_folder=str(tmp_path / "out"), tile_size="64")
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=2**40))
+    settings.resolve_settings(**options)
+    assert "more than the" not in caplog.text
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=2**20))
+    settings.resolve_settings(**options)
+    warned = [r.getMessage() for r in caplog.records if "more than the" in r.getMessage()]
+    assert len(warned) == 1 and "pass a smaller --tile_size" in warned[0] and "bytes per voxel" in warned[0]

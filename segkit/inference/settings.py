@@ -285,6 +285,32 @@ def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
     return pairs
 
 
+# Bytes a UNet's forward pass holds per voxel of a tile, per base filter: 175-195 B per voxel measured for
+# the default unet3d (8 base filters, float32, CPU; 64^3 and 96^3 tiles, README "Volumes").
+MODEL_BYTES_PER_VOXEL_PER_FILTER = 24
+
+
+def _warn_if_tiles_outgrow_memory(meta: ModelMetadata, tile, halo) -> None:
+    """Warn when the largest tile (zone + halo on both sides) would need more memory for the model's
+    activations than is available now: the run would be killed by the system part way through."""
+    filters = (meta.model_config or {}).get("base_filters")
+    if not isinstance(filters, int) or filters <= 0:
+        return  # not a UNet: no estimate
+    rank = meta.spatial_rank
+    voxels = float(np.prod([t + 2 * h for t, h in zip(tiling.per_axis(tile, rank, "tile"), tiling.per_axis(halo, rank, "halo"))]))
+    need = voxels * MODEL_BYTES_PER_VOXEL_PER_FILTER * filters
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        return
+    if need > available:
+        log.warning("a tile with its halo may need ~%.1f GB for the model (about %d bytes per voxel), more than the "
+                    "%.1f GB available: pass a smaller --tile_size (images smaller than a tile are not affected)",
+                    need / 2**30, MODEL_BYTES_PER_VOXEL_PER_FILTER * filters, available / 2**30)
+
+
 def _working_set_limit(memory_limit_mb: float) -> int:
     memory_limit_mb = checked_number("--memory_limit_mb", memory_limit_mb, 0, MAX_MEMORY_LIMIT_MB, "MB")
     if memory_limit_mb <= 0:
@@ -363,6 +389,7 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
         sizes = [",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in (tile, halo_px)]
         log.warning("each %s px tile computes %.1fx its zone because of the %s px halo: a larger --tile_size is "
                     "faster if memory allows (the result does not change)", sizes[0], overhead, sizes[1])
+    _warn_if_tiles_outgrow_memory(meta, tile, halo_px)
     return Settings(
         saved_model_filepath=saved_model_filepath, image_folder=image_folder, output_folder=output_folder,
         names=tuple(mine), meta=meta, tile_size=tile, halo=halo_px, border=border, batch_size=int(batch_size),
