@@ -609,6 +609,10 @@ def test_onednn_default_respects_the_users_setting(monkeypatch):
     assert not predictor.default_onednn(user) and user == {"TF_ENABLE_ONEDNN_OPTS": "0"}
     unset: dict = {}
     assert predictor.default_onednn(unset) == (predictor.ONEDNN_DEFAULT is not None)
+    volumes: dict = {}
+    assert predictor.default_onednn(volumes, spatial_rank=3) and volumes == {"TF_ENABLE_ONEDNN_OPTS": "1"}
+    user = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert not predictor.default_onednn(user, spatial_rank=3) and user == {"TF_ENABLE_ONEDNN_OPTS": "0"}
     monkeypatch.setitem(sys.modules, "tensorflow", object())  # already imported: too late, leave it
     late: dict = {}
     assert not predictor.default_onednn(late) and late == {}

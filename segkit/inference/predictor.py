@@ -9,10 +9,13 @@ import numpy as np
 from segkit import model_metadata
 from segkit.cliutil import InputError
 
-# TensorFlow 2.21 leaves oneDNN off on some CPUs (AMD EPYC here). When this is "0" or "1", inference sets
-# TF_ENABLE_ONEDNN_OPTS to it unless the user set the variable; None keeps TensorFlow's own choice.
-# Chosen from measurements: README.md, "Inference speed".
+# TensorFlow 2.21 leaves oneDNN off on CPUs without AVX-512 VNNI (the AMD EPYC development machine). When
+# this is "0" or "1", inference sets TF_ENABLE_ONEDNN_OPTS to it unless the user set the variable; None keeps
+# TensorFlow's own choice. Chosen from measurements (README.md, "Inference speed"): for 2-D models oneDNN was
+# slower (it runs a single image 15x slower per pixel than a batch of two); for volume models it is 2.7-3.2x
+# faster per voxel (unet3d, 64x128x128 and 96^3) and tiled output equals whole-volume output bit for bit.
 ONEDNN_DEFAULT: str | None = None
+ONEDNN_VOLUMES: str | None = "1"
 
 
 MISMATCH = "the model's metadata and graph disagree"  # how a ModelMismatchError's message starts
@@ -23,11 +26,12 @@ class ModelMismatchError(ValueError):
     ``channels`` of ``segmentation_metadata.json`` edited): one image fails, in one line."""
 
 
-def default_onednn(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Set TF_ENABLE_ONEDNN_OPTS to :data:`ONEDNN_DEFAULT` unless the user set it (before TensorFlow's import)."""
+def default_onednn(environ: MutableMapping[str, str] | None = None, spatial_rank: int = 2) -> bool:
+    """Set TF_ENABLE_ONEDNN_OPTS to :data:`ONEDNN_DEFAULT` (volume models: :data:`ONEDNN_VOLUMES`) unless
+    the user set it (before TensorFlow's import)."""
     from segkit import tfquiet
 
-    return tfquiet.default_onednn(ONEDNN_DEFAULT, environ)
+    return tfquiet.default_onednn(ONEDNN_VOLUMES if spatial_rank == 3 else ONEDNN_DEFAULT, environ)
 
 
 class SavedModelPredictor:
@@ -40,14 +44,14 @@ class SavedModelPredictor:
     def __init__(self, saved_model_dir: str):
         from segkit import tfquiet
 
-        default_onednn()
+        self.meta = model_metadata.load(saved_model_dir)  # first: the CPU kernels depend on the model's rank
+        default_onednn(spatial_rank=self.meta.spatial_rank)
 
         tf = tfquiet.import_tensorflow()  # without TensorFlow's start-up noise unless --verbose 1
         for gpu in tf.config.list_physical_devices("GPU"):
             with contextlib.suppress(RuntimeError):  # already initialized
                 tf.config.experimental.set_memory_growth(gpu, True)
         self._tf = tf
-        self.meta = model_metadata.load(saved_model_dir)
         try:
             self._loaded = tf.saved_model.load(saved_model_dir)  # keeps the variables alive
         except Exception as exc:  # NotFoundError, DataLossError, IndexError ...: TensorFlow's own types
