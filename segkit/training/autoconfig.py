@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 # Pixels of one training crop, and of one replica's batch, by device kind. CPU: the budget at which the
-# default UNet trains at ~0.3 s per step on the 2-core development machine (README quality section);
+# default UNet trains at ~0.3 s per step on a 2-core AVX-512 machine and 0.53 s on an AVX2 one, oneDNN on
+# (README, "Benchmarks");
 # GPU: 4 crops of 512^2 (a 16 GB card holds FC-DenseNet56 at that size).
 CROP_PIXELS = {"cpu": 256 * 256, "gpu": 512 * 512}
 BATCH_PIXELS = {"cpu": 8 * 256 * 256, "gpu": 4 * 512 * 512}
