@@ -467,3 +467,5 @@ def test_a_single_image_runs_as_a_batch_of_two_and_gets_its_own_prediction():
     assert out.shape == (3, 32, 48, 2)
     np.testing.assert_allclose(out[0], one[0], atol=1e-5)
     np.testing.assert_allclose(out, model(three, training=False).numpy(), atol=1e-5)
+    plain = tf.function(lambda t: forward(model, t, double_single=False), autograph=False)
+    np.testing.assert_allclose(plain(tf.constant(x)).numpy(), one, atol=1e-5)  # GPUs: as it is

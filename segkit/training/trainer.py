@@ -89,15 +89,18 @@ def learning_rate_at(step: int, config: RunConfig | Mapping[str, Any], budget_sp
     return c.learning_rate * (COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * cosine)
 
 
-def forward(model, images):
-    """``model(images, training=False)``, with a batch of one image run as two (the image twice) and the
-    first returned: with oneDNN's CPU kernels (on for training, train_unet.ONEDNN_TRAINING) TensorFlow
-    2.21 runs the UNet on a single image 15-30x slower than per image of a batch of two on the AVX2
-    development CPU (13-15 against 0.4-0.5 CPU us per pixel), which made the test passes of databases
-    with images of many sizes (one per eval batch) a quarter of a time budget. Images are independent
-    in inference mode, so the result is the one image's."""
+def forward(model, images, double_single: bool = True):
+    """``model(images, training=False)``; with ``double_single``, a batch of one 2-D image runs as two (the
+    image twice) and the first is returned: with oneDNN's CPU kernels (on for training,
+    train_unet.ONEDNN_TRAINING) TensorFlow 2.21 runs the 2-D UNet on a single image 15-30x slower than
+    per image of a batch of two on the AVX2 development CPU (13-19 against 0.4-0.5 CPU us per pixel),
+    which made the test passes of databases with images of many sizes (one per eval batch) a quarter of
+    a time budget. Images are independent in inference mode, so the result is the one image's. Volumes
+    (no such slowdown measured: unet3d at batch 1 is faster with oneDNN) and GPUs run as they are."""
     import tensorflow as tf
 
+    if not double_single or images.shape.rank != 4:
+        return model(images, training=False)
     count = tf.shape(images)[0]
     doubled = tf.cond(tf.equal(count, 1), lambda: tf.concat([images, images], 0), lambda: images)
     return model(doubled, training=False)[:count]
@@ -140,7 +143,8 @@ class Trainer:
         # re-read this file's source when it first traces (e.g. at the first test pass, hours in).
         self.train_step = tf.function(self._train_step, autograph=False)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True, autograph=False)
-        self.predict = tf.function(lambda images: tf.argmax(forward(self.eval_model, images), axis=-1,
+        self.double_single = not tf.config.list_logical_devices("GPU")  # see forward()
+        self.predict = tf.function(lambda images: tf.argmax(forward(self.eval_model, images, self.double_single), axis=-1,
                                                             output_type=tf.int32), reduce_retracing=True,
                                    autograph=False)
 
@@ -209,7 +213,7 @@ class Trainer:
         classes = self.number_classes
 
         def compute():  # labels < 0: the reader's padding to the size factor, never scored
-            logits = forward(self.eval_model, images)
+            logits = forward(self.eval_model, images, self.double_single)
             stats = batch_statistics(labels, logits, self.config.loss, self.class_weights, classes, ignore_negative=True)
             pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
             flat_labels, flat_pred = tf.reshape(labels, [-1]), tf.reshape(pred, [-1])
