@@ -211,9 +211,6 @@ def part_a(args: argparse.Namespace) -> dict:
 
 
 def part_b(args: argparse.Namespace) -> dict:
-    import inference_unet as inf
-    from segkit import cliutil
-
     model = export_default_unet(os.path.join(args.work_dir, "unet_savedmodel"))
     folder = os.path.join(args.work_dir, f"b_images_{args.big_size}")
     path = os.path.join(folder, "big.tif")
@@ -222,7 +219,23 @@ def part_b(args: argparse.Namespace) -> dict:
         os.makedirs(folder, exist_ok=True)
         generated = write_big_tiff(path, args.big_size)
     generation_peak = peak_rss_mb()
-    lines: list[str] = []  # the per-image log line says "out of core" or "in memory"
+    run = timed_folder_run(model, folder, "big.tif", output_folder=os.path.join(args.work_dir, "b_out"),
+                           tile_size=args.tile_size, batch_size=args.batch_size)
+    return {
+        "image": f"{args.big_size}x{args.big_size} uint16 on disk ({os.path.getsize(path) / 2**20:.0f} MB zlib tiled BigTIFF)",
+        "generation_s": generated, "generation_peak_rss_mb": generation_peak, **run,
+        "megapixels_per_s": args.big_size**2 / 1e6 / run["seconds"],
+    }
+
+
+def timed_folder_run(model: str, folder: str, image_name: str, **options) -> dict:
+    """``segment_folder`` on ``folder`` (the model loaded first, not timed with the run): the image's log
+    line ("out of core" or "in memory"), failures, model load, wall and in-model seconds, forward calls
+    and peak RSS of the run."""
+    import inference_unet as inf
+    from segkit import cliutil
+
+    lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("inference_unet").addHandler(handler)
@@ -234,17 +247,21 @@ def part_b(args: argparse.Namespace) -> dict:
     timed = TimedPredictor(predictor)
     reset_peak_rss()
     start = time.perf_counter()
-    summary = inf.segment_folder(predict_fn=timed, saved_model_filepath=model, image_folder=folder,
-                                 output_folder=os.path.join(args.work_dir, "b_out"), tile_size=args.tile_size,
-                                 batch_size=args.batch_size, overwrite=True)
+    summary = inf.segment_folder(predict_fn=timed, saved_model_filepath=model, image_folder=folder, overwrite=True,
+                                 **options)
     seconds = time.perf_counter() - start
-    return {
-        "image": f"{args.big_size}x{args.big_size} uint16 on disk ({os.path.getsize(path) / 2**20:.0f} MB zlib tiled BigTIFF)",
-        "generation_s": generated, "generation_peak_rss_mb": generation_peak, "failed": len(summary.failed),
-        "detail": next((line for line in lines if line.startswith("big.tif:")), "?"),
-        "model_load_s": load_seconds, "seconds": seconds, "in_model_s": timed.seconds, "calls": timed.calls,
-        "megapixels_per_s": args.big_size**2 / 1e6 / seconds, "peak_rss_mb": peak_rss_mb(),
-    }
+    return {"failed": len(summary.failed), "detail": next((line for line in lines if line.startswith(image_name + ":")), "?"),
+            "model_load_s": load_seconds, "seconds": seconds, "in_model_s": timed.seconds, "calls": timed.calls,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def print_timed_run(run: dict, ratio_note: str) -> None:
+    """The lines :func:`timed_folder_run`'s figures print as, after the part's own header."""
+    print(f"   failed images   {run['failed']:8d}")
+    print(f"   model load      {run['model_load_s']:8.1f} s   (TensorFlow import included; not in the wall time)")
+    print(f"   wall time       {run['seconds']:8.1f} s   (statistics pass, reading, prediction, writing)")
+    print(f"   in the model    {run['in_model_s']:8.1f} s   ({run['calls']} forward calls timed inside the run)")
+    print(f"   ratio           {run['seconds'] / run['in_model_s']:8.3f}     ({ratio_note})")
 
 
 def export_default_unet3d(path: str, voxel_size_um=(0.01, 0.01, 0.01)) -> str:
@@ -302,9 +319,6 @@ def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 2
 
 
 def part_v(args: argparse.Namespace) -> dict:
-    import inference_unet as inf
-    from segkit import cliutil
-
     shape = tuple(int(v) for v in args.volume.split(","))
     model = export_default_unet3d(os.path.join(args.work_dir, "unet3d_savedmodel"))
     folder = os.path.join(args.work_dir, "v_images_" + "x".join(map(str, shape)))
@@ -313,29 +327,12 @@ def part_v(args: argparse.Namespace) -> dict:
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
         generated = write_volume_zarr(path, shape)
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger("inference_unet").addHandler(handler)
-    logging.getLogger("inference_unet").setLevel(logging.INFO)  # TensorFlow's import (export) may have set up the root
-    cliutil.setup_logging()
-    start = time.perf_counter()
-    predictor = inf.SavedModelPredictor(model)
-    load_seconds = time.perf_counter() - start
-    timed = TimedPredictor(predictor)
-    reset_peak_rss()
-    start = time.perf_counter()
-    summary = inf.segment_folder(predict_fn=timed, saved_model_filepath=model, image_folder=folder,
-                                 output_folder=os.path.join(args.work_dir, "v_out"), image_format="zarr",
-                                 output_format="zarr", memory_limit_mb=args.volume_memory_mb, overwrite=True)
-    seconds = time.perf_counter() - start
+    run = timed_folder_run(model, folder, "volume.zarr", output_folder=os.path.join(args.work_dir, "v_out"),
+                           image_format="zarr", output_format="zarr", memory_limit_mb=args.volume_memory_mb)
     voxels = int(np.prod(shape))
     return {
         "image": f"{'x'.join(map(str, shape))} uint8 OME-Zarr ({voxels / 2**20:.0f} MB; float32 {4 * voxels / 2**20:.0f} MB)",
-        "memory_limit_mb": args.volume_memory_mb, "generation_s": generated, "failed": len(summary.failed),
-        "detail": next((line for line in lines if line.startswith("volume.zarr:")), "?"),
-        "model_load_s": load_seconds, "seconds": seconds, "in_model_s": timed.seconds, "calls": timed.calls,
-        "voxels_per_s": voxels / seconds, "peak_rss_mb": peak_rss_mb(),
+        "memory_limit_mb": args.volume_memory_mb, "generation_s": generated, **run, "voxels_per_s": voxels / run["seconds"],
     }
 
 
@@ -605,11 +602,7 @@ def main() -> None:
         print(f"   {v['detail']}")
         if v["generation_s"] is not None:
             print(f"   generated in    {v['generation_s']:8.1f} s")
-        print(f"   failed images   {v['failed']:8d}")
-        print(f"   model load      {v['model_load_s']:8.1f} s   (TensorFlow import included; not in the wall time)")
-        print(f"   wall time       {v['seconds']:8.1f} s   (statistics pass, reading, prediction, writing)")
-        print(f"   in the model    {v['in_model_s']:8.1f} s   ({v['calls']} forward calls timed inside the run)")
-        print(f"   ratio           {v['seconds'] / v['in_model_s']:8.3f}     (wall / in-model, same run; target <= 1.25)")
+        print_timed_run(v, "wall / in-model, same run; target <= 1.25")
         print(f"   throughput      {v['voxels_per_s'] / 1e6:8.3f} megavoxels/s")
         print(f"   peak RSS        {v['peak_rss_mb']:8.0f} MB  (target < 2048; TensorFlow included)")
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
@@ -631,11 +624,7 @@ def main() -> None:
         print(f"   {b['detail']}")
         if b["generation_s"] is not None:
             print(f"   generated in    {b['generation_s']:8.1f} s   (peak RSS {b['generation_peak_rss_mb']:.0f} MB)")
-        print(f"   failed images   {b['failed']:8d}")
-        print(f"   model load      {b['model_load_s']:8.1f} s   (TensorFlow import included; not in the wall time)")
-        print(f"   wall time       {b['seconds']:8.1f} s   (statistics pass, reading, prediction, writing)")
-        print(f"   in the model    {b['in_model_s']:8.1f} s   ({b['calls']} forward calls timed inside the run)")
-        print(f"   ratio           {b['seconds'] / b['in_model_s']:8.3f}     (wall / in-model, same run)")
+        print_timed_run(b, "wall / in-model, same run")
         print(f"   throughput      {b['megapixels_per_s']:8.2f} megapixels/s")
         print(f"   peak RSS        {b['peak_rss_mb']:8.0f} MB  (target < 2048; TensorFlow included)")
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
