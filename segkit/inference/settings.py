@@ -299,13 +299,8 @@ def _warn_if_tiles_outgrow_memory(meta: ModelMetadata, tile, halo) -> None:
     rank = meta.spatial_rank
     voxels = float(np.prod([t + 2 * h for t, h in zip(tiling.per_axis(tile, rank, "tile"), tiling.per_axis(halo, rank, "halo"))]))
     need = voxels * MODEL_BYTES_PER_VOXEL_PER_FILTER * filters
-    try:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    except ImportError:
-        return
-    if need > available:
+    available = _available_memory()
+    if available is not None and need > available:
         log.warning("a tile with its halo may need ~%.1f GB for the model (about %d bytes per voxel), more than the "
                     "%.1f GB available: pass a smaller --tile_size (images smaller than a tile are not affected)",
                     need / 2**30, MODEL_BYTES_PER_VOXEL_PER_FILTER * filters, available / 2**30)
@@ -316,13 +311,17 @@ def _working_set_limit(memory_limit_mb: float) -> int:
     if memory_limit_mb <= 0:
         raise InputError(f"--memory_limit_mb must be > 0, got {memory_limit_mb}")
     limit = int(memory_limit_mb * 2**20)
+    available = _available_memory()
+    return limit if available is None else min(limit, available // 4)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now; None without psutil (it is in requirements.txt): the flags alone decide."""
     try:
         import psutil
-
-        limit = min(limit, psutil.virtual_memory().available // 4)
-    except ImportError:  # psutil is in requirements.txt; without it, the flag alone decides
-        pass
-    return limit
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def load_model_metadata(saved_model_filepath: str, label: str | None = None) -> ModelMetadata:
