@@ -49,6 +49,9 @@ REMAP_NATIVE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int1
 CV_MAX_ROWS = 32000              # cv2.remap's fixed-point coordinates must stay below 32767
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: arrays below it come from the heap, not fresh mmap pages
 TRIM_THRESHOLD_BYTES = 128 << 20  # free heap kept for the next sample instead of returned to the OS
+NOISE_BANK_VALUES = 1 << 22      # standard normal values drawn once per process (16 MB); noise is a window of them
+NOISE_BANK_SEED = 20261205       # the bank is the same in every worker and run: samples depend on the seed only
+_noise_bank: np.ndarray | None = None
 
 
 def tune_allocator() -> bool:
@@ -72,6 +75,7 @@ class AugmentParams3D:
     mirror: bool = augment.MIRROR_3D
     transpose: bool = augment.TRANSPOSE_3D
     rotation: bool = augment.ROTATION_3D
+    rotation_out_of_plane: bool = augment.ROTATION_3D_OUT_OF_PLANE
     scale_fraction: float = augment.SCALE_FRACTION_3D
     elastic_spacing_um: tuple = augment.ELASTIC_SPACING_UM_3D
     elastic_jitter_um: tuple = augment.ELASTIC_JITTER_UM_3D
@@ -183,6 +187,13 @@ def _isotropic_axes(spacing_zyx_um) -> list[int]:
     return [axis for axis, aniso in enumerate(is_anisotropic(spacing_zyx_um)) if not aniso]
 
 
+def _rotation_axes(isotropic: list[int], params: AugmentParams3D) -> list[int]:
+    """The axes a rotation turns: the isotropic in-plane axes (y, x), all three isotropic ones with
+    ``rotation_out_of_plane``; none when fewer than two."""
+    axes = isotropic if params.rotation_out_of_plane else [a for a in isotropic if a != 0]
+    return axes if params.rotation and len(axes) >= 2 else []
+
+
 def _random_rotation(rng: np.random.Generator, axes: list[int]) -> np.ndarray:
     """Uniform rotation within the span of ``axes`` (a random unit quaternion for three, an angle for two)."""
     rotation = np.eye(3)
@@ -249,7 +260,7 @@ def sample_geometry_3d(rng: np.random.Generator, out_zyx, spacing_zyx_um, params
     if params.transpose and len(isotropic) > 1:
         for axis, source in zip(isotropic, rng.permutation(isotropic)):
             permutation[axis] = int(source)
-    rotation = _random_rotation(rng, isotropic) if params.rotation else np.eye(3)
+    rotation = _random_rotation(rng, _rotation_axes(isotropic, params))
     scale = np.ones(3)
     if params.scale_fraction > 0:
         scale[isotropic] = rng.uniform(1 - params.scale_fraction, 1 + params.scale_fraction, size=len(isotropic))
@@ -268,9 +279,12 @@ def context_margin_3d(out_zyx, spacing_zyx_um, params: AugmentParams3D | None = 
     isotropic = _isotropic_axes(spacing_zyx_um)
     half = (np.asarray(out_zyx, float) - 1) / 2
     reach = half.copy()
-    if isotropic and (params.rotation or params.transpose):
-        radius = np.linalg.norm(half[isotropic]) if params.rotation else half[isotropic].max()
-        reach[isotropic] = radius
+    if isotropic and params.transpose:  # any isotropic half-extent may land on any isotropic axis
+        reach[isotropic] = half[isotropic].max()
+    rotating = _rotation_axes(isotropic, params)
+    if rotating:  # the largest extents that can share the rotating axes, turned onto one of them
+        sizes = np.sort(half[isotropic])[::-1][:len(rotating)] if params.transpose else half[rotating]
+        reach[rotating] = np.linalg.norm(sizes)
     reach[isotropic] /= 1 - params.scale_fraction
     grid, jitter = elastic_grid_3d(out_zyx, spacing_zyx_um, params)
     gain = np.prod([np.abs(augment._upsampling_matrix(int(s), g)).sum(axis=1).max() for s, g in zip(out_zyx, grid)])
@@ -370,46 +384,93 @@ def _remap(source, rows, cols, interpolation) -> np.ndarray:
     return augment._grouped(fn, source).reshape(z, y, x, -1)
 
 
-def _mosaic_position(section, y, x, region_zyx, columns: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) in the mosaic of in-section positions (y, x) of integer-valued float32 ``section``."""
-    _, yr, xr = (int(v) for v in region_zyx)
+def _mosaic_position(section, y, x, pitch_yx, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) in the source of in-section positions (y, x) of integer-valued float32 ``section``:
+    section z starts at rows (z // columns) * pitch_yx[0], columns (z % columns) * pitch_yx[1]."""
+    row_pitch, col_pitch = (int(v) for v in pitch_yx)
     if columns == 1:
-        return section * np.float32(yr) + y, x
+        if section.shape != np.shape(y) or section.dtype != np.float32 or y.dtype != np.float32:
+            return section * np.float32(row_pitch) + y, x  # section (Z, 1, 1) (keeps_sections): broadcast
+        # section * pitch + y in one pass: the product is an exact integer, so one rounding as in numpy
+        flat = section.reshape(-1, section.shape[-1])
+        return cv2.scaleAdd(flat, float(row_pitch), y.reshape(flat.shape)).reshape(section.shape), x
     # tile row = section // columns in float32 arithmetic (floor_divide and integer tables are 3x slower);
     # exact: (section + 0.5) / columns is never within float32 error of an integer for these sizes
     tile = section * np.float32(1 / columns)
     tile += np.float32(0.5 / columns)
     np.floor(tile, out=tile)
     cols = section - tile * np.float32(columns)
-    cols *= np.float32(xr)
-    tile *= np.float32(yr)
+    cols *= np.float32(col_pitch)
+    tile *= np.float32(row_pitch)
     return tile + y, cols + x  # section may be (Z, 1, 1) (keeps_sections): broadcast
 
 
+def _section_stack(region) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The (Z, Y, X[, C]) region as one 2D image with its sections one below the other, WITHOUT a copy:
+    a strided view when the region is a block of a larger C-ordered record (section z then starts
+    ``pitch`` rows below section z - 1, the record's row count; the rows between are never sampled).
+    Returns (view, (pitch, X)), or None when the layout is not a stack of rows, the channels need
+    grouping, or the view would have more rows than cv2.remap takes."""
+    z, y, x = region.shape[:3]
+    channels = region.shape[3] if region.ndim == 4 else 1
+    strides = region.strides
+    item = region.itemsize * channels
+    if channels > 4 or (region.ndim == 4 and strides[3] != region.itemsize) or strides[2] != item:
+        return None
+    if strides[1] < x * item or strides[0] % strides[1] or strides[0] // strides[1] < y:
+        return None
+    pitch = strides[0] // strides[1]
+    rows = (z - 1) * pitch + y
+    if rows > CV_MAX_ROWS or x > CV_MAX_ROWS:
+        return None
+    view = np.lib.stride_tricks.as_strided(region, (rows, x) + region.shape[3:], strides[1:], writeable=False)
+    return view, (pitch, x)
+
+
+def _remap_source(region, dtype, columns: int) -> tuple[np.ndarray, tuple[int, int], int]:
+    """(2D source for cv2.remap, section pitch (rows, cols), sections per row): a view of the region when it
+    already has ``dtype`` and a stack layout (:func:`_section_stack`), else a converted mosaic copy."""
+    if region.dtype == dtype:
+        stack = _section_stack(region)
+        if stack is not None:
+            return stack[0], stack[1], 1
+    return _mosaic(region, columns, dtype), region.shape[1:3], columns
+
+
 def _sample_cv2(region, region_mask, coords, keeps_sections, columns: int, float_dtype):
-    """Linear image and nearest mask samples at ``coords`` through cv2.remap on mosaics of the region."""
+    """Linear image and nearest mask samples at ``coords`` through cv2.remap on 2D layouts of the region
+    (views where the memory allows, else mosaics)."""
     zr = region.shape[0]
-    image_source = _mosaic(region, columns, region.dtype if region.dtype in REMAP_NATIVE_DTYPES else float_dtype)
-    mask_source = _mosaic(region_mask, columns, region_mask.dtype)
+    image_source, image_pitch, image_columns = _remap_source(
+        region, region.dtype if region.dtype in REMAP_NATIVE_DTYPES else float_dtype, columns)
+    mask_source, mask_pitch, mask_columns = _remap_source(region_mask, region_mask.dtype, columns)
     z, y, x = coords
     if keeps_sections:  # one input section per output section: exact rows, 2D interpolation only
-        rows, cols = _mosaic_position(np.rint(z), y, x, region.shape[:3], columns)
-        return _remap(image_source, rows, cols, cv2.INTER_LINEAR), _remap(mask_source, rows, cols, cv2.INTER_NEAREST)
+        section = np.rint(z)
+        rows, cols = _mosaic_position(section, y, x, image_pitch, image_columns)
+        image = _remap(image_source, rows, cols, cv2.INTER_LINEAR)
+        if (mask_pitch, mask_columns) != (image_pitch, image_columns):
+            rows, cols = _mosaic_position(section, y, x, mask_pitch, mask_columns)
+        return image, _remap(mask_source, rows, cols, cv2.INTER_NEAREST)
     z0 = np.minimum(np.floor(z), zr - 2, out=np.floor(z)) if zr > 1 else np.zeros_like(z)
     weight = np.subtract(z, z0)
-    rows, cols = _mosaic_position(z0, y, x, region.shape[:3], columns)
+    rows, cols = _mosaic_position(z0, y, x, image_pitch, image_columns)
     lower = _remap(image_source, rows, cols, cv2.INTER_LINEAR)
-    if columns == 1 and zr > 1:  # section z0 + 1 of the stack is section z0 of the stack one section down: a view
-        upper = _remap(image_source[region.shape[1]:], rows, cols, cv2.INTER_LINEAR)
+    if image_columns == 1 and zr > 1:  # section z0 + 1 of the stack is section z0 of the stack a pitch down: a view
+        upper = _remap(image_source[image_pitch[0]:], rows, cols, cv2.INTER_LINEAR)
     else:
-        upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, region.shape[:3], columns),
+        upper = _remap(image_source, *_mosaic_position(np.minimum(z0 + 1, zr - 1), y, x, image_pitch, image_columns),
                        cv2.INTER_LINEAR)
-    image = upper.astype(float_dtype)  # the blend along z in floating point (not rounded to the source type)
-    image -= lower
+    # the blend along z in floating point (not rounded to the source type)
+    if float_dtype == np.float32 and upper.shape[-1] <= augment.CV_MAX_CHANNELS:
+        image = cv2.subtract(upper, lower, dtype=cv2.CV_32F).reshape(upper.shape)  # one pass
+    else:
+        image = upper.astype(float_dtype)
+        image -= lower
     image *= weight[..., None]
     image += lower
     nearest = np.rint(z, out=z)  # z is owned by this call
-    mask = _remap(mask_source, *_mosaic_position(nearest, y, x, region.shape[:3], columns), cv2.INTER_NEAREST)
+    mask = _remap(mask_source, *_mosaic_position(nearest, y, x, mask_pitch, mask_columns), cv2.INTER_NEAREST)
     return image, mask
 
 
@@ -463,7 +524,7 @@ def apply_intensity_3d(image_zyxc: np.ndarray, rng: np.random.Generator, params:
         image *= scale.astype(image.dtype)[:, None, None, None]
         image += (mean * (1 - scale[:, None]) + shift[:, None] * span).astype(image.dtype)[:, None, None, :]
     if params.noise_fraction > 0:
-        augment._noise_inplace(stacked, rng, params.noise_fraction, span)
+        _noise_inplace(stacked, rng, params.noise_fraction, span)
     if params.missing_probability or params.low_contrast_probability:
         draw = rng.random(z)
         for section in np.flatnonzero(draw < params.missing_probability):
@@ -473,6 +534,35 @@ def apply_intensity_3d(image_zyxc: np.ndarray, rng: np.random.Generator, params:
             mean = image[section].reshape(-1, c).mean(axis=0)
             image[section] = mean + (image[section] - mean) * params.low_contrast_factor
     return image
+
+
+def _standard_normal(rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` independent standard normal float32 values: a window, at a position drawn from ``rng``, of
+    NOISE_BANK_VALUES drawn once per process (a window is drawn in one slice instead of ``count`` fresh
+    draws, a sixth of a 16x128x128 sample's cost). Windows of different samples may overlap, at other
+    voxels; larger requests are drawn fresh."""
+    global _noise_bank
+    if count > NOISE_BANK_VALUES:
+        fresh = np.empty(count, np.float32)
+        cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
+        return cv2.randn(fresh, 0.0, 1.0).reshape(-1)
+    if _noise_bank is None:
+        bank = np.empty(NOISE_BANK_VALUES, np.float32)
+        cv2.setRNGSeed(NOISE_BANK_SEED)
+        _noise_bank = cv2.randn(bank, 0.0, 1.0).reshape(-1)
+    start = int(rng.integers(0, NOISE_BANK_VALUES - count + 1))
+    return _noise_bank[start:start + count]
+
+
+def _noise_inplace(rows_xc: np.ndarray, rng: np.random.Generator, fraction: float, span: np.ndarray) -> None:
+    """Gaussian noise on a float (rows, X, C) image in place, sigma drawn per channel from [0, fraction] x span."""
+    sigma = rng.uniform(0.0, fraction) * np.asarray(span, np.float64).reshape(-1)
+    noise = _standard_normal(rng, rows_xc.size).reshape(rows_xc.shape)
+    if rows_xc.dtype == np.float32 and sigma.size == 1 and rows_xc.shape[-1] == 1:
+        flat = rows_xc.reshape(rows_xc.shape[0], -1)  # a view: sigma * noise + image in one pass
+        cv2.scaleAdd(noise.reshape(flat.shape), float(sigma[0]), flat, dst=flat)
+    else:
+        rows_xc += noise * sigma.astype(rows_xc.dtype)
 
 
 # ---- The sample pipeline and the public pure transforms -----------------------------------------

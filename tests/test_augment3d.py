@@ -42,15 +42,16 @@ def reference_coordinates(geometry, centre_in):
     return q + np.asarray(centre_in)[:, None, None, None]
 
 
-@pytest.mark.parametrize("spacing", [ANISOTROPIC, ISOTROPIC])
+@pytest.mark.parametrize("spacing,any_axis", [(ANISOTROPIC, False), (ISOTROPIC, False), (ISOTROPIC, True)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fused_warp_equals_reference_composition(spacing, seed):
+def test_fused_warp_equals_reference_composition(spacing, any_axis, seed):
     rng = np.random.default_rng(seed)
     out = (12, 24, 20)
     record = (40, 70, 70)
     image, mask = smooth_volume(record, seed), blob_labels(record, seed=seed)
     params = GEOMETRY_ONLY.replace(slip_probability=0.2, shift_probability=0.2, misalign_max_pixels=4,
-                                   elastic_jitter_um=(0.016, 0.016, 0.016), elastic_spacing_um=(0.08,) * 3)
+                                   elastic_jitter_um=(0.016, 0.016, 0.016), elastic_spacing_um=(0.08,) * 3,
+                                   rotation_out_of_plane=any_axis)
     geometry = augment3d.sample_geometry_3d(rng, out, spacing, params)
     origin = augment3d.choose_origin_3d(rng, record, geometry)
     fused_image, fused_mask = augment3d.warp_3d(image, mask, geometry, origin)
@@ -130,18 +131,37 @@ def test_anisotropic_volume_is_never_rotated_out_of_plane_or_z_transposed():
         assert np.allclose(np.abs(geometry.linear[0]), [1, 0, 0]) and np.allclose(np.abs(geometry.linear[:, 0]), [1, 0, 0])
         assert geometry.displacement is None or geometry.displacement[0] is None
         assert geometry.keeps_sections
-    # negative control: an isotropic volume does get out-of-plane rotations
-    tilted = [augment3d.sample_geometry_3d(rng, (8, 32, 32), ISOTROPIC, params).keeps_sections for _ in range(50)]
+    # negative control: an isotropic volume has its z transposed, and rotated out of plane when asked
+    transposed = [augment3d.sample_geometry_3d(rng, (8, 32, 32), ISOTROPIC, params).permutation[0] for _ in range(50)]
+    assert set(transposed) == {0, 1, 2}
+    tilted = [augment3d.sample_geometry_3d(rng, (8, 32, 32), ISOTROPIC, params.replace(rotation_out_of_plane=True))
+              .keeps_sections for _ in range(50)]
     assert not any(tilted)
 
 
-def test_context_margin_bounds_every_draw():
-    rng = np.random.default_rng(2)
-    for spacing, out in [(ANISOTROPIC, (8, 32, 32)), (ISOTROPIC, (16, 16, 16))]:
-        margin = augment3d.context_margin_3d(out, spacing)
-        record = tuple(np.asarray(out) + 2 * margin)
+def test_rotation_turns_the_section_plane_only_unless_asked_for_any_axis():
+    """The default rotation is about z (gunpowder's in-plane rotation), also for isotropic volumes; with
+    rotation_out_of_plane an isotropic volume gets any 3D rotation."""
+    rng = np.random.default_rng(5)
+    for spacing in (ISOTROPIC, ANISOTROPIC):
         for _ in range(100):
-            geometry = augment3d.sample_geometry_3d(rng, out, spacing, AugmentParams3D())
+            rotation = augment3d.sample_geometry_3d(rng, (8, 32, 32), spacing, AugmentParams3D()).rotation
+            np.testing.assert_allclose(rotation[0], [1, 0, 0], atol=1e-12)
+            np.testing.assert_allclose(rotation[:, 0], [1, 0, 0], atol=1e-12)
+    anywhere = AugmentParams3D(rotation_out_of_plane=True)
+    tilts = [abs(augment3d.sample_geometry_3d(rng, (8, 32, 32), ISOTROPIC, anywhere).rotation[0, 0]) for _ in range(100)]
+    assert min(tilts) < 0.9  # z turned away from z
+
+
+@pytest.mark.parametrize("params", [AugmentParams3D(), AugmentParams3D(rotation_out_of_plane=True),
+                                    AugmentParams3D(transpose=False)], ids=["in-plane", "any-axis", "no-transpose"])
+def test_context_margin_bounds_every_draw(params):
+    rng = np.random.default_rng(2)
+    for spacing, out in [(ANISOTROPIC, (8, 32, 32)), (ISOTROPIC, (16, 16, 16)), (ISOTROPIC, (8, 32, 24))]:
+        margin = augment3d.context_margin_3d(out, spacing, params)
+        record = tuple(np.asarray(out) + 2 * margin)
+        for _ in range(200):
+            geometry = augment3d.sample_geometry_3d(rng, out, spacing, params)
             origin = augment3d.choose_origin_3d(rng, record, geometry)
             centre = np.asarray(origin) + (np.asarray(out) - 1) / 2
             lo, hi = geometry.extent
@@ -259,12 +279,65 @@ def test_regions_too_tall_for_one_stack_are_laid_out_as_a_mosaic(monkeypatch, sp
     np.testing.assert_array_equal(tiled[1], stacked[1])
 
 
+@pytest.mark.parametrize("spacing,any_axis", [(ANISOTROPIC, False), (ISOTROPIC, False), (ISOTROPIC, True)])
+def test_regions_inside_the_record_are_remapped_from_views_with_the_same_result(monkeypatch, spacing, any_axis):
+    """A region inside a C-ordered record is handed to cv2.remap as a strided view (no copy); the samples
+    equal those of the copied stack up to cv2's fixed-point rounding, image (uint8, float32) and mask."""
+    calls = []
+    stack = augment3d._section_stack
+    monkeypatch.setattr(augment3d, "_section_stack", lambda region: calls.append(region.shape) or stack(region))
+    params = GEOMETRY_ONLY.replace(rotation_out_of_plane=any_axis)
+    for dtype in (np.uint8, np.float32):
+        image = (smooth_volume((30, 64, 64)) * 30 + 128).astype(dtype)
+        mask = blob_labels((30, 64, 64))
+        for seed in range(4):
+            geometry = augment3d.sample_geometry_3d(np.random.default_rng(seed), (8, 24, 24), spacing, params)
+            origin = augment3d.choose_origin_3d(np.random.default_rng(seed), (30, 64, 64), geometry)
+            calls.clear()
+            viewed = augment3d.warp_3d(image, mask, geometry, origin)
+            assert calls and all(shape[1:3] != (64, 64) for shape in calls)  # a block of the record, not all of it
+            with monkeypatch.context() as m:
+                m.setattr(augment3d, "_section_stack", lambda region: None)
+                copied = augment3d.warp_3d(image, mask, geometry, origin)
+            # the row coordinates differ (another pitch), so cv2's 1/32-voxel rounding may differ at ties
+            difference = np.abs(viewed[0] - copied[0])
+            if dtype == np.uint8:
+                assert np.mean(difference == 0) > 0.99 and difference.max() <= 1.0
+            else:
+                assert difference.max() <= 0.01  # of values about 128 +- 100
+            assert np.mean(viewed[1] == copied[1]) > 0.99
+
+
+def test_section_stack_is_a_view_only_when_the_rows_line_up():
+    record = np.zeros((10, 50, 40, 1), np.uint8)
+    view, pitch = augment3d._section_stack(record[2:6, 5:20, 3:30])
+    assert view.base is not None and pitch == (50, 27) and view.shape == (3 * 50 + 15, 27, 1)
+    assert np.shares_memory(view, record)
+    assert augment3d._section_stack(record[2:6, 5:20, 3:30:2]) is None  # strided columns
+    assert augment3d._section_stack(np.zeros((4, 5, 6, 7), np.uint8)[:, :, :, :5]) is None  # channel groups
+    assert augment3d._section_stack(record[:, ::-1]) is None  # rows upside down
+
+
+def test_noise_is_seeded_and_has_the_drawn_strength():
+    image = np.full((8, 32, 32, 1), 100.0, np.float32)
+    image[0, 0, 0, 0] = 0.0  # dynamic range 100
+    params = AugmentParams3D.none(noise_fraction=0.05)
+    a = augment3d.apply_intensity_3d(image.copy(), np.random.default_rng(1), params)
+    b = augment3d.apply_intensity_3d(image.copy(), np.random.default_rng(1), params)
+    c = augment3d.apply_intensity_3d(image.copy(), np.random.default_rng(2), params)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    sigma = np.random.default_rng(1).uniform(0.0, 0.05) * 100  # the first draw of apply_intensity_3d
+    noise = (a - image)[1:]
+    assert abs(noise.std() / sigma - 1) < 0.02 and abs(noise.mean()) < 0.02 * sigma
+
+
 def test_mosaic_places_every_section_where_the_positions_say():
     region = np.arange(7 * 3 * 4, dtype=np.uint8).reshape(7, 3, 4)
     for columns in (1, 2, 3, 7):
         mosaic = augment3d._mosaic(region, columns, np.uint8)
         for z in range(7):
-            rows, cols = augment3d._mosaic_position(np.float32([z]), np.float32([0]), np.float32([0]), region.shape, columns)
+            rows, cols = augment3d._mosaic_position(np.float32([z]), np.float32([0]), np.float32([0]), region.shape[1:], columns)
             r, c = int(rows[0]), int(cols[0])
             np.testing.assert_array_equal(mosaic[r:r + 3, c:c + 4], region[z])
 
@@ -273,6 +346,6 @@ def test_mosaic_places_every_section_where_the_positions_say():
 def test_mosaic_tile_arithmetic_is_exact_for_every_section_index(columns):
     sections = np.arange(4000, dtype=np.float32)
     zero = np.zeros(1, np.float32)
-    rows, cols = augment3d._mosaic_position(sections, zero, zero, (4000, 180, 120), columns)
+    rows, cols = augment3d._mosaic_position(sections, zero, zero, (180, 120), columns)
     np.testing.assert_array_equal(rows, (np.arange(4000) // columns) * 180)
     np.testing.assert_array_equal(cols, (np.arange(4000) % columns) * 120)

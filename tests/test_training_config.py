@@ -128,6 +128,27 @@ def test_resume_check_names_the_bad_field_of_the_saved_config(tmp_path):
         checkpoints.check_resume(config, require=False)
 
 
+def test_resume_compares_only_the_augmentation_of_the_runs_rank(tmp_path):
+    """A 2-D run continues when only the 3-D augmentation constants changed (a toolkit update), and is
+    refused when its own 2-D ones did; the message names the sub-setting."""
+    from segkit.training.config import augmentation_constants
+
+    out = tmp_path / "run"
+    os.makedirs(out / "checkpoints" / "ckpt-000000001")
+    (out / "checkpoints" / "ckpt-000000001" / "state.json").write_text(checkpoints.RunState(step=1).to_json())
+    (out / "checkpoints" / checkpoints.CHECKPOINT_POINTER).write_text(json.dumps({"latest": "ckpt-000000001",
+                                                                                  "step": 1}))
+    now = augmentation_constants()
+    config = RunConfig.from_dict(dict(WRITTEN_BEFORE, output_dir=str(out), augmentation=now))
+    older_3d = {"2d": now["2d"], "3d": {k: v for k, v in now["3d"].items() if k != "rotation_out_of_plane"}}
+    write(out, dict(WRITTEN_BEFORE, output_dir=str(out), augmentation=older_3d))
+    assert checkpoints.check_resume(config, require=True)
+    other_2d = {"2d": dict(now["2d"], jitter_fraction=0.3), "3d": now["3d"]}
+    write(out, dict(WRITTEN_BEFORE, output_dir=str(out), augmentation=other_2d))
+    with pytest.raises(cliutil.InputError, match="augmentation.jitter_fraction: 0.3 -> 0.1"):
+        checkpoints.check_resume(config, require=False)
+
+
 def test_training_turns_onednn_on_unless_the_user_chose(monkeypatch):
     """train_unet.py asks for oneDNN's CPU kernels (3.6x faster steps on an AVX2 CPU) only when
     TF_ENABLE_ONEDNN_OPTS is unset and TensorFlow is not imported yet."""

@@ -169,6 +169,10 @@ def check_resume(config: RunConfig, require: bool) -> bool:
     if not os.path.isfile(config_path):
         raise cliutil.InputError(f"{output_dir} holds a checkpoint but no readable config.json; use a new --output_dir")
     saved, new = RunConfig.load(config_path).to_dict(), config.to_dict()
+    part = "3d" if len(config.crop_size) == 3 else "2d"  # only the augmentation of this run's rank is compared
+    for record in (saved, new):
+        if isinstance(record.get("augmentation"), dict):
+            record["augmentation"] = record["augmentation"].get(part)
     # A run-defining field an older config.json did not record (None) cannot be compared: it is accepted.
     differing = [k for k in config.run_defining() if saved.get(k) != new.get(k) and saved.get(k) is not None]
     if differing:
