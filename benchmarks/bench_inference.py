@@ -298,8 +298,10 @@ def export_default_unet3d(path: str, voxel_size_um=(0.01, 0.01, 0.01)) -> str:
     return path
 
 
-def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 256)) -> float:
-    """A uint8 blob texture as OME-Zarr (10 nm voxels), written one chunk slab at a time; returns seconds."""
+def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 256),
+                      voxel_size_um=(0.01, 0.01, 0.01)) -> float:
+    """A uint8 blob texture as OME-Zarr (its voxel size in the metadata), written one chunk slab at a time;
+    returns seconds."""
     import zarr
 
     start = time.perf_counter()
@@ -313,26 +315,31 @@ def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 2
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"}
                                                              for a in "zyx"],
                                    "datasets": [{"path": "0", "coordinateTransformations": [
-                                       {"type": "scale", "scale": [0.01, 0.01, 0.01]}]}]}]
+                                       {"type": "scale", "scale": [float(v) for v in voxel_size_um]}]}]}]
     os.replace(tmp, path)
     return time.perf_counter() - start
 
 
 def part_v(args: argparse.Namespace) -> dict:
     shape = tuple(int(v) for v in args.volume.split(","))
-    model = export_default_unet3d(os.path.join(args.work_dir, "unet3d_savedmodel"))
-    folder = os.path.join(args.work_dir, "v_images_" + "x".join(map(str, shape)))
+    voxel = tuple(float(v) for v in args.volume_voxel_size.split(","))
+    tag = "x".join(f"{v:g}" for v in voxel)
+    model = export_default_unet3d(os.path.join(args.work_dir, f"unet3d_savedmodel_{tag}"), voxel)
+    folder = os.path.join(args.work_dir, f"v_images_{'x'.join(map(str, shape))}_{tag}")
     path = os.path.join(folder, "volume.zarr")
     generated = None
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
-        generated = write_volume_zarr(path, shape)
+        generated = write_volume_zarr(path, shape, voxel_size_um=voxel)
+    tile = {"tile_size": args.volume_tile_size} if args.volume_tile_size else {}
     run = timed_folder_run(model, folder, "volume.zarr", output_folder=os.path.join(args.work_dir, "v_out"),
-                           image_format="zarr", output_format="zarr", memory_limit_mb=args.volume_memory_mb)
+                           image_format="zarr", output_format="zarr", memory_limit_mb=args.volume_memory_mb, **tile)
     voxels = int(np.prod(shape))
     return {
-        "image": f"{'x'.join(map(str, shape))} uint8 OME-Zarr ({voxels / 2**20:.0f} MB; float32 {4 * voxels / 2**20:.0f} MB)",
-        "memory_limit_mb": args.volume_memory_mb, "generation_s": generated, **run, "voxels_per_s": voxels / run["seconds"],
+        "image": f"{'x'.join(map(str, shape))} uint8 OME-Zarr ({voxels / 2**20:.0f} MB; float32 {4 * voxels / 2**20:.0f} MB), "
+                 f"voxel {tag} um",
+        "memory_limit_mb": args.volume_memory_mb, "tile_size": args.volume_tile_size or "default",
+        "generation_s": generated, **run, "voxels_per_s": voxels / run["seconds"],
     }
 
 
@@ -542,7 +549,8 @@ def blocks_mode(args: argparse.Namespace) -> None:
 def run_part(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--size", str(args.size), "--big_size",
            str(args.big_size), "--tile_size", str(args.tile_size), "--batch_size", str(args.batch_size),
-           "--work_dir", args.work_dir, "--volume", args.volume, "--volume_memory_mb", str(args.volume_memory_mb)]
+           "--work_dir", args.work_dir, "--volume", args.volume, "--volume_memory_mb", str(args.volume_memory_mb),
+           "--volume_voxel_size", args.volume_voxel_size, "--volume_tile_size", args.volume_tile_size]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"part {name} failed:\n{result.stderr[-3000:]}")
@@ -581,6 +589,11 @@ def main() -> None:
                    help="instead of parts A/B: this Z,Y,X uint8 OME-Zarr volume, default 3D UNet, out of core "
                         "(issue #15: 256,512,512)")
     p.add_argument("--volume_memory_mb", type=float, default=64, help="--volume: inference's --memory_limit_mb")
+    p.add_argument("--volume_voxel_size", default="0.01,0.01,0.01",
+                   help="--volume: z,y,x voxel size in um, of the volume and of the default unet3d built for it "
+                        "(e.g. 0.04,0.004,0.004 for serial-section EM: pooling (1,2,2) first, a z halo of 10)")
+    p.add_argument("--volume_tile_size", default="",
+                   help="--volume: inference's --tile_size (z,y,x zone per tile; default: inference's own)")
     p.add_argument("--part", choices=["a", "b", "v"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
@@ -598,7 +611,8 @@ def main() -> None:
     if args.volume:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: timings are noisy)")
         v = run_part("v", args)
-        print(f"\nV. {v['image']}, default 3D UNet (random weights), --memory_limit_mb {v['memory_limit_mb']:g}")
+        print(f"\nV. {v['image']}, default 3D UNet (random weights), --memory_limit_mb {v['memory_limit_mb']:g}, "
+              f"--tile_size {v['tile_size']}")
         print(f"   {v['detail']}")
         if v["generation_s"] is not None:
             print(f"   generated in    {v['generation_s']:8.1f} s")
