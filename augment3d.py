@@ -17,7 +17,8 @@ in voxels of the input. The voxel size (``spacing_zyx_um``) is required: anisotr
   integer (always for an anisotropic z), every output section is one remap of one input section;
   otherwise two input sections are remapped and blended linearly along z. The sections are laid out
   as one 2D image (a tall stack, or a mosaic of sections when taller than OpenCV's coordinate range)
-  so each of those is a single ``cv2.remap``; integer images of at most 16 bits are remapped in their
+  so each of those is a single ``cv2.remap``; a region inside the record is such a stack already, as a
+  strided view of it (no copy: :func:`_section_stack`); integer images of at most 16 bits are remapped in their
   own type (``REMAP_NATIVE_DTYPES``), regions too large even for a mosaic use ``scipy.ndimage``.
 * Context instead of padding, as in 2D: :meth:`Geometry3D.extent` says how far the warp samples,
   :func:`choose_origin_3d` places the crop so that it reads real data when the record is large enough
