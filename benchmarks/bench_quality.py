@@ -19,10 +19,15 @@ Data sets (under ``--data_root``):
   fib2d  neuroproof-fib-sample: every z section of the FIB-SEM volumes is a 2D image; the target is
          the membrane, skimage.segmentation.find_boundaries(labels, mode="inner"); train sections
          from the train volume, test sections from the test volume
+  fib3d  the same volumes as volumes (issue #15): ``build_lmdb.py --mask_type instances`` (the per-section
+         boundary target, the same membrane), the default 3D UNet for their 10 nm voxels, scored on the
+         test volume's membrane: the same voxels as fib2d's test sections, so the two compare directly
+  fib2d-aniso, fib3d-aniso  the same with every 5th section kept (10 x 10 x 50 nm voxels, anisotropic)
 
     python benchmarks/bench_quality.py --output_dir /tmp/quality            # 3 x 3 runs, ~2 hours
     python benchmarks/bench_quality.py --datasets nist --seeds 0 --max_minutes 0.5   # a smoke run
     python benchmarks/bench_quality.py --datasets dsb-instances --max_minutes 15     # issue #16's figure
+    python benchmarks/bench_quality.py --datasets fib3d fib2d fib3d-aniso fib2d-aniso --max_minutes 15  # #15
 
 ``--extra "--batch_size 8 --loss ce+dice"`` passes training flags through, for recipe comparisons
 (off by default: the benchmark measures the defaults); a single flag needs ``--extra="--flag"``.
@@ -68,6 +73,8 @@ class Prepared:
     test_images: str    # a folder of links to the held-out images only, for inference
     mask_map: str | None = None  # build_lmdb.py --mask_map, when the masks are not 0/1 already
     instances: bool = False      # masks are instance labels: --mask_type instances, objects scored
+    label_masks: bool = False    # masks are instance labels built into their class target (--mask_type instances)
+    score_masks: str | None = None  # the class masks inference scores against (default: mask_folder)
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -155,26 +162,57 @@ def membrane(labels_yx: np.ndarray) -> np.ndarray:
     return find_boundaries(labels_yx, mode="inner").astype(np.uint8)
 
 
-def prepare_fib2d(source: str, folder: str) -> Prepared:
-    """Every z section of every volume becomes an image and a membrane mask; the sections of the
-    volumes named in test_files.txt are the test list."""
-    images, masks = fresh_folder(os.path.join(folder, "images")), fresh_folder(os.path.join(folder, "masks"))
-    test_volumes, test_sections = set(read_names(os.path.join(source, "test_files.txt"))), []
+FIB_VOXEL_UM = 0.01  # the sample's 10 nm voxels (README of the data set), when a file does not say
+ANISOTROPIC_EVERY = 5  # the anisotropic variants keep every 5th section: 10 x 10 x 50 nm
+
+
+def fib_volumes(source: str, every: int = 1):
+    """(name, image ZYX, labels ZYX, voxel size z,y,x in um) of each FIB-SEM volume, every ``every``-th section."""
     for volume in image_io.list_images(os.path.join(source, "images"), "tif"):
-        image_zyx = tifffile.imread(os.path.join(source, "images", volume))
+        with tifffile.TiffFile(os.path.join(source, "images", volume)) as tif:
+            image_zyx, spacing = tif.asarray(), (tif.imagej_metadata or {}).get("spacing")
         labels_zyx = tifffile.imread(os.path.join(source, "masks", volume))
         if image_zyx.ndim != 3 or labels_zyx.shape != image_zyx.shape:
             raise cliutil.InputError(f"{source}: {volume} is {image_zyx.shape} with labels {labels_zyx.shape}; "
                                      "expected a ZYX volume and a label volume of the same shape")
+        voxel_um = (float(spacing or FIB_VOXEL_UM) * every, FIB_VOXEL_UM, FIB_VOXEL_UM)
+        yield volume, image_zyx[::every], labels_zyx[::every], voxel_um
+
+
+def prepare_fib2d(source: str, folder: str, every: int = 1, name: str = "fib2d") -> Prepared:
+    """Every z section (every ``every``-th) of every volume becomes an image and a membrane mask; the sections
+    of the volumes named in test_files.txt are the test list."""
+    images, masks = fresh_folder(os.path.join(folder, "images")), fresh_folder(os.path.join(folder, "masks"))
+    test_volumes, test_sections = set(read_names(os.path.join(source, "test_files.txt"))), []
+    for volume, image_zyx, labels_zyx, _ in fib_volumes(source, every):
         names = section_names(volume, len(image_zyx))
-        for name, image_yx, labels_yx in zip(names, image_zyx, labels_zyx):
-            write_tiff(os.path.join(images, name), image_yx)
-            write_tiff(os.path.join(masks, name), membrane(labels_yx))
+        for section_name, image_yx, labels_yx in zip(names, image_zyx, labels_zyx):
+            write_tiff(os.path.join(images, section_name), image_yx)
+            write_tiff(os.path.join(masks, section_name), membrane(labels_yx))
         if volume in test_volumes:
             test_sections += names
     test_list = os.path.join(folder, "test_files.txt")
     cliutil.atomic_write_text(test_list, "".join(f"{n}\n" for n in test_sections))
-    return finish("fib2d", images, masks, test_list, folder)
+    return finish(name, images, masks, test_list, folder)
+
+
+def prepare_fib3d(source: str, folder: str, every: int = 1, name: str = "fib3d") -> Prepared:
+    """The volumes (every ``every``-th section) as ImageJ stacks with their voxel size, and their instance
+    labels (built into the boundary target); inference scores the test volume's membrane, per section as
+    fib2d's masks."""
+    images, labels = fresh_folder(os.path.join(folder, "images")), fresh_folder(os.path.join(folder, "labels"))
+    scored = fresh_folder(os.path.join(folder, "membrane"))
+    for volume, image_zyx, labels_zyx, voxel_um in fib_volumes(source, every):
+        meta = {"axes": "ZYX", "spacing": voxel_um[0], "unit": "um"}
+        resolution = (1 / voxel_um[2], 1 / voxel_um[1])
+        for path, array in ((os.path.join(images, volume), image_zyx),
+                            (os.path.join(scored, volume), np.stack([membrane(s) for s in labels_zyx]))):
+            with cliutil.atomic_path(path, suffix=".tif") as tmp:
+                tifffile.imwrite(tmp, array, imagej=True, resolution=resolution, metadata=meta, compression="zlib")
+        write_tiff(os.path.join(labels, volume), labels_zyx)  # ids may need 32 bits: no ImageJ stack (the image has the size)
+    test_list = os.path.join(source, "test_files.txt")
+    test_images = link_images(images, read_names(test_list), os.path.join(folder, "test_images"))
+    return Prepared(name, images, labels, test_list, test_images, label_masks=True, score_masks=scored)
 
 
 DATASETS = {  # name: (folder under --data_root, preparation)
@@ -182,6 +220,11 @@ DATASETS = {  # name: (folder under --data_root, preparation)
     "dsb": ("dsb2018-nuclei-100", prepare_dsb),
     "dsb-instances": ("dsb2018-nuclei-100", prepare_dsb_instances),
     "fib2d": ("neuroproof-fib-sample", prepare_fib2d),
+    "fib3d": ("neuroproof-fib-sample", prepare_fib3d),
+    "fib2d-aniso": ("neuroproof-fib-sample",
+                    lambda source, folder: prepare_fib2d(source, folder, ANISOTROPIC_EVERY, "fib2d-aniso")),
+    "fib3d-aniso": ("neuroproof-fib-sample",
+                    lambda source, folder: prepare_fib3d(source, folder, ANISOTROPIC_EVERY, "fib3d-aniso")),
 }
 
 
@@ -213,7 +256,7 @@ def build(data: Prepared, folder: str) -> tuple[str, str]:
     lmdb_dir = os.path.join(folder, "lmdb")
     cmd = [sys.executable, "build_lmdb.py", "--image_folder", data.image_folder, "--mask_folder", data.mask_folder,
            "--output_folder", lmdb_dir, "--dataset_name", data.name, "--test_list", data.test_list, "--overwrite", "1"]
-    cmd += ["--mask_type", "instances"] if data.instances else ["--number_classes", "2"]
+    cmd += ["--mask_type", "instances"] if data.instances or data.label_masks else ["--number_classes", "2"]
     if data.mask_map:
         cmd += ["--mask_map", data.mask_map]
     run(cmd, os.path.join(folder, "build.log"))
@@ -244,7 +287,7 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
     def infer(folder: str, *extra: str) -> dict[str, str]:
         run([sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(model, "saved_model"),
              "--image_folder", data.test_images, "--output_folder", os.path.join(out, folder),
-             "--mask_folder", data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
+             "--mask_folder", data.score_masks or data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
         return overall_row(os.path.join(out, folder, "metrics.csv"))
 
     if data.instances:

@@ -193,6 +193,33 @@ def test_fib2d_preparation_writes_sections_membranes_and_test_list(bench, tmp_pa
     assert data.mask_map is None
 
 
+@pytest.mark.parametrize("name, every", [("fib3d", 1), ("fib3d-aniso", 5), ("fib2d-aniso", 5)])
+def test_fib_volume_preparations_keep_the_voxel_size_and_score_the_same_membrane(bench, tmp_path, name, every):
+    """fib3d: the volumes as ImageJ stacks with their voxel size (z x every), labels for the build, and the
+    membrane of the test volume to score against, equal to fib2d's section masks; the -aniso variants keep
+    every 5th section."""
+    source = tmp_path / "neuroproof-fib-sample"
+    (source / "images").mkdir(parents=True)
+    (source / "masks").mkdir()
+    labels = np.stack([label_image(z) + 1 for z in range(10)]).astype(np.uint32)
+    for volume in ("train_z000-009.tif", "test_z010-019.tif"):
+        tifffile.imwrite(source / "images" / volume, (labels * 7 % 256).astype(np.uint8), imagej=True,
+                         resolution=(100, 100), metadata={"axes": "ZYX", "spacing": 0.01, "unit": "um"})
+        tifffile.imwrite(source / "masks" / volume, labels)
+    (source / "test_files.txt").write_text("test_z010-019.tif\n")
+    data = bench.prepare(name, str(tmp_path), str(tmp_path / "out"))
+    kept = labels[::every]
+    if name.startswith("fib2d"):
+        assert sorted(os.listdir(data.test_images)) == [f"test_z{10 + z:03d}.tif" for z in range(len(kept))]
+        return
+    assert data.label_masks and not data.instances and sorted(os.listdir(data.test_images)) == ["test_z010-019.tif"]
+    with tifffile.TiffFile(os.path.join(data.image_folder, "test_z010-019.tif")) as tif:
+        assert tif.series[0].shape == kept.shape and tif.imagej_metadata["spacing"] == pytest.approx(0.01 * every)
+    np.testing.assert_array_equal(tifffile.imread(os.path.join(data.mask_folder, "test_z010-019.tif")), kept)
+    scored = tifffile.imread(os.path.join(data.score_masks, "test_z010-019.tif"))
+    np.testing.assert_array_equal(scored, np.stack([find_boundaries(s, mode="inner") for s in kept]).astype(np.uint8))
+
+
 def test_section_names_without_a_z_range_count_from_zero(bench):
     assert bench.section_names("vol.tif", 2) == ["vol_z000.tif", "vol_z001.tif"]
     assert bench.section_names("train_z010-011.tiff", 2) == ["train_z010.tif", "train_z011.tif"]
