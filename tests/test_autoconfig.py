@@ -55,6 +55,16 @@ def test_every_flag_the_user_passes_wins():
     assert "max_steps" not in budget  # a time budget replaces the step budget
 
 
+def test_the_loss_follows_the_training_target_unless_passed():
+    """Databases of the 3-class instance target train with cross-entropy + Dice (the thin boundary class
+    separates touching objects); class masks and the dense boundary target keep cross-entropy; --loss wins."""
+    data = autoconfig.DataSummary.from_metadata([_meta((256, 256), 80)])
+    assert autoconfig.choose({"loss": None}, data, 16, 0, "three_class")["loss"].value == "ce+dice"
+    assert autoconfig.choose({"loss": None}, data, 16, 0, "boundary")["loss"].value == "ce"
+    assert autoconfig.choose({"loss": None}, data, 16, 0)["loss"].value == "ce"
+    assert "loss" not in autoconfig.choose({"loss": "focal"}, data, 16, 0, "three_class")
+
+
 def test_visible_gpus_without_a_driver_is_zero():
     if os.path.exists("/proc/driver/nvidia/gpus"):
         pytest.skip("an NVIDIA driver is present")
@@ -93,7 +103,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
     assert small.crop_size[0] < large.crop_size[0] and small.crop_size == (64, 64)
     assert small.batch_size > large.batch_size
     assert set(small.origins) == {"number_classes", "crop_size", "batch_size", "learning_rate", "test_every_n_steps",
-                                  "max_steps"}
+                                  "max_steps", "loss"}
+    assert small.loss == "ce" and small.origins["loss"] == "cross-entropy, the original's"
     assert small.number_classes == 2 and "largest class id in the databases' masks is 1" in small.origins["number_classes"]
     assert small.warmup_steps == min(1000, small.test_every_n_steps)
     saved = json.loads(small.to_json())
@@ -102,7 +113,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
 
 def test_resolved_configuration_keeps_explicit_flags_with_the_original_meaning(two_databases, tmp_path):
     config = _resolve(two_databases["large"], tmp_path / "o", "--crop_size", 64, "--batch_size", 4,
-                      "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50, "--number_classes", 3)
+                      "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50, "--number_classes", 3,
+                      "--loss", "ce")
     assert config.number_classes == 3
     assert (config.crop_size, config.batch_size, config.learning_rate) == ((64, 64), 4, 1e-4)
     assert (config.test_every_n_steps, config.warmup_steps, config.max_steps) == (1000, 1000, 50)

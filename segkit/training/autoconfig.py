@@ -32,6 +32,7 @@ TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training r
 TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
 BUDGET_TEST_PASSES = 20        # without --max_steps or --max_minutes: 20 test intervals ...
 MIN_AUTO_STEPS = 2000          # ... and at least this many steps
+INSTANCE_LOSS = {"three_class": "ce+dice"}  # instance targets whose thin boundary class separates touching objects
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,13 @@ class Choice:
     reason: str
 
 
-def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: int) -> dict[str, Choice]:
+def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: int,
+           instance_target: str | None = None) -> dict[str, Choice]:
     """The settings the user left unset (``user[name] is None``), each with its reason.
 
     ``user``: the flags as given (None = not passed) for crop_size, batch_size, learning_rate,
-    test_every_n_steps, max_steps and max_minutes. ``size_factor``: the model's (crops are multiples).
+    test_every_n_steps, max_steps, max_minutes and loss. ``size_factor``: the model's (crops are multiples).
+    ``instance_target``: the training databases' instance target (build_lmdb.py --mask_type instances), or None.
     """
     kind = "gpu" if gpus > 0 else "cpu"
     where = f"{gpus} GPU(s)" if gpus else "a CPU"
@@ -118,6 +121,13 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
                                              f"({crop_pixels} per crop), within {BATCH_RANGE[0]}-{BATCH_RANGE[1]}")
     if user.get("learning_rate") is None:
         chosen["learning_rate"] = Choice(LEARNING_RATE, "Adam at 1e-3 (the original's 1e-4 suits week-long runs)")
+    if "loss" in user and user["loss"] is None:
+        if instance_target in INSTANCE_LOSS:
+            chosen["loss"] = Choice(INSTANCE_LOSS[instance_target], f"the {instance_target} instance target: its thin "
+                                    "boundary class separates touching objects, and the Dice term weighs each class "
+                                    "alike whatever its pixel share (nnU-Net's cross-entropy + Dice)")
+        else:
+            chosen["loss"] = Choice("ce", "cross-entropy, the original's")
     every = user.get("test_every_n_steps")
     if every is None:
         epoch = math.ceil(data.records / (batch * max(gpus, 1)))

@@ -29,7 +29,7 @@ OTHER_FLAG_RULES = {
     "base_filters": (lambda v: 1 <= v <= 4096, "must be in [1, 4096]"),
 }
 # Flags the toolkit chooses from the data when they are not passed (segkit.training.autoconfig).
-SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps")
+SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps", "loss")
 
 
 def resolve_config(args) -> RunConfig:
@@ -80,7 +80,9 @@ def _self_configure(args, train_meta: list[dict], size_factor: int,
         raise cliutil.InputError(f"{args.train_database[0]}: its metadata do not describe the records ({exc}); "
                                  "rebuild it with build_lmdb.py") from None
     # The reader takes one size factor for every axis (the largest per-axis one; they are powers of 2).
-    chosen = autoconfig.choose(user, data, (size_factor,) * rank, autoconfig.visible_gpus())
+    targets = {_instance_target_of(m) for m in train_meta}
+    target = targets.pop() if len(targets) == 1 else None
+    chosen = autoconfig.choose(user, data, (size_factor,) * rank, autoconfig.visible_gpus(), target)
     args = argparse.Namespace(**{**vars(args), **{name: c.value for name, c in chosen.items()}})
     for name, c in chosen.items():
         log.info("chose --%s %s: %s", name, _flag_text(c.value), c.reason)
