@@ -540,7 +540,7 @@ def apply_intensity_3d(image_zyxc: np.ndarray, rng: np.random.Generator, params:
 def _standard_normal(rng: np.random.Generator, count: int) -> np.ndarray:
     """``count`` independent standard normal float32 values: a window, at a position drawn from ``rng``, of
     NOISE_BANK_VALUES drawn once per process (a window is drawn in one slice instead of ``count`` fresh
-    draws, a sixth of a 16x128x128 sample's cost). Windows of different samples may overlap, at other
+    draws: 0.5 ms, 7 % of a 16x128x128 sample's cost). Windows of different samples may overlap, at other
     voxels; larger requests are drawn fresh."""
     global _noise_bank
     if count > NOISE_BANK_VALUES:
