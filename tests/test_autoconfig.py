@@ -34,6 +34,16 @@ def test_crop_follows_rectangular_records_and_the_size_factor():
     assert tiny["crop_size"].value == (32, 32)  # never below one size factor (the reader mirror-pads)
 
 
+def test_whole_volumes_are_summarized_by_depth_height_and_width():
+    """A volume database built without tiles describes each source by depth, height and width (build_lmdb.py):
+    the summary has 3 axes, so the crop is a 3D one."""
+    meta = {"tile_size": None, "num_records": 1, "sources": [{"depth": 40, "height": 250, "width": 250}]}
+    data = autoconfig.DataSummary.from_metadata([meta])
+    assert data.record_shape == (40, 250, 250)
+    crop = autoconfig.choose({}, data, (4, 16, 16), gpus=0)["crop_size"].value
+    assert len(crop) == 3 and all(c % f == 0 for c, f in zip(crop, (4, 16, 16)))
+
+
 def test_tiled_databases_use_the_tile_size_and_the_median_over_databases():
     data = autoconfig.DataSummary.from_metadata([_meta((512, 512), 10, tile=128), _meta((64, 64), 1)])
     assert data.record_shape == (128, 128) and data.records == 11

@@ -60,8 +60,10 @@ class DataSummary:
 
 
 def _source_shape(source: Mapping[str, Any]) -> tuple[int, ...]:
-    if "shape" in source:  # volumes: the spatial shape
+    if "shape" in source:
         return tuple(int(v) for v in source["shape"])
+    if "depth" in source:  # a volume stored whole (build_lmdb.py records depth, height and width)
+        return int(source["depth"]), int(source["height"]), int(source["width"])
     return int(source["height"]), int(source["width"])
 
 
