@@ -358,9 +358,20 @@ def _blur(image, rng, max_sigma):
                                                borderType=cv2.BORDER_REFLECT_101), image)
 
 
-def _noise_inplace(image, rng, fraction, span):
+def _noise_inplace(image, rng, fraction, span, standard_normal=None):
+    """Gaussian noise on a float HWC image in place, sigma drawn from [0, fraction] x span per channel.
+    ``standard_normal(rng, count)``: where the unit values come from (volumes: ``augment3d``'s bank);
+    None draws them fresh."""
     sigma = rng.uniform(0.0, fraction) * span  # per channel
-    noise = np.empty(_rows(image).shape, image.dtype)
+    rows = _rows(image)
+    if standard_normal is not None:
+        unit = standard_normal(rng, rows.size).reshape(rows.shape)
+        if sigma.size == 1 and unit.dtype == rows.dtype:
+            cv2.scaleAdd(unit, float(sigma[0]), rows, dst=rows)  # sigma * unit + image in one pass
+        else:
+            rows += unit * _tiled(sigma, image)
+        return
+    noise = np.empty(rows.shape, image.dtype)
     cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
     if sigma.size == 1:
         cv2.randn(noise, 0.0, float(sigma[0]))

@@ -525,7 +525,7 @@ def apply_intensity_3d(image_zyxc: np.ndarray, rng: np.random.Generator, params:
         image *= scale.astype(image.dtype)[:, None, None, None]
         image += (mean * (1 - scale[:, None]) + shift[:, None] * span).astype(image.dtype)[:, None, None, :]
     if params.noise_fraction > 0:
-        _noise_inplace(stacked, rng, params.noise_fraction, span)
+        augment._noise_inplace(stacked, rng, params.noise_fraction, span, _standard_normal)
     if params.missing_probability or params.low_contrast_probability:
         draw = rng.random(z)
         for section in np.flatnonzero(draw < params.missing_probability):
@@ -553,17 +553,6 @@ def _standard_normal(rng: np.random.Generator, count: int) -> np.ndarray:
         _noise_bank = cv2.randn(bank, 0.0, 1.0).reshape(-1)
     start = int(rng.integers(0, NOISE_BANK_VALUES - count + 1))
     return _noise_bank[start:start + count]
-
-
-def _noise_inplace(rows_xc: np.ndarray, rng: np.random.Generator, fraction: float, span: np.ndarray) -> None:
-    """Gaussian noise on a float (rows, X, C) image in place, sigma drawn per channel from [0, fraction] x span."""
-    sigma = rng.uniform(0.0, fraction) * np.asarray(span, np.float64).reshape(-1)
-    noise = _standard_normal(rng, rows_xc.size).reshape(rows_xc.shape)
-    if rows_xc.dtype == np.float32 and sigma.size == 1 and rows_xc.shape[-1] == 1:
-        flat = rows_xc.reshape(rows_xc.shape[0], -1)  # a view: sigma * noise + image in one pass
-        cv2.scaleAdd(noise.reshape(flat.shape), float(sigma[0]), flat, dst=flat)
-    else:
-        rows_xc += noise * sigma.astype(rows_xc.dtype)
 
 
 # ---- The sample pipeline and the public pure transforms -----------------------------------------
