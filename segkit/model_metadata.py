@@ -75,7 +75,8 @@ class ModelMetadata:
     instances: Mapping[str, Any] | None = _field(
         "models trained on instance targets (build_lmdb.py --mask_type instances): {'target': 'three_class' or "
         "'boundary', 'classes': class names, 'thresholds': segkit.instances.InstanceThresholds fields, 'halo_px': "
-        "context in pixels (one number, or one per spatial axis) for seam merging out of core}; null otherwise",
+        "context in pixels (one number, or one per spatial axis) for seam merging out of core, and optionally "
+        "'tuning': how the thresholds were fitted on training records (segkit.instance_tuning)}; null otherwise",
         "instances?", None, omit_default=True)
     extra: Mapping[str, Any] = _field("keys this version does not know, kept as they are", "mapping", {})
 
@@ -214,16 +215,19 @@ def _problem(kind: str, value: Any, minimum: int) -> str | None:
 
 INSTANCE_TARGET_CLASSES = {"three_class": 3, "boundary": 2}  # segkit.instance_targets.CLASSES
 INSTANCE_KEYS = ("target", "classes", "thresholds", "halo_px")
+INSTANCE_OPTIONAL_KEYS = ("tuning",)  # how the thresholds were fitted (segkit.instance_tuning), a record only
 
 
 def _check_instances_block(block: Mapping[str, Any], number_classes: int, rank: int) -> None:
     """The ``instances`` block: known keys, a target that matches the classes, valid thresholds and halo."""
     from segkit.instances import InstanceThresholds, ThresholdError
 
-    keys = sorted(set(block) ^ set(INSTANCE_KEYS))
+    keys = sorted((set(block) - set(INSTANCE_OPTIONAL_KEYS)) ^ set(INSTANCE_KEYS))
     if keys:
-        raise MetadataError(f"metadata field instances must have exactly the keys {list(INSTANCE_KEYS)} "
-                            f"(differs in {keys})")
+        raise MetadataError(f"metadata field instances must have exactly the keys {list(INSTANCE_KEYS)}, and "
+                            f"may have {list(INSTANCE_OPTIONAL_KEYS)} (differs in {keys})")
+    if "tuning" in block and not isinstance(block["tuning"], Mapping):
+        raise MetadataError(f"metadata field instances.tuning must be a JSON object, got {block['tuning']!r}")
     classes = INSTANCE_TARGET_CLASSES.get(block["target"])
     if classes is None:
         raise MetadataError(f"metadata field instances.target must be one of {sorted(INSTANCE_TARGET_CLASSES)}, "

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -72,8 +73,9 @@ def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[s
     """What the SavedModel carries, including the receptive field measured on the trained weights."""
     from models.receptive_field import effective_receptive_field
 
+    instances = fitted_instances(config, model)
     if models.spatial_rank(config.model) == 3:
-        return _volume_metadata(config, final_metrics)
+        return _volume_metadata(config, final_metrics, instances)
 
     radius = models.receptive_field_radius(config.model, **config.model_config)
     # Probe no larger than one training batch's pixels: export then needs no more memory than training.
@@ -87,10 +89,11 @@ def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[s
         size_factor=config.size_factor, receptive_field_radius=radius,
         effective_receptive_field_radius=erf["radius_rounded"], effective_receptive_field=erf,
         training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
-        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=training_instances(config))
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=instances)
 
 
-def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any]) -> dict[str, Any]:
+def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any], instances: dict[str, Any] | None
+                     ) -> dict[str, Any]:
     """A volume model's metadata: spatial rank 3, voxel size, size factor and radius per axis (z, y, x). The
     gradient probe of the effective receptive field is 2-D only: inference uses the exact theoretical halo."""
     return model_metadata.make_metadata(
@@ -101,7 +104,54 @@ def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any]) -> dict[s
         size_factor=list(models.size_factors(config.model, **config.model_config)),
         receptive_field_radius=list(models.receptive_field_radii(config.model, **config.model_config)),
         training_tile_size=list(config.crop_size), final_metrics=final_metrics, mask_map=config.mask_map,
-        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=training_instances(config))
+        training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=instances)
+
+
+TUNING_PIXELS = 1 << 21  # training pixels (voxels) the instance thresholds are fitted on: ~32 records of 256x256
+
+
+def fitted_instances(config: RunConfig, model) -> dict[str, Any] | None:
+    """The metadata ``instances`` block (resolve.training_instances) with, for the 3-class target, the labelling
+    thresholds fitted to this model on its training records (segkit.instance_tuning) and how they scored there;
+    the defaults stay when the records hold no object. The boundary target (dense labels) keeps the defaults."""
+    block = training_instances(config)
+    if block is None or block["target"] != "three_class":
+        return block
+    from segkit.instance_tuning import true_labels_of_target, tune_thresholds
+    from segkit.instances import InstanceThresholds
+
+    started = time.monotonic()
+    pairs = [(probs, true_labels_of_target(target)) for probs, target in _training_predictions(config, model)]
+    tuning = tune_thresholds(pairs, InstanceThresholds.from_dict(block["thresholds"]))
+    if tuning is None:
+        log.info("instance thresholds: the defaults (the training records scanned hold no object)")
+        return block
+    log.info("%s; %.0f s", tuning.summary(), time.monotonic() - started)
+    return dict(block, thresholds=tuning.thresholds.to_dict(), tuning=tuning.to_dict())
+
+
+def _training_predictions(config: RunConfig, model, pixels: int = TUNING_PIXELS):
+    """(softmax probabilities, stored target) of whole training records, about ``pixels`` of them (at least one
+    record), read as the test passes read records (in batches of one shape; normalized by their source image's
+    statistics; padded to the size factor, the padding cut off again)."""
+    import tensorflow as tf
+
+    from imagereader import ImageReader
+    from segkit.training.trainer import forward
+
+    seen = 0
+    with ImageReader(list(config.train_database), batch_size=1, mode="eval", workers=1,
+                     size_factor=config.size_factor) as reader:
+        for images, masks in reader:
+            logits = forward(model, tf.constant(images))
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+            for prob, mask in zip(probs, masks):
+                extent = [int(index.max()) + 1 for index in np.nonzero(mask >= 0)]  # the padding is at the ends
+                valid = tuple(slice(0, n) for n in extent)
+                yield prob[valid], mask[valid]
+                seen += int(np.prod(extent))
+            if seen >= pixels:
+                return
 
 
 def _serving_module(model, channels: int, metadata_file: str, spatial_rank: int = 2):

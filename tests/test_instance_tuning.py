@@ -1,0 +1,103 @@
+"""Instance thresholds fitted to a trained model on its training records (segkit.instance_tuning, issue #16)."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+from savedmodel_helpers import metadata
+from test_inference_instances import image_3channel, touching_objects
+
+from segkit import instance_targets, instance_tuning, model_metadata
+from segkit.instance_metrics import average_precision
+from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
+
+NECK = 0.75
+
+
+def two_discs_with_a_neck(shape=(40, 64)):
+    """Two touching discs of radius 12; the model is sure of their interiors (0.999) but takes the boundary
+    between them for interior at NECK (0.75): a seed threshold of 0.5 merges them, one of 0.75 or more keeps them
+    apart."""
+    grid = np.indices(shape)
+    labels = np.zeros(shape, np.uint16)
+    for obj, cx in ((1, 20), (2, 43)):
+        labels[(grid[0] - 20) ** 2 + (grid[1] - cx) ** 2 <= 12 ** 2] = obj
+    probs = one_hot(instance_targets.make_target(labels, "three_class"), 3)
+    probs[(probs[..., 1] == 1)] = (0.0005, 0.999, 0.0005)
+    probs[(np.abs(grid[1] - 31.5) < 2) & (labels > 0)] = (0.05, NECK, 0.2)
+    return probs, labels
+
+
+def test_fitting_separates_objects_the_default_seed_threshold_merges():
+    probs, labels = two_discs_with_a_neck()
+    default = labels_from_probabilities(probs)
+    assert len(np.unique(default)) - 1 == 1  # merged at the neck
+    tuning = instance_tuning.tune_thresholds([(probs, labels)])
+    assert tuning.thresholds.seed >= NECK
+    assert tuning.default_score["ap50"] == 0.5 and tuning.tuned_score["ap50"] == 1.0  # 1 TP + 1 FN -> 2 TP
+    assert average_precision([(labels, labels_from_probabilities(probs, tuning.thresholds))]) == 1.0
+    assert f"seed {tuning.thresholds.seed:g}" in tuning.summary()
+
+
+def test_exact_probabilities_keep_the_defaults_and_nothing_to_score_gives_none():
+    labels = touching_objects((48, 48), seed=4)
+    probs = one_hot(instance_targets.make_target(labels, "three_class"), 3)
+    tuning = instance_tuning.tune_thresholds([(probs, labels)])
+    assert tuning.thresholds == InstanceThresholds()  # a change must score strictly higher to be taken
+    assert tuning.tuned_score == tuning.default_score
+    empty = np.zeros((16, 16), np.uint16)
+    assert instance_tuning.tune_thresholds([(one_hot(empty, 3), empty)]) is None
+
+
+def test_min_sizes_tried_follow_the_object_sizes():
+    small = np.zeros((32, 32), np.uint16)
+    small[2:6, 2:6], small[10:14, 10:14] = 1, 2  # 16 px objects
+    large = np.zeros((200, 200), np.uint16)
+    large[:100, :100], large[100:, 100:] = 1, 2  # 10000 px objects
+    assert max(instance_tuning.min_size_grid([(None, small)], 4)) <= 4
+    assert set(instance_tuning.min_size_grid([(None, large)], 4)) == {4, 200, 500, 1000, 2000}
+
+
+def test_true_labels_of_the_stored_target_recover_the_objects():
+    labels = touching_objects((48, 48), seed=5)
+    recovered = instance_tuning.true_labels_of_target(instance_targets.make_target(labels, "three_class"))
+    assert average_precision([(labels, recovered)]) >= 0.9
+
+
+def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_carries_them(tmp_path):
+    import build_lmdb
+    from segkit.training.export import fitted_instances
+
+    for sub in ("images", "masks"):
+        os.makedirs(tmp_path / sub)
+    for i in range(3):
+        labels = touching_objects((48, 48), seed=20 + i)
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels))
+        tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
+    assert build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                                      output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.67,
+                                      workers=1, progress=False, mask_type="instances") is not None
+    config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32),
+                             size_factor=1)
+
+    def model(images, training=False):  # channel c is high where the target is c: near one-hot logits
+        return 20.0 * images
+
+    block = fitted_instances(config, model)
+    tuning = block["tuning"]
+    assert tuning["on"].startswith("2 training record(s)")
+    assert tuning["tuned"]["objective"] >= tuning["default"]["objective"] > 0.8
+    assert block["thresholds"] == InstanceThresholds.from_dict(block["thresholds"]).to_dict()
+    meta = model_metadata.ModelMetadata.from_dict({**metadata(channels=3, number_classes=3, size_factor=1,
+                                                              radius=0), "instances": block})
+    assert meta.instances["tuning"] == tuning
+
+
+@pytest.mark.parametrize("tuning", ["yes", 3])
+def test_metadata_refuses_a_tuning_record_that_is_not_an_object(tuning):
+    block = {"target": "three_class", "classes": ["background", "interior", "boundary"],
+             "thresholds": InstanceThresholds().to_dict(), "halo_px": 16, "tuning": tuning}
+    with pytest.raises(model_metadata.MetadataError, match="instances.tuning"):
+        model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=3, size_factor=1, radius=0),
+                                                "instances": block})
