@@ -193,13 +193,15 @@ def cover_image(image: np.ndarray, probs: np.ndarray, min_height: int = 256) -> 
 
 
 def instance_target(meta: ModelMetadata) -> str | None:
-    """'3class' or 'membrane' for instance models (metadata ``instances`` / ``instance_target`` /
+    """'3class', 'membrane' or 'distance' for instance models (metadata ``instances`` / ``instance_target`` /
     ``mask_type``), None for semantic ones."""
     info = meta.get("instances") or meta.get("instance_target")
     target = info.get("target") if isinstance(info, Mapping) else info
     if target is None and meta.get("mask_type") != "instances":
         return None
     target = str(target or ("3class" if meta.number_classes == 3 else "membrane"))
+    if target == "distance":
+        return "distance"
     return "3class" if target in ("3class", "three_class") else "membrane"
 
 
@@ -213,6 +215,9 @@ def class_names(meta: ModelMetadata) -> list[str]:
         return ["background", "interior", "boundary"]
     if target == "membrane" and meta.number_classes == 2:
         return ["inside", "membrane"]
+    if target == "distance" and meta.number_classes >= 3:
+        return ["background", "boundary"] + [f"depth_{k + 1}_of_{meta.number_classes - 2}"
+                                             for k in range(meta.number_classes - 2)]
     return ["background"] + [f"class_{k}" for k in range(1, meta.number_classes)]
 
 
@@ -371,6 +376,12 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
                  f"p_interior > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed on "
                  f"1 - p_interior within the foreground p_interior + p_boundary > {fg}; a foreground component "
                  "without a seed becomes one object.")
+    elif target == "distance":
+        steps = (f"Objects (instance labels) from the probabilities: the expected depth d = sum over the depth "
+                 f"channels k = 1..L of p_k (k - 0.5) / L (0 for background and boundary); seeds are connected "
+                 f"components of d > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed "
+                 f"on 1 - d within the foreground 1 - p_background > {fg}; a foreground component without a seed "
+                 "becomes one object.")
     else:
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_inside > {seed} (smaller than {min_size} pixels dropped), flooded by a watershed on "

@@ -2,9 +2,13 @@
 
 One home for which target an instance mask becomes and why (README, "Building databases", "Instance
 masks"): ``three_class`` (0 background, 1 interior, 2 boundary) for sparse objects, ``boundary``
-(1 = membrane, 0 elsewhere) for dense labels. Boundaries are ``skimage.segmentation.find_boundaries``
-with ``mode="inner"``: one pixel inside each object, so touching objects stay apart. Volumes get their
-boundaries per 2D section (z stays z), which gives in-plane membranes on anisotropic stacks too.
+(1 = membrane, 0 elsewhere) for dense labels, and on request ``distance`` (0 background, 1 boundary, 2 ...
+1 + DISTANCE_LEVELS the interior by its depth in the object: the distance to the object's edge over the
+object's largest such distance, in equal bins, as the Deep Watershed Transform quantizes its energy; the
+deepest levels mark each object's core, apart from its neighbours' however they touch). Boundaries are
+``skimage.segmentation.find_boundaries`` with ``mode="inner"``: one pixel inside each object, so touching
+objects stay apart. Volumes get their boundaries (and depths) per 2D section (z stays z), which gives
+in-plane membranes on anisotropic stacks too.
 No TensorFlow here.
 """
 from __future__ import annotations
@@ -15,10 +19,12 @@ import numpy as np
 
 from segkit.cliutil import InputError
 
-TARGETS = ("three_class", "boundary")
-CLASSES = {"three_class": 3, "boundary": 2}
-CLASS_NAMES = {"three_class": ["background", "interior", "boundary"], "boundary": ["other", "boundary"]}
-CLASS_NAMES = {"three_class": ["background", "interior", "boundary"], "boundary": ["other", "boundary"]}
+TARGETS = ("three_class", "boundary", "distance")
+DISTANCE_LEVELS = 4  # interior levels of the distance target: quarters of each object's depth
+CLASSES = {"three_class": 3, "boundary": 2, "distance": 2 + DISTANCE_LEVELS}
+CLASS_NAMES = {"three_class": ["background", "interior", "boundary"], "boundary": ["other", "boundary"],
+               "distance": ["background", "boundary"] + [f"depth_{k + 1}_of_{DISTANCE_LEVELS}"
+                                                         for k in range(DISTANCE_LEVELS)]}
 DENSE_BACKGROUND_FRACTION = 0.05  # fewer background voxels than this: dense labels (neurons), boundary target
 
 
@@ -66,6 +72,40 @@ def make_target(labels: np.ndarray, target: str) -> np.ndarray:
     border = boundaries(labels) & (labels != 0)
     if target == "boundary":
         return border.astype(np.uint8)
+    if target == "distance":
+        return _depth_levels(labels, border)
     out = (labels != 0).astype(np.uint8)
     out[border] = 2
     return out
+
+
+def _depth_levels(labels: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """The distance target: 0 background, 1 boundary, 2 + bin of the interior's normalized depth (Euclidean
+    distance to the nearest boundary or background pixel over the object's largest, in DISTANCE_LEVELS equal
+    bins); volumes per z section, as their boundaries."""
+    from scipy import ndimage as ndi
+
+    if labels.ndim == 3:
+        return np.stack([_depth_levels(section, edge) for section, edge in zip(labels, border)])
+    out = np.where(border, 1, 0).astype(np.uint8)
+    interior = (labels != 0) & ~border
+    if not interior.any():
+        return out
+    depth = ndi.distance_transform_edt(interior)
+    _, which = np.unique(labels[interior], return_inverse=True)  # ids may be large: index the ones present
+    deepest = np.zeros(int(which.max()) + 1)
+    np.maximum.at(deepest, which, depth[interior])
+    share = depth[interior] / deepest[which]  # in (0, 1]
+    out[interior] = 2 + np.minimum((share * DISTANCE_LEVELS).astype(np.int64), DISTANCE_LEVELS - 1)
+    return out
+
+
+def three_class_of(target: np.ndarray, name: str) -> np.ndarray:
+    """A stored ``three_class`` or ``distance`` target as the 3-class one (0 background, 1 interior, 2
+    boundary): the objects it encodes, without the depth."""
+    target = np.asarray(target)
+    if name == "three_class":
+        return target
+    if name != "distance":
+        raise ValueError(f"only the three_class and distance targets encode separate objects, not {name!r}")
+    return np.select([target == 0, target == 1], [0, 2], 1).astype(np.uint8)

@@ -20,10 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from segkit.instance_metrics import Counts, image_counts
+from segkit.instance_targets import three_class_of
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
-SEED_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
-FOREGROUND_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+SEED_GRIDS = {"3class": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998),  # p_interior
+              "distance": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)}  # the expected depth
+FOREGROUND_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2)  # of the median true object size, besides the default
 OBJECTIVE_IOUS = (0.5, 0.75)
 ROUNDS = 2
@@ -60,17 +62,20 @@ def _rounded(score: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in score.items()}
 
 
-def true_labels_of_target(target: np.ndarray) -> np.ndarray:
-    """Instance labels recovered from a stored 3-class target (what the training databases hold): the
-    labelling of its one-hot probabilities with no size limit (AP@0.5 0.989 against the DSB ground truth)."""
-    return labels_from_probabilities(one_hot(np.asarray(target, np.int64), 3), InstanceThresholds(min_size=0))
+def true_labels_of_target(target: np.ndarray, name: str = "three_class") -> np.ndarray:
+    """Instance labels recovered from a stored ``three_class`` or ``distance`` target (what the training
+    databases hold): the labelling of its 3-class one-hot probabilities with no size limit (AP@0.5 0.989
+    against the DSB ground truth)."""
+    three = three_class_of(target, name).astype(np.int64)
+    return labels_from_probabilities(one_hot(three, 3), InstanceThresholds(min_size=0))
 
 
-def score(pairs: Sequence[tuple[np.ndarray, np.ndarray]], thresholds: InstanceThresholds) -> dict[str, float]:
+def score(pairs: Sequence[tuple[np.ndarray, np.ndarray]], thresholds: InstanceThresholds,
+          target: str = "3class") -> dict[str, float]:
     """AP at each objective IoU (``ap50``, ``ap75``) over (probabilities, true labels) pairs, and their mean."""
     totals = {t: Counts() for t in OBJECTIVE_IOUS}
     for probs, truth in pairs:
-        counts = image_counts(truth, labels_from_probabilities(probs, thresholds), OBJECTIVE_IOUS)
+        counts = image_counts(truth, labels_from_probabilities(probs, thresholds, target), OBJECTIVE_IOUS)
         for t in OBJECTIVE_IOUS:
             totals[t] = totals[t] + counts[t]
     out = {f"ap{round(t * 100)}": totals[t].scores()["ap"] for t in OBJECTIVE_IOUS}
@@ -89,19 +94,19 @@ def min_size_grid(pairs: Sequence[tuple[np.ndarray, np.ndarray]], default: int) 
 
 
 def tune_thresholds(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-                    start: InstanceThresholds = InstanceThresholds()) -> Tuning | None:
-    """The thresholds that score best on ``pairs`` ((probabilities classes last, true labels) of the 3-class
-    target); None when the pairs hold no object to score on (then the defaults stay)."""
+                    start: InstanceThresholds = InstanceThresholds(), target: str = "3class") -> Tuning | None:
+    """The thresholds that score best on ``pairs`` ((probabilities classes last, true labels); ``target``: the
+    labelling's, 3class or distance); None when the pairs hold no object to score on (then the defaults stay)."""
     pairs = [(np.asarray(p, np.float32), np.asarray(t)) for p, t in pairs]
     objects = sum(int(len(np.unique(t)) - (1 if (t == 0).any() else 0)) for _, t in pairs)
     if not objects:
         return None
-    grid = {"seed": SEED_GRID, "min_size": min_size_grid(pairs, start.min_size), "foreground": FOREGROUND_GRID}
+    grid = {"seed": SEED_GRIDS[target], "min_size": min_size_grid(pairs, start.min_size), "foreground": FOREGROUND_GRID}
     cache: dict[InstanceThresholds, dict[str, float]] = {}
 
     def scored(t: InstanceThresholds) -> dict[str, float]:
         if t not in cache:
-            cache[t] = score(pairs, t)
+            cache[t] = score(pairs, t, target)
         return cache[t]
 
     best = start

@@ -19,11 +19,12 @@ from skimage.segmentation import relabel_sequential, watershed
 
 from segkit import cliutil
 
-TARGETS = ("3class", "membrane")
+TARGETS = ("3class", "membrane", "distance")
 # the build stage's target names (segkit.instance_targets, model metadata ``instances.target``) -> the labelling's
-TARGET_OF_BUILD = {"three_class": "3class", "boundary": "membrane"}
+TARGET_OF_BUILD = {"three_class": "3class", "boundary": "membrane", "distance": "distance"}
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2  # classes of the 3-class target
 INSIDE, MEMBRANE = 0, 1  # classes of the 2-class membrane target (dense labels)
+# the distance target: 0 background, 1 boundary, then the interior's depth levels, shallowest first
 
 
 class ThresholdError(cliutil.InputError, ValueError):
@@ -35,9 +36,10 @@ class InstanceThresholds:
     """How confident probabilities become objects; saved in the model metadata under ``instances``."""
 
     seed: float = 0.5
-    """A pixel seeds an object where p_interior > seed (membrane target: 1 - p_membrane > seed)."""
+    """A pixel seeds an object where p_interior > seed (membrane target: 1 - p_membrane > seed; distance target:
+    the expected depth > seed, depth from 0 at the edge to 1 at the object's core)."""
     foreground: float = 0.5
-    """3-class only: seeds grow back over pixels where p_interior + p_boundary > foreground."""
+    """3-class and distance: seeds grow back over pixels where 1 - p_background > foreground."""
     min_size: int = 4
     """Seeds (and seedless foreground components) smaller than this many pixels are dropped."""
 
@@ -68,9 +70,10 @@ class InstanceThresholds:
 def _check_probs(probs: np.ndarray, target: str) -> None:
     if target not in TARGETS:
         raise ThresholdError(f"instance target must be one of {TARGETS}, got {target!r}")
-    classes = 3 if target == "3class" else 2
-    if probs.ndim < 3 or probs.shape[-1] != classes:
-        raise ThresholdError(f"the {target} target needs probabilities with {classes} classes last "
+    classes = {"3class": 3, "membrane": 2}.get(target)
+    if probs.ndim < 3 or (probs.shape[-1] != classes if classes else probs.shape[-1] < 3):
+        wanted = classes or "3 or more"
+        raise ThresholdError(f"the {target} target needs probabilities with {wanted} classes last "
                              f"(spatial axes then classes), got shape {probs.shape}")
 
 
@@ -135,8 +138,10 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
     component that holds no seed becomes one object of its own (when it has min_size pixels). ``membrane``
     (inside, membrane; dense labels): seeds are the components of p_inside > seed, flooded by a watershed on
     p_membrane over the whole image, so every pixel joins a seed; no agglomeration of the resulting fragments
-    (over-segmentation is left as it is). Returns uint16, or uint32 beyond 65535 objects. ``origin``: where
-    ``probs`` starts in the whole image, for crops of it (:func:`flooding_keys`).
+    (over-segmentation is left as it is). ``distance`` (background, boundary, depth levels): as 3class, with the
+    expected depth (:func:`expected_depth`) for p_interior and 1 - p_background for the foreground. Returns
+    uint16, or uint32 beyond 65535 objects. ``origin``: where ``probs`` starts in the whole image, for crops of
+    it (:func:`flooding_keys`).
     """
     probs = np.asarray(probs, dtype=np.float32)
     _check_probs(probs, target)
@@ -145,11 +150,22 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
         if not seeds.any():
             return np.zeros(probs.shape[:-1], np.uint16)
         return compact_labels(watershed(flooding_keys(probs[..., MEMBRANE], origin), markers=seeds))
-    interior = probs[..., INTERIOR]
-    foreground = interior + probs[..., BOUNDARY] > thresholds.foreground
+    if target == "distance":
+        interior, foreground = expected_depth(probs), 1.0 - probs[..., BACKGROUND] > thresholds.foreground
+    else:
+        interior = probs[..., INTERIOR]
+        foreground = interior + probs[..., BOUNDARY] > thresholds.foreground
     seeds = _seeds((interior > thresholds.seed) & foreground, thresholds.min_size)
     labels = watershed(flooding_keys(1.0 - interior, origin), markers=seeds, mask=foreground)
     return compact_labels(_add_seedless(labels, foreground, thresholds.min_size))
+
+
+def expected_depth(probs: np.ndarray) -> np.ndarray:
+    """The distance target's probabilities (background, boundary, depth levels shallowest first) as the expected
+    depth in [0, 1): 0 for background and boundary, the middle of its bin for each level."""
+    levels = probs.shape[-1] - 2
+    centres = np.concatenate([[0.0, 0.0], (np.arange(levels) + 0.5) / levels]).astype(np.float32)
+    return probs @ centres
 
 
 def _add_seedless(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
@@ -161,13 +177,13 @@ def _add_seedless(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> 
     return labels
 
 
-def target_from_labels(labels: np.ndarray) -> np.ndarray:
-    """The 3-class training target of instance labels (uint8: 0 background, 1 interior, 2 boundary), as the
-    build stage makes it (segkit.instance_targets: ``find_boundaries(mode="inner")``, per z section for
-    volumes; the image border is not a boundary)."""
+def target_from_labels(labels: np.ndarray, target: str = "three_class") -> np.ndarray:
+    """The training target of instance labels as the build stage makes it (segkit.instance_targets), by
+    default the 3-class one (uint8: 0 background, 1 interior, 2 boundary: ``find_boundaries(mode="inner")``,
+    per z section for volumes; the image border is not a boundary)."""
     from segkit import instance_targets
 
-    return instance_targets.make_target(np.asarray(labels), "three_class")
+    return instance_targets.make_target(np.asarray(labels), target)
 
 
 def one_hot(target: np.ndarray, classes: int) -> np.ndarray:

@@ -73,8 +73,8 @@ class ModelMetadata:
         "(z, y, x) voxel size in micrometres the volume model was planned for; null for 2-D models", "spacing?", None,
         omit_default=True)
     instances: Mapping[str, Any] | None = _field(
-        "models trained on instance targets (build_lmdb.py --mask_type instances): {'target': 'three_class' or "
-        "'boundary', 'classes': class names, 'thresholds': segkit.instances.InstanceThresholds fields, 'halo_px': "
+        "models trained on instance targets (build_lmdb.py --mask_type instances): {'target': 'three_class', "
+        "'boundary' or 'distance', 'classes': class names, 'thresholds': segkit.instances.InstanceThresholds fields, 'halo_px': "
         "context in pixels (one number, or one per spatial axis) for seam merging out of core, and optionally "
         "'tuning': how the thresholds were fitted on training records (segkit.instance_tuning)}; null otherwise",
         "instances?", None, omit_default=True)
@@ -213,7 +213,7 @@ def _problem(kind: str, value: Any, minimum: int) -> str | None:
     return None
 
 
-INSTANCE_TARGET_CLASSES = {"three_class": 3, "boundary": 2}  # segkit.instance_targets.CLASSES
+INSTANCE_TARGET_CLASSES = {"three_class": 3, "boundary": 2, "distance": 6}  # segkit.instance_targets.CLASSES
 INSTANCE_KEYS = ("target", "classes", "thresholds", "halo_px")
 INSTANCE_OPTIONAL_KEYS = ("tuning",)  # how the thresholds were fitted (segkit.instance_tuning), a record only
 

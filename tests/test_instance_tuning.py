@@ -101,3 +101,46 @@ def test_metadata_refuses_a_tuning_record_that_is_not_an_object(tuning):
     with pytest.raises(model_metadata.MetadataError, match="instances.tuning"):
         model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=3, size_factor=1, radius=0),
                                                 "instances": block})
+
+
+def test_distance_target_is_fitted_on_its_expected_depth():
+    from test_instances import distance_probabilities
+    from test_instances import touching_objects as clumps
+
+    labels = clumps((96, 112), 30, 6)
+    probs = distance_probabilities(labels, blur=1.0)
+    truth = instance_tuning.true_labels_of_target(instance_targets.make_target(labels, "distance"), "distance")
+    assert average_precision([(labels, truth)]) == 1.0
+    tuning = instance_tuning.tune_thresholds([(probs, truth)], target="distance")
+    assert tuning.tuned_score["ap50"] >= tuning.default_score["ap50"] > 0.9
+    assert tuning.thresholds.seed in instance_tuning.SEED_GRIDS["distance"] + (0.5,)
+
+
+def test_distance_target_builds_trains_to_six_classes_and_its_metadata_and_package_say_so(tmp_path):
+    import build_lmdb
+    from segkit import bioimageio_export, lmdb_format
+    from segkit.training.autoconfig import INSTANCE_LOSS
+    from segkit.training.resolve import training_instances
+
+    for sub in ("images", "masks"):
+        os.makedirs(tmp_path / sub)
+    for i in range(2):
+        labels = touching_objects((48, 48), seed=30 + i)
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels)[..., 1])
+        tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
+    summary = build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                                         output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.5,
+                                         workers=1, progress=False, mask_type="instances", instance_target="distance")
+    train = str(tmp_path / "db" / "train-ds.lmdb")
+    meta = lmdb_format.read_metadata(train)
+    assert summary.number_classes == 6 and meta["instance_target"]["target"] == "distance"
+    assert INSTANCE_LOSS["distance"] == "ce+dice"
+    block = training_instances(SimpleNamespace(train_database=(train,), crop_size=(32, 32)))
+    assert block["target"] == "distance" and len(block["classes"]) == 6
+    model_meta = model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=6, size_factor=1,
+                                                                    radius=0), "instances": block})
+    assert bioimageio_export.instance_target(model_meta) == "distance"
+    assert bioimageio_export.class_names(model_meta)[1:3] == ["boundary", "depth_1_of_4"]
+    with pytest.raises(model_metadata.MetadataError, match="needs 6 classes"):
+        model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=3, size_factor=1, radius=0),
+                                                "instances": block})

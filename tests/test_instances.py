@@ -9,7 +9,7 @@ from conftest import ROOT
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, find_boundaries
 
-from segkit import cliutil, instance_metrics, instance_seams, instances
+from segkit import cliutil, instance_metrics, instance_seams, instance_targets, instances
 from segkit.calibration import Calibration
 from segkit.instances import InstanceThresholds
 
@@ -266,3 +266,62 @@ def test_bench_instances_reports_the_ceiling_on_training_images_only(tmp_path, c
     assert bench.main(["--data", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 images, 16 objects" in out and "(defaults)     AP@0.5 = 1.000" in out
+
+
+# ---- the distance target (depth levels) -------------------------------------------------------------------------
+
+def distance_probabilities(labels, blur=0.0):
+    """One-hot probabilities of ``labels``' distance target (a perfect model), optionally smoothed."""
+    classes = instance_targets.CLASSES["distance"]
+    probs = instances.one_hot(instances.target_from_labels(labels, "distance"), classes)
+    if blur:
+        probs = ndi.gaussian_filter(probs, [blur] * labels.ndim + [0])
+    return probs
+
+
+def test_distance_target_levels_deepen_towards_each_core_and_keep_the_3class_objects():
+    truth = touching_objects((96, 112), 30, 6)
+    target = instances.target_from_labels(truth, "distance")
+    levels = instance_targets.DISTANCE_LEVELS
+    assert target.dtype == np.uint8 and target.max() == 1 + levels
+    np.testing.assert_array_equal(instance_targets.three_class_of(target, "distance"),
+                                  instances.target_from_labels(truth))
+    for obj in range(1, int(truth.max()) + 1):  # every object reaches the deepest level at its most inner pixel
+        inside = target[(truth == obj) & (target >= 2)]
+        assert inside.size == 0 or inside.max() == 1 + levels
+    depth = ndi.distance_transform_edt(target >= 2)
+    assert depth[target == 2].mean() < depth[target == 1 + levels].mean()  # shallow levels lie outside deep ones
+    big = np.zeros((2**17 + 20, 3), np.uint32)  # large ids, one object: indexed by the ids present only
+    big[2:2**17 + 18, :] = 4_000_000_000
+    assert instances.target_from_labels(big, "distance").max() == 1 + levels
+
+
+@pytest.mark.parametrize("shape,count,radius", [((96, 112), 30, 6), ((24, 40, 36), 14, 5)])
+def test_distance_round_trip_recovers_every_object(shape, count, radius):
+    truth = touching_objects(shape, count, radius)
+    labels = instances.labels_from_probabilities(distance_probabilities(truth), target="distance")
+    counts = instance_metrics.image_counts(truth, labels, (0.5, 0.8))
+    assert (counts[0.5].tp, counts[0.5].fp, counts[0.5].fn) == (count, 0, 0)
+    assert counts[0.8].tp == count
+
+
+def test_distance_seeds_split_objects_whose_boundary_the_model_misses():
+    """Two touching discs, the boundary between them predicted as their shallowest interior level: the 3-class
+    reading (any interior seeds) merges them; the expected depth keeps their cores apart."""
+    grid = np.indices((40, 64))
+    truth = np.zeros((40, 64), np.uint16)
+    for obj, cx in ((1, 20), (2, 43)):
+        truth[(grid[0] - 20) ** 2 + (grid[1] - cx) ** 2 <= 12 ** 2] = obj
+    target = instances.target_from_labels(truth, "distance")
+    target[(target == 1) & (np.abs(grid[1] - 31.5) < 2)] = 2  # the contact taken for interior
+    probs = instances.one_hot(target, instance_targets.CLASSES["distance"])
+    assert instances.labels_from_probabilities(probs, target="distance").max() == 2
+    three = instances.one_hot(instance_targets.three_class_of(target, "distance"), 3)
+    assert instances.labels_from_probabilities(three).max() == 1
+
+
+def test_distance_target_tiled_equals_whole():
+    probs = distance_probabilities(touching_objects((120, 130), 40, 7, seed=3), blur=1.0)
+    whole = instances.labels_from_probabilities(probs, target="distance")
+    tiled = instance_seams.labels_tiled(probs, (40, 23), halo=24, target="distance")
+    assert same_partition(whole, tiled) and whole.max() > 30

@@ -32,7 +32,8 @@ TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training r
 TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
 BUDGET_TEST_PASSES = 20        # without --max_steps or --max_minutes: 20 test intervals ...
 MIN_AUTO_STEPS = 2000          # ... and at least this many steps
-INSTANCE_LOSS = {"three_class": "ce+dice"}  # instance targets whose thin boundary class separates touching objects
+# instance targets whose thin boundary class (and depth levels) separate touching objects
+INSTANCE_LOSS = {"three_class": "ce+dice", "distance": "ce+dice"}
 
 
 @dataclass(frozen=True)

@@ -107,22 +107,24 @@ def _volume_metadata(config: RunConfig, final_metrics: dict[str, Any], instances
         training={k: config.to_dict()[k] for k in TRAINING_FIELDS}, instances=instances)
 
 
+FITTED_TARGETS = ("three_class", "distance")  # targets of separate objects; dense labels keep the defaults
 TUNING_PIXELS = 1 << 21  # training pixels (voxels) the instance thresholds are fitted on: ~32 records of 256x256
 
 
 def fitted_instances(config: RunConfig, model) -> dict[str, Any] | None:
-    """The metadata ``instances`` block (resolve.training_instances) with, for the 3-class target, the labelling
+    """The metadata ``instances`` block (resolve.training_instances) with, for the 3-class and distance targets, the labelling
     thresholds fitted to this model on its training records (segkit.instance_tuning) and how they scored there;
     the defaults stay when the records hold no object. The boundary target (dense labels) keeps the defaults."""
     block = training_instances(config)
-    if block is None or block["target"] != "three_class":
+    if block is None or block["target"] not in FITTED_TARGETS:
         return block
     from segkit.instance_tuning import true_labels_of_target, tune_thresholds
-    from segkit.instances import InstanceThresholds
+    from segkit.instances import TARGET_OF_BUILD, InstanceThresholds
 
     started = time.monotonic()
-    pairs = [(probs, true_labels_of_target(target)) for probs, target in _training_predictions(config, model)]
-    tuning = tune_thresholds(pairs, InstanceThresholds.from_dict(block["thresholds"]))
+    name = block["target"]
+    pairs = [(probs, true_labels_of_target(target, name)) for probs, target in _training_predictions(config, model)]
+    tuning = tune_thresholds(pairs, InstanceThresholds.from_dict(block["thresholds"]), TARGET_OF_BUILD[name])
     if tuning is None:
         log.info("instance thresholds: the defaults (the training records scanned hold no object)")
         return block
