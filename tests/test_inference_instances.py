@@ -309,10 +309,13 @@ def test_bad_instance_flags_are_refused_in_one_line(tmp_path, capsys, flag, valu
     assert flag in one_error_line(capsys)
 
 
-def test_instances_default_follows_the_model_and_flags_override_thresholds(tmp_path):
+def test_instances_default_follows_the_model_and_flags_override_thresholds(tmp_path, caplog):
     meta = model_metadata.load(fake_model(tmp_path / "m"))
-    on = instances_out.resolve_instances(None, meta, "m", min_object_size=9, seed_threshold=0.7)
+    with caplog.at_level(logging.INFO):
+        on = instances_out.resolve_instances(None, meta, "m", min_object_size=9, seed_threshold=0.7)
     assert on.thresholds == InstanceThresholds(seed=0.7, foreground=0.5, min_size=9) and on.halo_px == HALO
+    assert ("seed 0.7, foreground 0.5, min_size 9 (the model's; min_size from --min_object_size, seed from "
+            "--seed_threshold)") in caplog.text
     assert instances_out.resolve_instances(False, meta, "m") is None
     semantic = model_metadata.load(fake_model(tmp_path / "s", instances=False))
     assert instances_out.resolve_instances(None, semantic, "s") is None

@@ -85,6 +85,10 @@ def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_f
         if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
             raise InputError(f"--seam_halo must be a whole number of pixels >= 1, got {seam_halo!r}")
     halo = tuple(int(h) for h in halo) if isinstance(halo, (list, tuple)) else int(halo)
+    source = "fitted on the training records" if "tuning" in block else "the model's"
+    given = ", ".join(f"{k} from {flags[k]}" for k, v in overrides.items() if v is not None)
+    log.info("instances (%s target): seed %g, foreground %g, min_size %d (%s%s)", block["target"], thresholds.seed,
+             thresholds.foreground, thresholds.min_size, source, f"; {given}" if given else "")
     return InstanceSettings(block["target"], thresholds, halo)
 
 
