@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
 from segkit import volume_io
@@ -63,8 +62,7 @@ def read_calibration(path: str) -> Calibration | None:
 
 
 def _from_ome(xml: str) -> Calibration | None:
-    root = ElementTree.fromstring(xml)
-    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    pixels = volume_io.ome_pixels(xml)
     if pixels is None or "PhysicalSizeX" not in pixels.attrib:
         return None
     size_x = float(pixels.attrib["PhysicalSizeX"])
@@ -74,13 +72,10 @@ def _from_ome(xml: str) -> Calibration | None:
 
 
 def _from_tags(tags, imagej: dict) -> Calibration | None:
-    if "XResolution" not in tags:
+    per_pixel = volume_io.tiff_pixels_per_unit(tags)
+    if per_pixel is None:
         return None
-    per_unit_x = _rational(tags["XResolution"].value)
-    per_unit_y = _rational(tags["YResolution"].value) if "YResolution" in tags else per_unit_x
-    if not per_unit_x or not per_unit_y:
-        return None
-    sizes = (1.0 / per_unit_y, 1.0 / per_unit_x)
+    sizes = (1.0 / per_pixel[0], 1.0 / per_pixel[1])
     unit = _unit(imagej.get("unit"))
     if unit is None:
         resunit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 0
@@ -89,12 +84,6 @@ def _from_tags(tags, imagej: dict) -> Calibration | None:
             return None  # no unit, or the writer's default 1 pixel per inch/cm: uncalibrated
         return Calibration(tuple(s * factor for s in sizes), "micrometer")
     return Calibration(sizes, unit)
-
-
-def _rational(value) -> float:
-    if isinstance(value, tuple):
-        return value[0] / value[1] if value[1] else 0.0
-    return float(value)
 
 
 def tiff_kwargs(calibration: Calibration | None, imagej: bool) -> dict:

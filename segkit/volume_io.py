@@ -176,32 +176,49 @@ def _reorder(data: np.ndarray, order) -> np.ndarray:
 
 # ---- TIFF ------------------------------------------------------------------------------------------
 
+def tiff_pixels_per_unit(tags) -> tuple[float, float] | None:
+    """(y, x) pixels per resolution unit from a TIFF page's XResolution / YResolution tags (YResolution defaults
+    to XResolution); None when absent or zero. The one reader of these tags (segkit.calibration uses it too)."""
+    xres = tags.get("XResolution")
+    if xres is None:
+        return None
+    values = tuple(_rational(tag.value) for tag in (tags.get("YResolution") or xres, xres))
+    return values if all(v > 0 for v in values) else None
+
+
+def _rational(value) -> float:
+    if isinstance(value, tuple):
+        return value[0] / value[1] if value[1] else 0.0
+    return float(value)
+
+
+def ome_pixels(xml: str):
+    """The ``Pixels`` element of OME-XML (any namespace), or None."""
+    root = ElementTree.fromstring(xml)
+    return next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+
+
 def _tiff_xy_um(page) -> tuple[float, float] | None:
     """(y, x) pixel size from the resolution tags, in micrometres, when the unit tag says inch or cm."""
-    unit = page.tags.get("ResolutionUnit")
-    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if unit is None or xres is None or yres is None or int(unit.value) not in TIFF_RESOLUTION_UNIT_UM:
+    unit, per_pixel = page.tags.get("ResolutionUnit"), tiff_pixels_per_unit(page.tags)
+    if unit is None or per_pixel is None or int(unit.value) not in TIFF_RESOLUTION_UNIT_UM:
         return None
     per_unit = TIFF_RESOLUTION_UNIT_UM[int(unit.value)]
-    values = [v.value[0] / v.value[1] if v.value[1] else 0.0 for v in (yres, xres)]
-    return (per_unit / values[0], per_unit / values[1]) if all(v > 0 for v in values) else None
+    return per_unit / per_pixel[0], per_unit / per_pixel[1]
 
 
 def _imagej_spacing(tif, where: str) -> tuple[tuple | None, str]:
     meta = tif.imagej_metadata or {}
     per_unit = unit_to_um(meta.get("unit"), where)
-    page = tif.pages[0]
-    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if per_unit is None or xres is None or yres is None or "spacing" not in meta:
+    per_pixel = tiff_pixels_per_unit(tif.pages[0].tags)
+    if per_unit is None or per_pixel is None or "spacing" not in meta:
         return None, "ImageJ metadata without a calibrated z spacing and unit"
-    xy = [v.value[1] / v.value[0] if v.value[0] else 0.0 for v in (yres, xres)]
-    spacing = _valid_spacing((meta["spacing"], *xy), per_unit)
+    spacing = _valid_spacing((meta["spacing"], 1.0 / per_pixel[0], 1.0 / per_pixel[1]), per_unit)
     return spacing, f"ImageJ spacing {meta['spacing']} and resolution tags in {meta.get('unit')}"
 
 
 def _ome_spacing(tif, where: str) -> tuple[tuple | None, str]:
-    root = ElementTree.fromstring(tif.ome_metadata)
-    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    pixels = ome_pixels(tif.ome_metadata)
     if pixels is None:
         return None, "OME metadata without Pixels"
     sizes = []
