@@ -90,6 +90,27 @@ class SeamMerger:
         self._present.append(np.unique(ids[inner]))
         return ids[inner]
 
+    def record(self) -> dict[str, Any]:
+        """The seam data of a merger that holds one zone (count, present, shell_idx, shell_ids, margin_idx,
+        margin_ids; e.g. for ``np.savez``): zones labelled by separate processes or runs are merged by
+        :meth:`add_record`."""
+        if len(self._present) != 1:
+            raise ValueError(f"a seam record holds one zone; this merger has {len(self._present)}")
+        (shell_idx, shell_ids), (margin_idx, margin_ids) = self._shell[0], self._margin[0]
+        return {"count": self.next_id, "present": self._present[0], "shell_idx": shell_idx, "shell_ids": shell_ids,
+                "margin_idx": margin_idx, "margin_ids": margin_ids}
+
+    def add_record(self, record: Any) -> int:
+        """Add a zone from the :meth:`record` of a one-zone merger (a mapping or an ``np.load`` file); its ids
+        are offset to follow those added so far. Returns the offset."""
+        offset = self.next_id
+        self._shell.append((record["shell_idx"], record["shell_ids"] + offset))
+        self._margin.append((record["margin_idx"], record["margin_ids"] + offset))
+        present = record["present"]
+        self._present.append(np.where(present > 0, present + offset, 0))
+        self.next_id += int(record["count"])
+        return offset
+
     def pairs(self) -> np.ndarray:
         """(k, 2) ids that two zones gave the same pixel just across their seam."""
         if not self._shell:

@@ -325,3 +325,23 @@ def test_distance_target_tiled_equals_whole():
     whole = instances.labels_from_probabilities(probs, target="distance")
     tiled = instance_seams.labels_tiled(probs, (40, 23), halo=24, target="distance")
     assert same_partition(whole, tiled) and whole.max() > 30
+
+
+def test_seam_records_of_one_zone_mergers_merge_as_one_merger_does():
+    probs = probabilities(touching_objects((60, 70), 12, 6, seed=4))
+    shape, halo = probs.shape[:2], 16
+    whole, pieces = instance_seams.SeamMerger(shape), instance_seams.SeamMerger(shape)
+    written_whole, written_pieces = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    for zone in instance_seams.zones(shape, (30, 35)):
+        region = instance_seams.grow(zone, halo, shape)
+        labels = instances.labels_from_probabilities(probs[region], origin=[s.start for s in region])
+        ring = labels[instance_seams.within(instance_seams.grow(zone, 1, shape), region)]
+        written_whole[zone] = whole.add(zone, ring)
+        single = instance_seams.SeamMerger(shape)
+        local = single.add(zone, ring)
+        offset = pieces.add_record(single.record())
+        written_pieces[zone] = np.where(local > 0, local + offset, 0)
+    np.testing.assert_array_equal(instance_seams.relabel(written_whole, whole.finish()),
+                                  instance_seams.relabel(written_pieces, pieces.finish()))
+    with pytest.raises(ValueError, match="one zone"):
+        whole.record()

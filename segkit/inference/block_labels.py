@@ -58,8 +58,7 @@ def label_block(job: Job, zone: tiling.Zone, settings: Settings) -> None:
     merger = instance_seams.SeamMerger(shape)
     put_chunks(os.path.join(job.blocks_dir, IDS_ARRAY), box, merger.add(box, labels[instance_seams.within(ring, region)]))
     with cliutil.atomic_path(seams_path(job, zone), suffix=".npz") as tmp:
-        np.savez(tmp, count=merger.next_id, present=merger._present[0], shell_idx=merger._shell[0][0],
-                 shell_ids=merger._shell[0][1], margin_idx=merger._margin[0][0], margin_ids=merger._margin[0][1])
+        np.savez(tmp, **merger.record())
 
 
 def label_ready(job: Job, zones: list[tiling.Zone], settings: Settings) -> int:
@@ -78,13 +77,7 @@ def merge_table(job: Job) -> tuple[np.ndarray, list[int]]:
     offsets = []
     for zone in job.plan.zones:
         with np.load(seams_path(job, zone)) as seams:
-            offset = merger.next_id
-            offsets.append(offset)
-            merger._shell.append((seams["shell_idx"], seams["shell_ids"] + offset))
-            merger._margin.append((seams["margin_idx"], seams["margin_ids"] + offset))
-            present = seams["present"]
-            merger._present.append(np.where(present > 0, present + offset, 0))
-            merger.next_id += int(seams["count"])
+            offsets.append(merger.add_record(seams))
     return merger.finish(), offsets
 
 
