@@ -58,6 +58,17 @@ def test_test_interval_and_budget_follow_the_record_count():
     assert few["learning_rate"].value == 1e-3
 
 
+def test_a_pass_over_the_data_counts_the_crops_a_large_record_holds():
+    """One volume stored whole is one record but many crops: its test interval is 10 passes of crops, not the
+    50-step floor of 10 one-step passes (a test pass every few seconds would eat the budget)."""
+    meta = {"tile_size": None, "num_records": 1, "sources": [{"depth": 200, "height": 250, "width": 250}]}
+    chosen = autoconfig.choose({}, autoconfig.DataSummary.from_metadata([meta]), (16, 16, 16), gpus=0)
+    crop, batch = chosen["crop_size"].value, chosen["batch_size"].value
+    crops = 200 * 250 * 250 / np.prod(crop)
+    assert chosen["test_every_n_steps"].value == int(10 * np.ceil(crops / batch)) // 10 * 10
+    assert f"{crops:.3g} crops each" in chosen["test_every_n_steps"].reason
+
+
 def test_every_flag_the_user_passes_wins():
     user = {"crop_size": 96, "batch_size": 3, "learning_rate": 1e-4, "test_every_n_steps": 1000, "max_steps": 7}
     assert autoconfig.choose(user, autoconfig.DataSummary.from_metadata([_meta((64, 64), 5)]), 16, gpus=0) == {}

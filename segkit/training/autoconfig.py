@@ -28,7 +28,7 @@ BATCH_RANGE = (2, 64)
 CROP_VOXELS = {"cpu": 32 * 64 * 64, "gpu": 128 ** 3}
 BATCH_VOXELS = {"cpu": 2 * 32 * 64 * 64, "gpu": 2 * 128 ** 3}
 LEARNING_RATE = 1e-3           # Adam; the step size the measured recipes used (README quality section)
-TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training records ...
+TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training data (in crops) ...
 TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
 BUDGET_TEST_PASSES = 20        # without --max_steps or --max_minutes: 20 test intervals ...
 MIN_AUTO_STEPS = 2000          # ... and at least this many steps
@@ -133,11 +133,15 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
             chosen["loss"] = Choice("ce", "cross-entropy, the original's")
     every = user.get("test_every_n_steps")
     if every is None:
-        epoch = math.ceil(data.records / (batch * max(gpus, 1)))
+        # one pass = the training data once in crops: a record larger than the crop (a volume stored whole, a
+        # large image) counts for as many crops as it holds
+        per_record = max(1.0, math.prod(data.record_shape) / crop_pixels)
+        epoch = math.ceil(data.records * per_record / (batch * max(gpus, 1)))
         every = int(min(max(TEST_EVERY_EPOCHS * epoch, TEST_EVERY_RANGE[0]), TEST_EVERY_RANGE[1]))
         every = every // 10 * 10 or every
+        held = f", {per_record:.3g} crops each" if per_record > 1 else ""
         chosen["test_every_n_steps"] = Choice(every, f"{TEST_EVERY_EPOCHS} passes over the {data.records} training "
-                                                     f"records at this batch ({epoch} step(s) each), within "
+                                                     f"records{held} at this batch ({epoch} step(s) each), within "
                                                      f"{TEST_EVERY_RANGE[0]}-{TEST_EVERY_RANGE[1]}")
     if user.get("max_steps") is None and user.get("max_minutes") is None:
         steps = max(MIN_AUTO_STEPS, BUDGET_TEST_PASSES * every)
