@@ -30,6 +30,8 @@ BATCH_VOXELS = {"cpu": 2 * 32 * 64 * 64, "gpu": 2 * 128 ** 3}
 LEARNING_RATE = 1e-3           # Adam; the step size the measured recipes used (README quality section)
 TEST_EVERY_EPOCHS = 10         # a test pass every 10 passes over the training data (in crops) ...
 TEST_EVERY_RANGE = (50, 1000)  # ... within these steps (1000: the original's interval)
+AUTO_WARMUP_STEPS = 100        # with a chosen test interval: warm-up at a tenth of the rate for at most this many
+                               # steps (the original's min(1000, interval) would hold a long interval at 1e-4)
 BUDGET_TEST_PASSES = 20        # without --max_steps or --max_minutes: 20 test intervals ...
 MIN_AUTO_STEPS = 2000          # ... and at least this many steps
 # instance targets whose thin boundary class (and depth levels) separate touching objects
@@ -143,6 +145,9 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
         chosen["test_every_n_steps"] = Choice(every, f"{TEST_EVERY_EPOCHS} passes over the {data.records} training "
                                                      f"records{held} at this batch ({epoch} step(s) each), within "
                                                      f"{TEST_EVERY_RANGE[0]}-{TEST_EVERY_RANGE[1]}")
+        chosen["warmup_steps"] = Choice(min(AUTO_WARMUP_STEPS, every),
+                                        f"the first min({AUTO_WARMUP_STEPS}, test interval) steps at a tenth of the "
+                                        "learning rate (with --test_every_n_steps given: min(1000, it), the original's)")
     if user.get("max_steps") is None and user.get("max_minutes") is None:
         steps = max(MIN_AUTO_STEPS, BUDGET_TEST_PASSES * every)
         chosen["max_steps"] = Choice(steps, f"{BUDGET_TEST_PASSES} test intervals, at least {MIN_AUTO_STEPS} steps "

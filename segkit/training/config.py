@@ -96,7 +96,8 @@ class RunConfig:
                                run_defining=True, legacy=0.0,
                                rule=Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = no moving average)"))
     test_every_n_steps: int = setting("steps between test passes (an 'epoch')", run_defining=True, rule=AT_LEAST_1)
-    warmup_steps: int = setting("first steps at a tenth of the learning rate: min(1000, test_every_n_steps)",
+    warmup_steps: int = setting("first steps at a tenth of the learning rate: min(1000, --test_every_n_steps), "
+                                "or min(100, the interval) when the interval was chosen",
                                 rule=Rule(lambda v: v >= 0, "must be >= 0"))
     balance_classes: bool = setting("sample a class uniformly, then a record containing it", run_defining=True)
     use_augmentation: bool = setting("augment training samples (augment.py)", run_defining=True)

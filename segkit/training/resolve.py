@@ -56,7 +56,7 @@ def resolve_config(args) -> RunConfig:
         test_database=os.path.abspath(args.test_database), output_dir=os.path.abspath(args.output_dir),
         batch_size=args.batch_size, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay, test_every_n_steps=args.test_every_n_steps,
-        warmup_steps=min(WARMUP_MAX_STEPS, args.test_every_n_steps),
+        warmup_steps=getattr(args, "warmup_steps", None) or min(WARMUP_MAX_STEPS, args.test_every_n_steps),
         balance_classes=bool(args.balance_classes), use_augmentation=bool(args.use_augmentation),
         early_stopping=args.early_stopping, reader_count=args.reader_count, seed=args.seed,
         max_steps=args.max_steps, max_minutes=args.max_minutes, origins=origins,
