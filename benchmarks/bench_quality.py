@@ -21,7 +21,7 @@ Data sets (under ``--data_root``):
          from the train volume, test sections from the test volume
   fib3d  the same volumes as volumes (issue #15): ``build_lmdb.py --mask_type instances`` (the per-section
          boundary target, the same membrane), the default 3D UNet for their 10 nm voxels, scored on the
-         test volume's membrane: the same voxels as fib2d's test sections, so the two compare directly
+         test volume's labels made into that target: the same voxels and membrane as fib2d's test sections
   fib2d-aniso, fib3d-aniso  the same with every 5th section kept (10 x 10 x 50 nm voxels, anisotropic)
 
     python benchmarks/bench_quality.py --output_dir /tmp/quality            # 3 x 3 runs, ~2 hours
@@ -198,21 +198,20 @@ def prepare_fib2d(source: str, folder: str, every: int = 1, name: str = "fib2d")
 
 def prepare_fib3d(source: str, folder: str, every: int = 1, name: str = "fib3d") -> Prepared:
     """The volumes (every ``every``-th section) as ImageJ stacks with their voxel size, and their instance
-    labels (built into the boundary target); inference scores the test volume's membrane, per section as
-    fib2d's masks."""
+    labels (built into the boundary target). Inference is given the labels too: an instance model scores its
+    own target made from them (metrics.csv), the per-section inner boundaries of the bodies, which are fib2d's
+    membrane masks wherever the labels have no 0 (label 0 is almost absent in this sample). Binary membrane
+    masks would be read as instance labels of one object, whose boundary is not the membrane."""
     images, labels = fresh_folder(os.path.join(folder, "images")), fresh_folder(os.path.join(folder, "labels"))
-    scored = fresh_folder(os.path.join(folder, "membrane"))
     for volume, image_zyx, labels_zyx, voxel_um in fib_volumes(source, every):
         meta = {"axes": "ZYX", "spacing": voxel_um[0], "unit": "um"}
-        resolution = (1 / voxel_um[2], 1 / voxel_um[1])
-        for path, array in ((os.path.join(images, volume), image_zyx),
-                            (os.path.join(scored, volume), np.stack([membrane(s) for s in labels_zyx]))):
-            with cliutil.atomic_path(path, suffix=".tif") as tmp:
-                tifffile.imwrite(tmp, array, imagej=True, resolution=resolution, metadata=meta, compression="zlib")
+        with cliutil.atomic_path(os.path.join(images, volume), suffix=".tif") as tmp:
+            tifffile.imwrite(tmp, image_zyx, imagej=True, resolution=(1 / voxel_um[2], 1 / voxel_um[1]), metadata=meta,
+                             compression="zlib")
         write_tiff(os.path.join(labels, volume), labels_zyx)  # ids may need 32 bits: no ImageJ stack (the image has the size)
     test_list = os.path.join(source, "test_files.txt")
     test_images = link_images(images, read_names(test_list), os.path.join(folder, "test_images"))
-    return Prepared(name, images, labels, test_list, test_images, label_masks=True, score_masks=scored)
+    return Prepared(name, images, labels, test_list, test_images, label_masks=True)
 
 
 DATASETS = {  # name: (folder under --data_root, preparation)
