@@ -84,8 +84,8 @@ def _self_configure(args, train_meta: list[dict], size_factor: int,
     target = targets.pop() if len(targets) == 1 else None
     chosen = autoconfig.choose(user, data, (size_factor,) * rank, autoconfig.visible_gpus(), target)
     args = argparse.Namespace(**{**vars(args), **{name: c.value for name, c in chosen.items()}})
-    for name, c in chosen.items():
-        log.info("chose --%s %s: %s", name, _flag_text(c.value), c.reason)
+    for name, c in chosen.items():  # warmup_steps has no flag of its own: it follows the test interval
+        log.info("chose %s%s %s: %s", "--" if name in SELF_CONFIGURED else "", name, _flag_text(c.value), c.reason)
     return args, {name: c.reason for name, c in chosen.items()}
 
 
