@@ -14,7 +14,7 @@ The score is AP = TP / (TP + FP + FN) with one-to-one matching, counts summed ov
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +40,6 @@ class Tuning:
     images: int
     objects: int
     tried: int = 0
-    grid: dict[str, list] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The record saved with the model (metadata ``instances.tuning``)."""
@@ -116,5 +115,4 @@ def tune_thresholds(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                 candidate = dataclasses.replace(best, **{name: value})
                 if scored(candidate)["objective"] > scored(best)["objective"]:
                     best = candidate
-    return Tuning(best, scored(start), scored(best), len(pairs), objects, len(cache),
-                  {k: list(v) for k, v in grid.items()})
+    return Tuning(best, scored(start), scored(best), len(pairs), objects, len(cache))
