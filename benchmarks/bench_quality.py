@@ -74,7 +74,6 @@ class Prepared:
     mask_map: str | None = None  # build_lmdb.py --mask_map, when the masks are not 0/1 already
     instances: bool = False      # masks are instance labels: --mask_type instances, objects scored
     label_masks: bool = False    # masks are instance labels built into their class target (--mask_type instances)
-    score_masks: str | None = None  # the class masks inference scores against (default: mask_folder)
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -286,7 +285,7 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
     def infer(folder: str, *extra: str) -> dict[str, str]:
         run([sys.executable, "inference_unet.py", "--saved_model_filepath", os.path.join(model, "saved_model"),
              "--image_folder", data.test_images, "--output_folder", os.path.join(out, folder),
-             "--mask_folder", data.score_masks or data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
+             "--mask_folder", data.mask_folder, *extra], os.path.join(out, f"{folder}.log"))
         return overall_row(os.path.join(out, folder, "metrics.csv"))
 
     if data.instances:

@@ -214,8 +214,8 @@ def test_fib_volume_preparations_keep_the_voxel_size_and_score_the_same_membrane
     assert data.label_masks and not data.instances and sorted(os.listdir(data.test_images)) == ["test_z010-019.tif"]
     with tifffile.TiffFile(os.path.join(data.image_folder, "test_z010-019.tif")) as tif:
         assert tif.series[0].shape == kept.shape and tif.imagej_metadata["spacing"] == pytest.approx(0.01 * every)
+    # inference is given the mask folder: the labels, whose own target is fib2d's membrane (no label 0 here)
     np.testing.assert_array_equal(tifffile.imread(os.path.join(data.mask_folder, "test_z010-019.tif")), kept)
-    assert data.score_masks is None  # inference scores the labels' own target: fib2d's membrane (no label 0 here)
     from segkit import instance_targets
     np.testing.assert_array_equal(instance_targets.make_target(kept, "boundary"),
                                   np.stack([find_boundaries(s, mode="inner") for s in kept]).astype(np.uint8))
