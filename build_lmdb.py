@@ -368,7 +368,7 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--instance_target", choices=("auto",) + instance_targets.TARGETS, default="auto",
                    help="target of instance masks: three_class (background, interior, boundary), boundary "
                         "(membrane / rest), distance (background, boundary, 4 levels of depth in the object); "
-                        "auto: boundary when less than 5%% of the voxels are background, else three_class")
+                        "auto: boundary when less than 5%% of the voxels are background, else distance")
     p.add_argument("--voxel_size", default=None,
                    help="volumes: voxel size z,y,x in micrometres, when the files' metadata lack it (overrides them)")
     p.add_argument("--image_dataset", default=None,

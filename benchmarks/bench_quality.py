@@ -13,9 +13,10 @@ in the output folder holds the same rows. See README "Segmentation quality on re
 Data sets (under ``--data_root``):
   nist   nist-phase-contrast: 0/1 cell masks as they are (``--mask_map`` only if they need one)
   dsb    dsb2018-nuclei-100: nucleus instance labels -> foreground (label > 0) as uint8 masks
-  dsb-instances  the same nuclei as objects: ``build_lmdb.py --mask_type instances`` (the 3-class target),
-         ``--number_classes 3``, inference ``--instances 1 --mask_folder`` on the instance labels; reports
-         AP@0.5, AP@0.75 and panoptic quality PQ@0.5 (instance_metrics.csv, ALL row) and the foreground IoU
+  dsb-instances  the same nuclei as objects: ``build_lmdb.py --mask_type instances`` (the target it chooses),
+         the number of classes the database's target has, inference ``--instances 1 --mask_folder`` on the
+         instance labels; reports AP@0.5, AP@0.75 and panoptic quality PQ@0.5 (instance_metrics.csv, ALL
+         row) and the IoU of the objects' union with the true one (pixels pooled)
   fib2d  neuroproof-fib-sample: every z section of the FIB-SEM volumes is a 2D image; the target is
          the membrane, skimage.segmentation.find_boundaries(labels, mode="inner"); train sections
          from the train volume, test sections from the test volume
@@ -273,12 +274,24 @@ def overall_row(metrics_csv: str) -> dict[str, str]:
     raise SystemExit(f"{metrics_csv}: no overall (ALL) row")
 
 
+def object_foreground_iou(labels_folder: str, truth_folder: str) -> float:
+    """IoU of "in some object" between the predicted label images and the true ones, pixels pooled over the
+    images (whatever classes the model's target has)."""
+    inter = union = 0
+    for name in sorted(os.listdir(labels_folder)):
+        pred = tifffile.imread(os.path.join(labels_folder, name)) > 0
+        truth = image_io.read_image(os.path.join(truth_folder, name)) > 0
+        inter += int(np.count_nonzero(pred & truth))
+        union += int(np.count_nonzero(pred | truth))
+    return inter / union if union else float("nan")
+
+
 def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> dict[str, float]:
     """Train with the defaults (and ``--extra``), score the held-out images plain and with TTA."""
     out = fresh_folder(os.path.join(args.output_dir, data.name, f"seed{seed}"))
     model = os.path.join(out, "model")
     train_s = run([sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
-                   "--output_dir", model, "--number_classes", "3" if data.instances else "2", "--seed", str(seed),
+                   "--output_dir", model, *([] if data.instances else ["--number_classes", "2"]), "--seed", str(seed),
                    "--max_minutes", f"{args.max_minutes:g}", *shlex.split(args.extra)], os.path.join(out, "train.log"))
     steps = int(read_rows(os.path.join(model, "metrics.csv"))[-1]["step"])  # the final test pass
 
@@ -291,9 +304,9 @@ def run_seed(data: Prepared, seed: int, args, train_db: str, test_db: str) -> di
     if data.instances:
         infer("objects", "--instances", "1", "--overlay", "1")
         scores = overall_row(os.path.join(out, "objects", "instance_metrics.csv"))
-        per_class = overall_row(os.path.join(out, "objects", "metrics.csv"))
         return {"steps": steps, "train_s": train_s, "ap50": float(scores["ap_t50"]), "ap75": float(scores["ap_t75"]),
-                "pq50": float(scores["pq_t50"]), "iou_fg": float(per_class["iou_1"])}
+                "pq50": float(scores["pq_t50"]),
+                "iou_fg": object_foreground_iou(os.path.join(out, "objects", "labels"), data.mask_folder)}
     plain = infer("masks", "--overlay", "1")
     tta = infer("masks_tta", "--tta", "1") if args.tta else {"iou_1": "nan", "dice_1": "nan"}
     mirror = infer("masks_mirror", "--border", "mirror") if args.mirror else {"iou_1": "nan"}
@@ -395,7 +408,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"machine at start: {machine()}")
-    print(f"training: defaults, --number_classes 2 (dsb-instances: 3) --max_minutes {args.max_minutes:g} --seed S"
+    print(f"training: defaults, --number_classes 2 (dsb-instances: the target's) --max_minutes {args.max_minutes:g} --seed S"
           + (f" {args.extra}" if args.extra else ""))
     rows = []
     for name in args.datasets:

@@ -130,15 +130,25 @@ def touching_nuclei():
     return labels
 
 
-def test_2d_instances_become_background_interior_boundary(tmp_path):
+def test_2d_instances_become_the_distance_target_by_default_and_three_class_on_request(tmp_path):
     os.makedirs(tmp_path / "images"), os.makedirs(tmp_path / "masks")
     for i in range(2):
         tifffile.imwrite(tmp_path / "images" / f"n{i}.tif", np.full((40, 40), 100 + i, np.uint8))
         tifffile.imwrite(tmp_path / "masks" / f"n{i}.tif", touching_nuclei())
     summary = build(tmp_path, tmp_path / "images", tmp_path / "masks", mask_type="instances")
     meta, (record,) = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
-    assert meta["mask_type"] == "instances" and meta["number_classes"] == 3 == summary.number_classes
-    assert meta["instance_target"]["target"] == "three_class" and "sparse" in meta["instance_target"]["reason"]
+    assert meta["mask_type"] == "instances" and meta["number_classes"] == 6 == summary.number_classes
+    assert meta["instance_target"]["target"] == "distance" and "sparse" in meta["instance_target"]["reason"]
+    target = record.mask_hw
+    assert target[0, 0] == 0 and target[5, 10] == 1 and target[10, 14] == 1 and target[10, 15] == 1
+    assert target[10, 10] == 5 and target[10, 20] == 5  # each object's deepest level, apart from the other's
+    assert set(np.unique(target[6:14, 6:14])) <= {2, 3, 4, 5} and target[6, 10] < target[10, 10]  # deeper inside
+    assert "distance target" in summary.format()
+
+    summary = build(tmp_path, tmp_path / "images", tmp_path / "masks", mask_type="instances",
+                    instance_target="three_class", overwrite=True)
+    meta, (record,) = read_db(str(tmp_path / "out" / "train-ds.lmdb"))
+    assert meta["number_classes"] == 3 == summary.number_classes and meta["instance_target"]["target"] == "three_class"
     target = record.mask_hw
     assert target[10, 10] == 1 and target[5, 10] == 2 and target[0, 0] == 0
     assert target[10, 14] == 2 and target[10, 15] == 2  # the touching columns are boundary on both sides

@@ -353,7 +353,7 @@ def test_training_on_instance_databases_fills_the_metadata_block(tmp_path):
         tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
     build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
                                output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.5, workers=1,
-                               progress=False, mask_type="instances")
+                               progress=False, mask_type="instances", instance_target="three_class")
     config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32))
     block = training_instances(config)
     assert block == {"target": "three_class", "classes": ["background", "interior", "boundary"],

@@ -77,7 +77,8 @@ def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_car
         tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
     assert build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
                                       output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.67,
-                                      workers=1, progress=False, mask_type="instances") is not None
+                                      workers=1, progress=False, mask_type="instances",
+                                      instance_target="three_class") is not None
     config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32),
                              size_factor=1)
 
