@@ -331,7 +331,7 @@ def machine() -> str:
 HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
     f"{h:>16}" for h in ("fg IoU", "fg Dice", "pix acc", "IoU tta", "Dice tta", "IoU mirror"))
 INSTANCE_HEADER = f"{'dataset':<8}{'seed':>6}{'steps':>7}{'train s':>10}" + "".join(
-    f"{h:>16}" for h in ("AP@0.5", "AP@0.75", "PQ@0.5", "fg IoU (3cl)"))
+    f"{h:>16}" for h in ("AP@0.5", "AP@0.75", "PQ@0.5", "objects IoU"))
 
 
 def metrics_of(run_: dict[str, float]) -> tuple[str, ...]:
