@@ -356,3 +356,33 @@ def test_a_tile_larger_than_the_available_memory_is_warned_about(saved, tmp_path
     settings.resolve_settings(**options)
     warned = [r.getMessage() for r in caplog.records if "more than the" in r.getMessage()]
     assert len(warned) == 1 and "pass a smaller --tile_size" in warned[0] and "bytes per voxel" in warned[0]
+
+
+def test_the_default_volume_tile_shrinks_to_fit_the_memory_available_and_a_flag_wins(saved, tmp_path, monkeypatch):
+    """Without --tile_size a volume model's zone is DEFAULT_VOLUME_TILE_SIZE per axis when its working set
+    (with the halo) fits half the free memory; with less memory the zone shrinks (multiples of the size
+    factor) until it fits, giving up first the axis whose halo costs least; --tile_size always wins."""
+    import collections
+
+    import psutil
+
+    from segkit.inference import settings
+
+    os.makedirs(tmp_path / "images")
+    write_tiff_stack(tmp_path / "images" / "vol.tif", blob_volume((4, 16, 16)))
+    memory = collections.namedtuple("memory", "available")
+    options = dict(saved_model_filepath=saved["aniso"], image_folder=str(tmp_path / "images"),
+                   output_folder=str(tmp_path / "out"))
+    full = (settings.DEFAULT_VOLUME_TILE_SIZE,) * 3
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=2**40))
+    resolved = settings.resolve_settings(**options)
+    assert resolved.tile_size == full
+    halo = np.array(resolved.halo)
+    need = float(settings._model_bytes(resolved.meta, np.prod(np.array(full) + 2 * halo)))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=int(need)))  # half of it is the budget
+    zone = settings.resolve_settings(**options).tile_size
+    factors = np.array(resolved.meta.size_factor)
+    assert zone != full and all(np.array(zone) % factors == 0)
+    assert settings._model_bytes(resolved.meta, np.prod(np.array(zone) + 2 * halo)) <= need / 2
+    assert zone[0] <= min(zone[1:])  # this model's z halo is the smallest: z gives way first
+    assert settings.resolve_settings(**options, tile_size="4,32,32").tile_size == (4, 32, 32)

@@ -290,20 +290,64 @@ def pair_masks(names: Sequence[str], mask_folder: str) -> dict[str, str]:
 MODEL_BYTES_PER_VOXEL_PER_FILTER = 24
 
 
+MODEL_MEMORY_FRACTION = 0.5  # a default volume tile's model working set stays within this share of free memory
+
+
+def _model_bytes(meta: ModelMetadata, voxels):
+    """Estimated bytes of the model's activations for tiles of ``voxels`` (with halo); None: not a UNet."""
+    filters = (meta.model_config or {}).get("base_filters")
+    if not isinstance(filters, int) or filters <= 0:
+        return None
+    return np.asarray(voxels, dtype=np.float64) * MODEL_BYTES_PER_VOXEL_PER_FILTER * filters
+
+
+def default_volume_tile(meta: ModelMetadata, halo: int | tuple[int, ...], available: int | None) -> tuple[int, ...]:
+    """The default zone of a volume model's tiles: DEFAULT_VOLUME_TILE_SIZE per axis when the model's
+    working set for it (with the halo) fits MODEL_MEMORY_FRACTION of the ``available`` bytes; else, of the
+    zones whose axes are multiples of the size factor up to that size and that fit, the one that computes
+    the least halo per zone voxel, the larger on a tie (so an anisotropic model gives up z before y and x).
+    With nothing that fits, the smallest zone (the memory warning follows). Unknown memory or a model
+    without an estimate: the full default."""
+    rank = meta.spatial_rank
+    full = (DEFAULT_VOLUME_TILE_SIZE,) * rank
+    halos = np.array(tiling.per_axis(halo, rank, "halo"))
+    factors = tiling.per_axis(meta.size_factor, rank, "size factor")
+    if available is None or _model_bytes(meta, 1) is None:
+        return full
+    budget = available * MODEL_MEMORY_FRACTION
+    if _model_bytes(meta, np.prod(np.array(full) + 2 * halos)) <= budget:
+        return full
+    axes = [np.unique(np.linspace(f, max(f, DEFAULT_VOLUME_TILE_SIZE // f * f), 32) // f * f).astype(np.int64)
+            for f in factors]  # up to 32 sizes per axis, multiples of the size factor
+    zones = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, rank)
+    with_halo = np.prod(zones + 2 * halos, axis=1).astype(np.float64)
+    fits = _model_bytes(meta, with_halo) <= budget
+    if not fits.any():
+        best = int(np.argmin(with_halo))
+    else:
+        volume = np.prod(zones, axis=1).astype(np.float64)
+        efficiency = np.where(fits, volume / with_halo, -1.0)
+        best = int(np.lexsort((volume, efficiency))[-1])  # ties (an axis without halo): the larger zone
+    zone = tuple(int(v) for v in zones[best])
+    log.info("chose --tile_size %s: the model's working set for a %s tile with its halo (~%.2f GB) %s %.0f%% of "
+             "the %.1f GB of memory available; %s would need ~%.1f GB", ",".join(map(str, zone)),
+             "x".join(str(z + 2 * h) for z, h in zip(zone, halos)), float(_model_bytes(meta, with_halo[best])) / 2**30,
+             "fits" if fits.any() else "is the smallest, yet over", 100 * MODEL_MEMORY_FRACTION,
+             available / 2**30, ",".join(map(str, full)),
+             float(_model_bytes(meta, np.prod(np.array(full) + 2 * halos))) / 2**30)
+    return zone
+
+
 def _warn_if_tiles_outgrow_memory(meta: ModelMetadata, tile, halo) -> None:
     """Warn when the largest tile (zone + halo on both sides) would need more memory for the model's
     activations than is available now: the run would be killed by the system part way through."""
-    filters = (meta.model_config or {}).get("base_filters")
-    if not isinstance(filters, int) or filters <= 0:
-        return  # not a UNet: no estimate
     rank = meta.spatial_rank
     voxels = float(np.prod([t + 2 * h for t, h in zip(tiling.per_axis(tile, rank, "tile"), tiling.per_axis(halo, rank, "halo"))]))
-    need = voxels * MODEL_BYTES_PER_VOXEL_PER_FILTER * filters
-    available = _available_memory()
-    if available is not None and need > available:
+    need, available = _model_bytes(meta, voxels), _available_memory()
+    if need is not None and available is not None and need > available:
         log.warning("a tile with its halo may need ~%.1f GB for the model (about %d bytes per voxel), more than the "
                     "%.1f GB available: pass a smaller --tile_size (images smaller than a tile are not affected)",
-                    need / 2**30, MODEL_BYTES_PER_VOXEL_PER_FILTER * filters, available / 2**30)
+                    need / 2**30, round(float(_model_bytes(meta, 1))), available / 2**30)
 
 
 def _working_set_limit(memory_limit_mb: float) -> int:
@@ -378,7 +422,8 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
     mine = list(names) if blocks else shard_names(names, index, count)
     masks = pair_masks(mine, mask_folder) if mask_folder else None
     truth_map = resolve_mask_map(mask_map, meta) if masks is not None else {}
-    tile, halo_px = _model_tile_size(tile_size, meta), resolve_halo(halo, meta)
+    halo_px = resolve_halo(halo, meta)
+    tile = _model_tile_size(tile_size, meta, halo_px)
     if slice_wise and meta.spatial_rank == 3:
         raise InputError("--slice_wise 1 applies a 2-D model section by section, but this model segments volumes "
                          "(spatial rank 3); drop --slice_wise")
@@ -414,13 +459,15 @@ def _block_mode(output_format: str, shard_count: int, finalize: bool, overwrite:
     return blocks
 
 
-def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata) -> int | tuple[int, ...]:
+def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata,
+                     halo: int | tuple[int, ...] = 0) -> int | tuple[int, ...]:
     """``--tile_size`` for the model: one number (2-D models: as before; volume models: a cube) or z,y,x
-    (volume models only); default DEFAULT_TILE_SIZE, or DEFAULT_VOLUME_TILE_SIZE per axis for volume models."""
+    (volume models only); default DEFAULT_TILE_SIZE, or for volume models the tile of
+    :func:`default_volume_tile` (at most DEFAULT_VOLUME_TILE_SIZE per axis, within the memory available)."""
     tile = parse_tile_size(tile_size)
     rank = meta.spatial_rank
     if tile is None:
-        tile = DEFAULT_TILE_SIZE if rank == 2 else (DEFAULT_VOLUME_TILE_SIZE,) * rank
+        tile = DEFAULT_TILE_SIZE if rank == 2 else default_volume_tile(meta, halo, _available_memory())
     if isinstance(tile, tuple) and len(tile) != rank:
         raise InputError(f"--tile_size {','.join(map(str, tile))}: give one number or {rank} (one per spatial axis"
                          f"{', z,y,x' if rank == 3 else ''}) for this {rank}-D model")
