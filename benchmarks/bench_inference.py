@@ -267,7 +267,7 @@ def print_timed_run(run: dict, ratio_note: str) -> None:
 def export_default_unet3d(path: str, voxel_size_um=(0.01, 0.01, 0.01)) -> str:
     """The default unet3d for ``voxel_size_um``, random weights, exported through train_unet.py's serving module."""
     import models
-    from segkit import image_io, model_metadata
+    from segkit import model_metadata
 
     config = models.model_config("unet3d", voxel_size=list(voxel_size_um))
     try:
@@ -276,26 +276,9 @@ def export_default_unet3d(path: str, voxel_size_um=(0.01, 0.01, 0.01)) -> str:
             return path
     except ValueError:
         pass
-    import keras
-    import tensorflow as tf
+    from segkit.training.export import export_untrained_volume_model
 
-    from segkit.training.export import _serving_module
-
-    keras.utils.set_random_seed(0)
-    net = models.build_model("unet3d", 1, 2, **config)
-    meta = model_metadata.make_metadata(
-        model="unet3d", model_config=config, channels=1, number_classes=2, image_dtype="uint8", spatial_rank=3,
-        voxel_size_um=list(voxel_size_um), normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": 1e-6},
-        size_factor=list(models.size_factors("unet3d", **config)),
-        receptive_field_radius=list(models.receptive_field_radii("unet3d", **config)), training_tile_size=[32, 64, 64])
-    asset = path + "-asset"
-    os.makedirs(asset, exist_ok=True)
-    source = os.path.join(asset, model_metadata.METADATA_FILENAME)
-    with open(source, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh)
-    module = _serving_module(net, 1, source, spatial_rank=3)
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    return path
+    return export_untrained_volume_model(path, config)
 
 
 def write_volume_zarr(path: str, shape: tuple[int, int, int], chunks=(32, 256, 256),

@@ -17,8 +17,7 @@ from conftest import ROOT
 from savedmodel_helpers import TINY_UNET_SIZE_FACTOR, build_tiny_unet, export_keras, tiny_unet_radius
 
 import inference_unet as inf
-import models as model_registry
-from segkit import image_io, metrics, model_metadata, volume_io
+from segkit import image_io, metrics, volume_io
 
 ANISOTROPIC = (0.04, 0.004, 0.004)
 ISOTROPIC = (0.01, 0.01, 0.01)
@@ -26,27 +25,10 @@ ISOTROPIC = (0.01, 0.01, 0.01)
 
 def export_unet3d(export_dir, voxel_size, depth, classes=2, seed=0):
     """An untrained unet3d, exported as train_unet.py does (training.export's serving module, metadata per axis)."""
-    import keras
-    import tensorflow as tf
+    from segkit.training.export import export_untrained_volume_model
 
-    from segkit.training.export import _serving_module
-
-    keras.utils.set_random_seed(seed)
-    config = model_registry.model_config("unet3d", depth=depth, base_filters=4, voxel_size=list(voxel_size))
-    net = model_registry.build_model("unet3d", 1, classes, **config)
-    meta = model_metadata.make_metadata(
-        model="unet3d", model_config=config, channels=1, number_classes=classes, image_dtype="uint8", spatial_rank=3,
-        voxel_size_um=list(voxel_size), normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": 1e-6},
-        size_factor=list(model_registry.size_factors("unet3d", **config)),
-        receptive_field_radius=list(model_registry.receptive_field_radii("unet3d", **config)),
-        training_tile_size=[16, 16, 16])
-    os.makedirs(export_dir + "-asset")
-    source = os.path.join(export_dir + "-asset", model_metadata.METADATA_FILENAME)
-    with open(source, "w") as fh:
-        json.dump(meta, fh)
-    module = _serving_module(net, 1, source, spatial_rank=3)
-    tf.saved_model.save(module, export_dir, signatures={"serving_default": module.serve})
-    return export_dir
+    return export_untrained_volume_model(export_dir, dict(depth=depth, base_filters=4, voxel_size=list(voxel_size)),
+                                         classes, seed, training_tile_size=(16, 16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, 
     final = os.path.join(output_dir, "saved_model")
     with cliutil.disk_space_guard(output_dir, "the SavedModel", lambda: _weights_bytes(model) * 1.5,
                                   "the checkpoints are kept, the previous saved_model/ (if any) too"):
-        _write_saved_model(model, config, meta, output_dir, final)
+        _save(model, config.channels, meta, final, models.spatial_rank(config.model))
     log.info("exported %s (theoretical radius %s px, effective %s px)", final, meta["receptive_field_radius"],
              meta["effective_receptive_field_radius"])
     return final
@@ -50,23 +50,6 @@ def export_saved_model(config: RunConfig, weights_prefix: str, output_dir: str, 
 
 def _weights_bytes(model) -> float:
     return float(sum(int(w.numpy().nbytes) for w in model.weights))
-
-
-def _write_saved_model(model, config: RunConfig, meta: dict[str, Any], output_dir: str, final: str) -> None:
-    import tensorflow as tf
-
-    staging = cliutil.make_temp(final, directory=True)
-    try:
-        asset_dir = os.path.join(staging, "asset_source")
-        os.makedirs(asset_dir)
-        with open(os.path.join(asset_dir, model_metadata.METADATA_FILENAME), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1, default=json_default)
-        module = _serving_module(model, config.channels, os.path.join(asset_dir, model_metadata.METADATA_FILENAME),
-                                 models.spatial_rank(config.model))
-        tf.saved_model.save(module, os.path.join(staging, "saved_model"), signatures={"serving_default": module.serve})
-        _swap_in(os.path.join(staging, "saved_model"), final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _metadata(config: RunConfig, model, final_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +137,44 @@ def _training_predictions(config: RunConfig, model, pixels: int = TUNING_PIXELS)
                 seen += int(np.prod(extent))
             if seen >= pixels:
                 return
+
+
+def export_untrained_volume_model(path: str, model_config: dict[str, Any], number_classes: int = 2, seed: int = 0,
+                                  training_tile_size: tuple[int, ...] = (32, 64, 64)) -> str:
+    """A unet3d with random weights (``seed``), exported to ``path`` as training exports one (one uint8
+    channel, the serving module and metadata per axis): for tests and benchmarks of volume inference."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    config = models.model_config("unet3d", **model_config)
+    net = models.build_model("unet3d", 1, number_classes, **config)
+    meta = model_metadata.make_metadata(
+        model="unet3d", model_config=config, channels=1, number_classes=number_classes, image_dtype="uint8",
+        spatial_rank=3, voxel_size_um=list(config["voxel_size"]),
+        normalization={"method": image_io.NORMALIZATION_METHOD, "epsilon": image_io.NORMALIZATION_EPSILON},
+        size_factor=list(models.size_factors("unet3d", **config)),
+        receptive_field_radius=list(models.receptive_field_radii("unet3d", **config)),
+        training_tile_size=list(training_tile_size))
+    _save(net, 1, meta, path, 3)
+    return path
+
+
+def _save(model, channels: int, meta: dict[str, Any], final: str, spatial_rank: int) -> None:
+    """SavedModel of ``model`` with ``meta`` as its asset, staged beside ``final`` and swapped in."""
+    import tensorflow as tf
+
+    staging = cliutil.make_temp(final, directory=True)
+    try:
+        asset_dir = os.path.join(staging, "asset_source")
+        os.makedirs(asset_dir)
+        with open(os.path.join(asset_dir, model_metadata.METADATA_FILENAME), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1, default=json_default)
+        module = _serving_module(model, channels, os.path.join(asset_dir, model_metadata.METADATA_FILENAME),
+                                 spatial_rank)
+        tf.saved_model.save(module, os.path.join(staging, "saved_model"), signatures={"serving_default": module.serve})
+        _swap_in(os.path.join(staging, "saved_model"), final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _serving_module(model, channels: int, metadata_file: str, spatial_rank: int = 2):
