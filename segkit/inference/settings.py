@@ -315,7 +315,8 @@ def default_volume_tile(meta: ModelMetadata, halo: int | tuple[int, ...], availa
     if available is None or _model_bytes(meta, 1) is None:
         return full
     budget = available * MODEL_MEMORY_FRACTION
-    if _model_bytes(meta, np.prod(np.array(full) + 2 * halos)) <= budget:
+    full_need = float(_model_bytes(meta, np.prod(np.array(full) + 2 * halos)))
+    if full_need <= budget:
         return full
     axes = [np.unique(np.linspace(f, max(f, DEFAULT_VOLUME_TILE_SIZE // f * f), 32) // f * f).astype(np.int64)
             for f in factors]  # up to 32 sizes per axis, multiples of the size factor
@@ -333,8 +334,7 @@ def default_volume_tile(meta: ModelMetadata, halo: int | tuple[int, ...], availa
              "the %.1f GB of memory available; %s would need ~%.1f GB", ",".join(map(str, zone)),
              "x".join(str(z + 2 * h) for z, h in zip(zone, halos)), float(_model_bytes(meta, with_halo[best])) / 2**30,
              "fits" if fits.any() else "is the smallest, yet over", 100 * MODEL_MEMORY_FRACTION,
-             available / 2**30, ",".join(map(str, full)),
-             float(_model_bytes(meta, np.prod(np.array(full) + 2 * halos))) / 2**30)
+             available / 2**30, ",".join(map(str, full)), full_need / 2**30)
     return zone
 
 
@@ -460,7 +460,7 @@ def _block_mode(output_format: str, shard_count: int, finalize: bool, overwrite:
 
 
 def _model_tile_size(tile_size: int | str | Sequence[int] | None, meta: ModelMetadata,
-                     halo: int | tuple[int, ...] = 0) -> int | tuple[int, ...]:
+                     halo: int | tuple[int, ...]) -> int | tuple[int, ...]:
     """``--tile_size`` for the model: one number (2-D models: as before; volume models: a cube) or z,y,x
     (volume models only); default DEFAULT_TILE_SIZE, or for volume models the tile of
     :func:`default_volume_tile` (at most DEFAULT_VOLUME_TILE_SIZE per axis, within the memory available)."""
