@@ -42,6 +42,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from segkit import cliutil, instance_targets, lmdb_format, lmdb_store, volume_io
 from segkit.build_encode import Encoded, Task, check_consistent, encode_pair  # noqa: F401 (tests patch encode_pair here)
 from segkit.build_inputs import (  # noqa: F401  # noqa: F401
@@ -77,6 +79,7 @@ class SplitResult:
     class_pixel_counts: dict[int, int] = field(default_factory=dict)
     class_records: dict[int, list[int]] = field(default_factory=dict)
     sources: list[dict[str, Any]] = field(default_factory=list)
+    object_sizes: list[np.ndarray] = field(default_factory=list)  # instance masks: each image's object sizes
 
     def add(self, encoded: Encoded, first_index: int) -> None:
         self.images += 1
@@ -89,6 +92,8 @@ class SplitResult:
             for c in classes:
                 self.class_records.setdefault(c, []).append(first_index + offset)
         self.sources.append(encoded.source)
+        if encoded.object_sizes is not None:
+            self.object_sizes.append(encoded.object_sizes)
 
     def fractions(self) -> dict[int, float]:
         total = sum(self.class_pixel_counts.values()) or 1
@@ -251,7 +256,7 @@ def build_databases(*, image_folder: str, mask_folder: str, output_folder: str, 
                 class_pixel_counts=r.class_pixel_counts, class_records=r.class_records, sources=r.sources,
                 split=name, seed=None if test_list else seed, number_classes=classes,
                 spatial_rank=first.spatial_rank, voxel_size_zyx_um=first.voxel_size, mask_type=mask_type,
-                instance_target=_target_metadata(first.choice))
+                instance_target=_target_metadata(first.choice, r.object_sizes, first.spatial_rank))
             meta["build"] = build
             databases[name].finish(meta)
         for name in SPLITS:
@@ -277,11 +282,13 @@ def _stored_tile(tile_size: int | tuple[int, ...]) -> int | list[int]:
     return list(tile_size) if isinstance(tile_size, tuple) else tile_size
 
 
-def _target_metadata(choice: instance_targets.Choice | None) -> dict[str, Any] | None:
+def _target_metadata(choice: instance_targets.Choice | None, sizes: list[np.ndarray],
+                     spatial_rank: int) -> dict[str, Any] | None:
     if choice is None:
         return None
     return {"target": choice.target, "number_classes": instance_targets.CLASSES[choice.target],
-            "reason": choice.reason, "classes": instance_targets.CLASS_NAMES[choice.target]}
+            "reason": choice.reason, "classes": instance_targets.CLASS_NAMES[choice.target],
+            **instance_targets.object_size_summary(sizes, spatial_rank)}
 
 
 def _notes(first: Encoded) -> list[str]:

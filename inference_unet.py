@@ -132,6 +132,11 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--seam_halo", type=int, default=None,
                    help="--instances out of core: context in pixels around each zone when labelling zone by zone; "
                         "objects up to this size get one id across seams (default: the model's metadata)")
+    p.add_argument("--object_diameter", default="auto",
+                   help="--instances, 2-D models: auto = where an image's median object is over 1.3x smaller than "
+                        "the training objects (their diameter is in the model's metadata), label it again enlarged "
+                        "to their size; a number = your objects' diameter in pixels (the image is resized once by "
+                        "training diameter / this); 0 = label at the image's own scale. Images in memory only")
     p.add_argument("--number_classes", type=int, default=None,
                    help="the original's flag: checked against the model's metadata (default: the model's)")
     p.add_argument("--number_channels", type=int, default=None,

@@ -44,6 +44,7 @@ class Encoded:
     spatial_rank: int = 2
     voxel_size: tuple[float, float, float] | None = None
     choice: instance_targets.Choice | None = None  # --mask_type instances: the target and why
+    object_sizes: np.ndarray | None = None  # --mask_type instances: each object's pixels (voxels), whole image
 
 
 def _read(path: str) -> np.ndarray:
@@ -142,13 +143,15 @@ def iter_records(image: np.ndarray, mask: np.ndarray, tile_size: int | tuple[int
         yield image[region], mask[region], tuple(o - pad[0] for o, pad in zip(origin, pads))
 
 
-def target_mask(mask: np.ndarray, task: Task) -> tuple[np.ndarray, instance_targets.Choice | None]:
-    """The stored class mask: the mask's class ids, or the training target of an instance mask."""
+def target_mask(mask: np.ndarray, task: Task) -> tuple[np.ndarray, instance_targets.Choice | None, np.ndarray | None]:
+    """The stored class mask: the mask's class ids, or the training target of an instance mask; with the
+    instance mask's object sizes (pixels or voxels of each id present; None for class masks)."""
     if task.mask_type == "classes":
-        return class_mask(mask, task.mask_path, task.mask_map, task.number_classes), None
+        return class_mask(mask, task.mask_path, task.mask_map, task.number_classes), None, None
     instance_targets.check_instances(mask, task.mask_path)
     choice = instance_targets.choose_target(mask, task.instance_target)
-    return instance_targets.make_target(mask, choice.target), choice
+    return (instance_targets.make_target(mask, choice.target), choice,
+            instance_targets.object_sizes(mask))
 
 
 def encode_pair(task: Task) -> Encoded:
@@ -160,10 +163,10 @@ def encode_pair(task: Task) -> Encoded:
     if isinstance(task.tile_size, tuple):
         raise InputError(f"{task.image_path}: a 2-D image, but --tile_size {','.join(map(str, task.tile_size))} "
                          "has one value per axis of a volume; give one tile size for 2-D images")
-    mask, choice = target_mask(read_mask(task.mask_path, image.shape[:2]), task)
+    mask, choice, sizes = target_mask(read_mask(task.mask_path, image.shape[:2]), task)
     source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
               "height": int(image.shape[0]), "width": int(image.shape[1])}
-    return _encode_records(task, image, mask, source, choice=choice)
+    return _encode_records(task, image, mask, source, choice=choice, sizes=sizes)
 
 
 def encode_volume(task: Task, stack_hint: str | None = None) -> Encoded:
@@ -171,16 +174,16 @@ def encode_volume(task: Task, stack_hint: str | None = None) -> Encoded:
     image, labels, spacing = build_volume.load_volume_pair(
         task.image_path, task.mask_path, image_dataset=task.image_dataset, mask_dataset=task.mask_dataset,
         voxel_size_zyx_um=task.voxel_size, stack_hint=stack_hint)
-    mask, choice = target_mask(labels, task)
+    mask, choice, sizes = target_mask(labels, task)
     source = {"file": os.path.basename(task.image_path), "mask": os.path.basename(task.mask_path),
               "depth": int(image.shape[0]), "height": int(image.shape[1]), "width": int(image.shape[2]),
               "voxel_size_zyx_um": list(spacing)}
-    return _encode_records(task, image, mask, source, spacing, choice)
+    return _encode_records(task, image, mask, source, spacing, choice, sizes)
 
 
 def _encode_records(task: Task, image: np.ndarray, mask: np.ndarray, source: dict[str, Any],
                     spacing: tuple[float, float, float] | None = None,
-                    choice: instance_targets.Choice | None = None) -> Encoded:
+                    choice: instance_targets.Choice | None = None, sizes: np.ndarray | None = None) -> Encoded:
     mean, std = image_io.image_stats(image)
     source.update(mean=mean, std=std)
     records, record_classes = [], []
@@ -194,8 +197,10 @@ def _encode_records(task: Task, image: np.ndarray, mask: np.ndarray, source: dic
         record_classes.append(classes)
     if choice is not None:
         source["instance_target"] = {"target": choice.target, "reason": choice.reason}
+    if sizes is not None:
+        source["objects"] = int(sizes.size)
     return Encoded(task, source, image.dtype.name, int(image.shape[-1]), records, record_classes, counts,
-                   mask.ndim, spacing, choice)
+                   mask.ndim, spacing, choice, sizes)
 
 
 def check_consistent(encoded: Encoded, first: Encoded | None) -> None:

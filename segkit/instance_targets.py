@@ -62,6 +62,31 @@ def choose_target(labels: np.ndarray, override: str | None = None) -> Choice:
                   f"{rule}: {'dense labels' if dense else 'sparse objects'}")
 
 
+def object_sizes(labels: np.ndarray) -> np.ndarray:
+    """Pixels (voxels) of each object id present in ``labels`` (0 = background), as int64."""
+    counts = np.bincount(labels.ravel().astype(np.int64)) if labels.size else np.zeros(1, np.int64)
+    return counts[1:][counts[1:] > 0]
+
+
+def equivalent_diameter(pixels: float) -> float:
+    """The diameter of the disc of this many pixels (skimage.measure's equivalent_diameter_area in 2-D)."""
+    return float(2.0 * np.sqrt(pixels / np.pi))
+
+
+def object_size_summary(sizes: list[np.ndarray], spatial_rank: int) -> dict[str, float | int]:
+    """The metadata's record of a split's objects: their count, the median object's pixels (voxels) and, for
+    2-D images, the diameter of the disc of that area, which inference compares with the objects it finds
+    (``inference_unet.py --object_diameter``)."""
+    pooled = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    summary: dict[str, float | int] = {"objects": int(pooled.size)}
+    if pooled.size:
+        median = float(np.median(pooled))
+        summary["median_object_pixels"] = median
+        if spatial_rank == 2:
+            summary["median_object_diameter_px"] = round(equivalent_diameter(median), 3)
+    return summary
+
+
 def boundaries(labels: np.ndarray) -> np.ndarray:
     """Inner boundaries of every object: over the whole image (2D), per z section (volumes, ZYX)."""
     from skimage.segmentation import find_boundaries

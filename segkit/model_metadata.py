@@ -76,7 +76,8 @@ class ModelMetadata:
         "models trained on instance targets (build_lmdb.py --mask_type instances): {'target': 'three_class', "
         "'boundary' or 'distance', 'classes': class names, 'thresholds': segkit.instances.InstanceThresholds fields, 'halo_px': "
         "context in pixels (one number, or one per spatial axis) for seam merging out of core, and optionally "
-        "'tuning': how the thresholds were fitted on training records (segkit.instance_tuning)}; null otherwise",
+        "'tuning': how the thresholds were fitted on training records (segkit.instance_tuning) and, 2-D, "
+        "'object_diameter_px': the median training object's diameter (inference --object_diameter)}; null otherwise",
         "instances?", None, omit_default=True)
     extra: Mapping[str, Any] = _field("keys this version does not know, kept as they are", "mapping", {})
 
@@ -215,7 +216,9 @@ def _problem(kind: str, value: Any, minimum: int) -> str | None:
 
 INSTANCE_TARGET_CLASSES = {"three_class": 3, "boundary": 2, "distance": 6}  # segkit.instance_targets.CLASSES
 INSTANCE_KEYS = ("target", "classes", "thresholds", "halo_px")
-INSTANCE_OPTIONAL_KEYS = ("tuning",)  # how the thresholds were fitted (segkit.instance_tuning), a record only
+MAX_OBJECT_DIAMETER_PX = 1e5
+INSTANCE_OPTIONAL_KEYS = ("tuning",  # how the thresholds were fitted (segkit.instance_tuning), a record only
+                          "object_diameter_px")  # 2-D: the median training object's diameter (--object_diameter)
 
 
 def _check_instances_block(block: Mapping[str, Any], number_classes: int, rank: int) -> None:
@@ -241,6 +244,11 @@ def _check_instances_block(block: Mapping[str, Any], number_classes: int, rank: 
         InstanceThresholds.from_dict(block["thresholds"])
     except ThresholdError as exc:
         raise MetadataError(f"metadata field instances.thresholds: {exc}") from None
+    diameter = block.get("object_diameter_px")
+    if diameter is not None and (rank != 2 or isinstance(diameter, bool) or not isinstance(diameter, (int, float))
+                                 or not math.isfinite(diameter) or not 1 <= diameter <= MAX_OBJECT_DIAMETER_PX):
+        raise MetadataError(f"metadata field instances.object_diameter_px must be a number of pixels in 1-"
+                            f"{MAX_OBJECT_DIAMETER_PX} (2-D models only), got {diameter!r}")
     halo = block["halo_px"]
     halos = list(halo) if isinstance(halo, (list, tuple)) else [halo]
     if len(halos) not in (1, rank) or not all(_is_int(h) and h >= 1 for h in halos):

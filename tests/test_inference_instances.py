@@ -16,7 +16,7 @@ from savedmodel_helpers import metadata
 from skimage.segmentation import find_boundaries
 
 import inference_unet as inf
-from segkit import image_io, instance_targets, model_metadata
+from segkit import image_io, instance_targets, lmdb_format, model_metadata
 from segkit.inference import folder, instances_out
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
@@ -24,7 +24,7 @@ HALO = 16  # >= the largest synthetic object (discs of radius <= 7, 8-pixel boxe
 INTERIOR, BOUNDARY = 3000.0, 1000.0  # 1-channel volumes: class by intensity
 
 
-def fake_model(path, *, instances=True, rank=2, channels=3, classes=3, halo=HALO):
+def fake_model(path, *, instances=True, rank=2, channels=3, classes=3, halo=HALO, diameter=None):
     meta = metadata(channels=channels, number_classes=classes, size_factor=1, radius=0)
     if rank == 3:
         meta.update(spatial_rank=3, size_factor=[1, 1, 1], receptive_field_radius=[0, 0, 0],
@@ -32,6 +32,8 @@ def fake_model(path, *, instances=True, rank=2, channels=3, classes=3, halo=HALO
     if instances:
         meta["instances"] = {"target": "three_class", "classes": ["background", "interior", "boundary"],
                              "thresholds": InstanceThresholds().to_dict(), "halo_px": halo}
+        if diameter is not None:
+            meta["instances"]["object_diameter_px"] = diameter
     os.makedirs(os.path.join(path, "assets"), exist_ok=True)
     open(os.path.join(path, "saved_model.pb"), "wb").close()
     with open(model_metadata.metadata_path(str(path)), "w") as fh:
@@ -132,6 +134,9 @@ def test_metadata_instances_block_round_trips_and_old_metadata_load_unchanged(tm
     ({"thresholds": {"seed": 1.5}}, "instances.thresholds"),
     ({"halo_px": 0}, "instances.halo_px"),
     ({"extra": 1}, "exactly the keys"),
+    ({"object_diameter_px": 0}, "instances.object_diameter_px"),
+    ({"object_diameter_px": "12"}, "instances.object_diameter_px"),
+    ({"object_diameter_px": float("nan")}, "instances.object_diameter_px"),
 ])
 def test_metadata_instances_block_is_validated(tmp_path, change, expected):
     data = model_metadata.load(fake_model(tmp_path)).to_dict()
@@ -356,8 +361,14 @@ def test_training_on_instance_databases_fills_the_metadata_block(tmp_path):
                                progress=False, mask_type="instances", instance_target="three_class")
     config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32))
     block = training_instances(config)
+    stored = lmdb_format.read_metadata(config.train_database[0])
+    train_file = stored["sources"][0]["file"]
+    sizes = instance_targets.object_sizes(tifffile.imread(tmp_path / "masks" / train_file))
+    diameter = round(2 * np.sqrt(np.median(sizes) / np.pi), 3)  # the disc of the median object's area
+    assert stored["sources"][0]["objects"] == stored["instance_target"]["objects"] == sizes.size
+    assert stored["instance_target"]["median_object_pixels"] == float(np.median(sizes))
     assert block == {"target": "three_class", "classes": ["background", "interior", "boundary"],
-                     "thresholds": InstanceThresholds().to_dict(), "halo_px": 32}
+                     "thresholds": InstanceThresholds().to_dict(), "halo_px": 32, "object_diameter_px": diameter}
     import train_unet
     from segkit.training.resolve import resolve_config
 
@@ -390,3 +401,94 @@ def test_tensorboard_panels_outline_the_objects_of_instance_models():
     outline = find_boundaries(labels[0], mode="inner") & (labels[0] > 0)
     assert np.array_equal(yellow[0, :, 24:48], outline) and np.array_equal(yellow[0, :, 48:], outline)
     assert not yellow[:, :, :24].any() and not np.all(plain == np.array(instances_out.OUTLINE_RGB, np.uint8), -1).any()
+
+
+# --- objects at the training objects' scale (--object_diameter) ------------------------------------------------
+
+
+def small_discs(shape=(64, 64), radius=3, step=12):
+    """Instance labels of separate discs of ``radius`` on a grid (area 29 px, 6.1 px across, for radius 3)."""
+    labels = np.zeros(shape, np.uint16)
+    yy, xx = np.indices(shape)
+    for i, (cy, cx) in enumerate((y, x) for y in range(step // 2, shape[0], step) for x in range(step // 2, shape[1], step)):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = i + 1
+    return labels
+
+
+def scaled_predict(image, calls):
+    """predict(image, factor) for objects_at_scale: the one-hot "model" on the image resized by factor."""
+    def predict(image_hwc, factor):
+        calls.append(factor)
+        size = (round(image_hwc.shape[0] * factor), round(image_hwc.shape[1] * factor))
+        resized = instances_out.resize(image_hwc, size) if factor != 1 else image_hwc.astype(np.float32)
+        return one_hot_predict(resized)
+    return predict
+
+
+def inst_settings(trained, diameter=None):
+    return instances_out.InstanceSettings("three_class", InstanceThresholds(min_size=2), HALO, diameter, trained,
+                                          True)
+
+
+def test_small_objects_are_labelled_again_at_the_training_objects_scale():
+    labels = small_discs()
+    image = image_3channel(labels)
+    native = instances_out.median_diameter(expected_labels(labels))
+    calls = []
+    probs, found, note = instances_out.objects_at_scale(image, scaled_predict(image, calls), inst_settings(20.0), 3,
+                                                        2**30)
+    assert calls == [1.0, pytest.approx(min(20.0 / native, instances_out.MAX_FACTOR))]
+    assert "objects labelled at x" in note and "median object" in note
+    assert found.shape == labels.shape and probs.shape == labels.shape + (3,)
+    assert np.allclose(probs.sum(axis=-1), 1, atol=1e-5)
+    assert found.max() == labels.max() == len(np.unique(found)) - 1  # every disc, one id each, ids 1..n
+    overlap = [np.bincount(found[labels == k]).argmax() for k in range(1, int(labels.max()) + 1)]
+    assert len(set(overlap)) == labels.max() and 0 not in overlap  # each true disc lies in its own object
+
+
+def test_objects_near_the_training_size_are_labelled_once_at_their_own_scale():
+    labels = small_discs()
+    image = image_3channel(labels)
+    native = instances_out.median_diameter(expected_labels(labels))
+    calls = []
+    _, found, note = instances_out.objects_at_scale(image, scaled_predict(image, calls),
+                                                    inst_settings(native * (instances_out.AUTO_MIN_FACTOR - 0.1)), 3,
+                                                    2**30)
+    assert calls == [1.0] and note == ""
+    assert same_up_to_renumbering(found, expected_labels(labels))
+
+
+def test_a_given_diameter_resizes_once_and_memory_caps_the_factor():
+    labels = small_discs()
+    image = image_3channel(labels)
+    calls = []
+    _, _, note = instances_out.objects_at_scale(image, scaled_predict(image, calls), inst_settings(20.0, 8.0), 3,
+                                                2**30)
+    assert calls == [2.5] and "x2.50 (--object_diameter 8 px" in note
+    calls.clear()  # a working set that holds the image at its own size only: no enlarging
+    _, found, note = instances_out.objects_at_scale(image, scaled_predict(image, calls), inst_settings(20.0), 3,
+                                                    64 * 64 * 60)
+    assert calls == [1.0] and note == ""
+    assert same_up_to_renumbering(found, expected_labels(labels))
+
+
+def test_object_diameter_through_the_folder_and_its_refusals(tmp_path, caplog, capsys):
+    labels = small_discs()
+    os.makedirs(tmp_path / "images")
+    tifffile.imwrite(tmp_path / "images" / "a.tif", image_3channel(labels))
+    model = fake_model(tmp_path / "m", diameter=20.0)
+    with caplog.at_level(logging.INFO):
+        segment(model, tmp_path / "images", tmp_path / "auto")
+    assert "objects labelled at x" in caplog.text and "--object_diameter auto" in caplog.text
+    auto = tifffile.imread(tmp_path / "auto" / "labels" / "a.tif")
+    assert auto.max() == labels.max()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        segment(model, tmp_path / "images", tmp_path / "off", object_diameter="0")
+    assert "objects labelled at" not in caplog.text
+    assert same_up_to_renumbering(tifffile.imread(tmp_path / "off" / "labels" / "a.tif"), expected_labels(labels))
+    for value in ("-3", "abc", "0.5"):
+        assert cli(model, tmp_path, "--object_diameter", value) == 2
+        assert "--object_diameter must be auto, 0 (off) or the objects' diameter" in one_error_line(capsys)
+    assert cli(fake_model(tmp_path / "old"), tmp_path, "--object_diameter", "12") == 2
+    assert "does not record its training objects' diameter" in one_error_line(capsys)

@@ -52,6 +52,18 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
         if slice_wise:
             predict_fn = _slice_wise(predict_fn, path, settings)
         plan = tiling.plan_tiles(spatial, tile, halo, factor, settings.border)
+        scaled = None
+        if _rescales_objects(settings, source, slice_wise, todo):
+            def predict_at(image_hwc: np.ndarray, scale: float) -> np.ndarray:
+                if scale != 1.0:
+                    size = (round(spatial[0] * scale), round(spatial[1] * scale))
+                    image_hwc = instances_out.resize(image_hwc, (max(1, size[0]), max(1, size[1])))
+                return tiling.predict_tiled(image_hwc, predict_fn, tile, halo, factor, batch_size=settings.batch_size,
+                                            preprocess=lambda t: image_io.normalize(t, mean, std),
+                                            border=settings.border)
+
+            scaled = instances_out.objects_at_scale(image, predict_at, settings.instances, settings.number_classes,
+                                                    settings.working_set_limit)
         # A tile bar for large images, on a terminal only (batch logs get the per-image line).
         show_bar = (source.out_of_core or len(plan.zones) >= TILE_PROGRESS_MIN_TILES) and sys.stderr.isatty()
         from tqdm import tqdm
@@ -66,16 +78,40 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
                 for out in outputs:
                     out.put(zone, probs)
 
-            tiling.predict_tiled(image, predict_fn, tile, halo, factor,
-                                 batch_size=settings.batch_size, preprocess=lambda t: image_io.normalize(t, mean, std),
-                                 sink=sink, progress=bar.update, border=settings.border)
+            if scaled is None:
+                tiling.predict_tiled(image, predict_fn, tile, halo, factor, batch_size=settings.batch_size,
+                                     preprocess=lambda t: image_io.normalize(t, mean, std), sink=sink,
+                                     progress=bar.update, border=settings.border)
+            else:  # predicted already (objects_at_scale): the outputs take its probabilities and labels
+                probs, labels, _ = scaled
+                for out in outputs:
+                    if isinstance(out, instances_out.LabelOutput):
+                        out.labels = labels
+                for zone in plan.zones:
+                    sink(zone, probs[zone.region()])
     finally:
         source.close()
     where = "out of core" if source.out_of_core else "in memory"
     halo_text = _size(tiling.per_axis(halo, len(spatial), "halo")) if source.volume else settings.halo
     mode = ", 2-D model section by section" if slice_wise else ""
     return (f"{_size(spatial)}, {len(tiling.tile_groups(plan))} tile(s) of {_size(plan.tile_shape)} "
-            f"(halo {halo_text}, border {settings.border}{mode}), {where}")
+            f"(halo {halo_text}, border {settings.border}{mode}), {where}{scaled[2] if scaled else _unscaled(settings, source)}")
+
+
+def _unscaled(settings: Settings, source: Any) -> str:
+    """The log's note for an image whose objects could have been rescaled but was too large to hold in memory."""
+    inst = settings.instances
+    if inst is not None and inst.rescale and source.out_of_core and not source.volume:
+        return ", objects labelled at the image's own scale (--object_diameter applies to images held in memory)"
+    return ""
+
+
+def _rescales_objects(settings: Settings, source: Any, slice_wise: bool, todo: dict[str, str]) -> bool:
+    """Whether this image's objects are labelled at the training objects' scale (--object_diameter): instance
+    models that record that scale, a 2-D image held in memory, and outputs to write."""
+    inst = settings.instances
+    return (inst is not None and inst.rescale and not source.out_of_core and not source.volume and not slice_wise
+            and bool({"mask", "probabilities", "labels"} & set(todo)))
 
 
 _SLICE_WISE_NOTICE: list[bool] = []

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -26,10 +27,12 @@ from segkit.instances import (
     InstanceThresholds,
     ObjectTotals,
     ThresholdError,
+    compact_labels,
     labels_from_probabilities,
     object_columns,
     spacing_from_calibration,
 )
+from segkit.model_metadata import MAX_OBJECT_DIAMETER_PX
 
 if TYPE_CHECKING:
     from segkit.inference.settings import Settings
@@ -49,6 +52,9 @@ class InstanceSettings:
     target: str                       # the build stage's name: three_class | boundary
     thresholds: InstanceThresholds
     halo_px: int | tuple[int, ...]    # context per side when labelling zone by zone (out of core)
+    diameter: float | None = None     # --object_diameter: the objects' diameter in px; None = measured (auto)
+    trained_diameter: float | None = None  # the median training object's (metadata); None: no rescaling
+    rescale: bool = False             # 2-D images in memory are labelled at the training objects' scale
 
     @property
     def labelling_target(self) -> str:
@@ -58,10 +64,11 @@ class InstanceSettings:
 def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_filepath: str,
                       min_object_size: int | None = None, seed_threshold: float | None = None,
                       foreground_threshold: float | None = None,
-                      seam_halo: int | None = None) -> InstanceSettings | None:
+                      seam_halo: int | None = None, object_diameter: str | float | None = None) -> InstanceSettings | None:
     """``--instances`` and its thresholds resolved against the model's metadata ``instances`` block (None: off).
 
-    Default (None): on for models with the block. ``--instances 1`` for a model without it: InputError."""
+    Default (None): on for models with the block. ``--instances 1`` for a model without it: InputError.
+    ``object_diameter``: ``auto`` (default), ``0`` (native scale) or the objects' diameter in pixels."""
     block = meta.instances
     if instances is None:
         instances = block is not None
@@ -89,7 +96,113 @@ def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_f
     given = ", ".join(f"{k} from {flags[k]}" for k, v in overrides.items() if v is not None)
     log.info("instances (%s target): seed %g, foreground %g, min_size %d (%s%s)", block["target"], thresholds.seed,
              thresholds.foreground, thresholds.min_size, source, f"; {given}" if given else "")
-    return InstanceSettings(block["target"], thresholds, halo)
+    diameter, trained = _object_diameter(object_diameter, block.get("object_diameter_px"), saved_model_filepath)
+    rescale = trained is not None and diameter != 0
+    if rescale:
+        log.info("instances: %s", f"objects of --object_diameter {diameter:g} px are labelled at the training objects' "
+                 f"scale ({trained:g} px)" if diameter else "images in memory whose objects are over "
+                 f"{AUTO_MIN_FACTOR:g}x smaller than the training objects ({trained:g} px across) are labelled again, "
+                 "enlarged to their scale (--object_diameter auto; 0 = off)")
+    return InstanceSettings(block["target"], thresholds, halo, diameter or None, trained, rescale)
+
+
+def _object_diameter(flag: str | float | None, trained: float | None,
+                     saved_model_filepath: str) -> tuple[float | None, float | None]:
+    """(--object_diameter in pixels: None = auto, 0 = off; the model's training objects' diameter or None)."""
+    text = "auto" if flag is None else str(flag).strip().lower()
+    if text == "auto":
+        return None, trained
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value == 0 or 1 <= value <= MAX_OBJECT_DIAMETER_PX):  # NaN fails
+        raise InputError(f"--object_diameter must be auto, 0 (off) or the objects' diameter in pixels (1-"
+                         f"{MAX_OBJECT_DIAMETER_PX:g}), got {flag!r}")
+    if value and trained is None:
+        raise InputError(f"--object_diameter {value:g}: the model {saved_model_filepath} does not record its training "
+                         "objects' diameter (a volume model, or trained on databases built before build_lmdb.py "
+                         "recorded it); drop the flag, or rebuild the databases and retrain")
+    return value, trained
+
+
+# --- objects at the training objects' scale (--object_diameter) ---------------------------------------
+
+AUTO_MIN_FACTOR = 1.3  # auto: enlarge only objects this much smaller than the training ones (README, "Objects")
+MAX_FACTOR = 4.0       # rescaling by at most this much either way
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """The diameter of the disc as large as the median object of ``labels`` (None without objects)."""
+    sizes = instance_targets.object_sizes(labels)
+    return instance_targets.equivalent_diameter(float(np.median(sizes))) if sizes.size else None
+
+
+def objects_at_scale(image_hwc: np.ndarray, predict: Callable[[np.ndarray, float], np.ndarray],
+                     inst: InstanceSettings, number_classes: int,
+                     working_set_limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Class probabilities and instance labels of a 2-D image in memory, labelled where its objects have the
+    training objects' size: (probabilities HWK, labels HW, a note for the log line).
+
+    ``predict(image, factor)`` gives the probabilities of the image resized by ``factor``. With a given diameter
+    the image is resized once by trained / given; with ``auto`` it is labelled at its own scale first, and
+    enlarged (by at most MAX_FACTOR, and within ``working_set_limit``) only when its median object is over
+    AUTO_MIN_FACTOR times smaller than the training objects: a model sees small, packed objects best at the size
+    it learned them, while objects at or above that size are left as they are (not measured to gain from
+    shrinking). The labels of an enlarged image are brought back by nearest-neighbour sampling, the probabilities
+    by area averaging; the smallest-seed threshold scales with the area."""
+    height, width = image_hwc.shape[:2]
+    if inst.diameter is not None:
+        factor, why = inst.trained_diameter / inst.diameter, f"--object_diameter {inst.diameter:g} px"
+        probs = None
+    else:
+        probs = predict(image_hwc, 1.0)
+        labels = labels_from_probabilities(probs, inst.thresholds, inst.labelling_target)
+        found = median_diameter(labels)
+        if found is None or inst.trained_diameter / found < AUTO_MIN_FACTOR:
+            return probs, labels, ""
+        factor, why = inst.trained_diameter / found, f"median object {found:.3g} px across"
+    factor = min(max(factor, 1 / MAX_FACTOR), MAX_FACTOR)
+    # bytes per pixel of the enlarged image: the image and its normalized copy, the probabilities twice (model
+    # output, gathered), the labels and the watershed's work arrays
+    per_pixel = 4 * (2 * image_hwc.shape[-1] + 2 * number_classes) + 32
+    factor = min(factor, max(1.0, float(np.sqrt(working_set_limit / max(1, per_pixel * height * width)))))
+    if abs(factor - 1) < 0.05:
+        if probs is None:
+            probs = predict(image_hwc, 1.0)
+        return probs, labels_from_probabilities(probs, inst.thresholds, inst.labelling_target), ""
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    big = predict(image_hwc, factor)
+    thresholds = dataclasses.replace(inst.thresholds, min_size=int(round(inst.thresholds.min_size * factor ** 2)))
+    labels = compact_labels(_nearest(labels_from_probabilities(big, thresholds, inst.labelling_target),
+                                     (height, width)))  # an object under a sampled pixel is gone: ids 1..N again
+    probs = resize(big, (height, width))
+    probs /= np.maximum(probs.sum(axis=-1, keepdims=True), 1e-12)
+    return probs, labels, (f", objects labelled at x{factor:.2f} ({why}; training objects {inst.trained_diameter:.3g} "
+                           f"px, {size[0]}x{size[1]})")
+
+
+def resize(array_hwc: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """float32 ``array_hwc`` resized to ``size_hw``: linear when enlarging, area averaging when shrinking."""
+    import cv2
+
+    array = np.asarray(array_hwc, np.float32)
+    height, width = size_hw
+    method = cv2.INTER_AREA if height * width < array.shape[0] * array.shape[1] else cv2.INTER_LINEAR
+    out = np.empty((height, width, array.shape[-1]), np.float32)
+    for c in range(0, array.shape[-1], 4):  # cv2 resizes up to 4 channels at once
+        part = cv2.resize(np.ascontiguousarray(array[..., c:c + 4]), (width, height), interpolation=method)
+        out[..., c:c + 4] = part.reshape(height, width, -1)
+    return out
+
+
+def _nearest(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """``labels`` sampled at the centres of a ``size_hw`` grid over the same extent (ids kept exactly)."""
+    rows = np.minimum(((np.arange(size_hw[0]) + 0.5) * labels.shape[0] / size_hw[0]).astype(np.int64),
+                      labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(size_hw[1]) + 0.5) * labels.shape[1] / size_hw[1]).astype(np.int64),
+                      labels.shape[1] - 1)
+    return labels[rows[:, None], cols[None, :]]
 
 
 # --- the label image of one input ------------------------------------------------------------------
@@ -106,6 +219,7 @@ class LabelOutput:
         self.tile = settings.tile_size if tile is None else tile
         self._temporaries: list[str] = []
         self.probs: Any = None
+        self.labels: np.ndarray | None = None  # set when the labels were made already (objects_at_scale)
 
     def _array(self, shape: tuple[int, ...], dtype: Any) -> Any:
         if not self.out_of_core:
@@ -119,7 +233,8 @@ class LabelOutput:
         return self
 
     def put(self, zone: tiling.Zone, probs: np.ndarray) -> None:
-        self.probs[zone.region()] = probs
+        if self.labels is None:
+            self.probs[zone.region()] = probs
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -141,7 +256,9 @@ class LabelOutput:
                                                inst.labelling_target)
             dtype, block = table.dtype, (lambda box: instance_seams.relabel(ids[box], table))
         else:
-            labels = labels_from_probabilities(self.probs, inst.thresholds, inst.labelling_target)
+            labels = self.labels
+            if labels is None:
+                labels = labels_from_probabilities(self.probs, inst.thresholds, inst.labelling_target)
             dtype, block = labels.dtype, (lambda box: labels[box])
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with contextlib.ExitStack() as stack:

@@ -239,9 +239,35 @@ def training_instances(config) -> dict[str, Any] | None:
         return None
     from segkit.instances import InstanceThresholds
 
-    return {"target": target, "classes": list(instance_targets.CLASS_NAMES[target]),
-            "thresholds": InstanceThresholds().to_dict(),
-            "halo_px": [int(n) for n in config.crop_size] if len(config.crop_size) == 3 else int(max(config.crop_size))}
+    block = {"target": target, "classes": list(instance_targets.CLASS_NAMES[target]),
+             "thresholds": InstanceThresholds().to_dict(),
+             "halo_px": [int(n) for n in config.crop_size] if len(config.crop_size) == 3 else int(max(config.crop_size))}
+    diameter = _training_object_diameter(metas)
+    if diameter is not None:
+        block["object_diameter_px"] = diameter
+    return block
+
+
+def _training_object_diameter(metas: list[dict[str, Any]]) -> float | None:
+    """The median training object's diameter in pixels, as the 2-D databases record it (build_lmdb.py
+    --mask_type instances); several databases: the median of theirs, each weighted by its object count. None
+    when no database records it (volumes, or databases built before it was recorded)."""
+    found = []
+    for meta in metas:
+        target = meta.get("instance_target") or {}
+        count, diameter = target.get("objects"), target.get("median_object_diameter_px")
+        if (isinstance(count, int) and count > 0 and isinstance(diameter, (int, float)) and math.isfinite(diameter)
+                and diameter > 0):
+            found.append((float(diameter), count))
+    if not found:
+        return None
+    found.sort()
+    half, seen = sum(n for _, n in found) / 2, 0
+    for diameter, count in found:
+        seen += count
+        if seen >= half:
+            return diameter
+    return found[-1][0]
 
 
 def _training_mask_map(train_meta: list[dict]) -> dict[str, int] | None:
