@@ -221,11 +221,19 @@ def class_names(meta: ModelMetadata) -> list[str]:
     return ["background"] + [f"class_{k}" for k in range(1, meta.number_classes)]
 
 
-def _space_unit_scale(meta: ModelMetadata, axis: int) -> dict[str, Any]:
-    """Physical size of one pixel along spatial axis ``axis`` (volumes: the metadata's voxel size, um)."""
+def _space_units(meta: ModelMetadata, geometry: Geometry) -> list[dict[str, Any]]:
+    """Physical size of one pixel per spatial axis (volumes: the metadata's voxel size), in nanometres.
+
+    The spec infers each input axis' halo as output halo x output scale / input scale and refuses the package
+    unless that is a whole number: in micrometres a 50 nm axis gives 24 x 0.05 / 0.05 = 24.000000000000004.
+    Nanometres (rounded to 1e-6) are whole numbers for the usual voxel sizes, which divide exactly; a voxel size
+    for which even they would not leaves the scales out (the voxel size stays in the model's metadata)."""
     if meta.voxel_size_um is None:
-        return {}
-    return {"unit": "micrometer", "scale": float(meta.voxel_size_um[axis])}
+        return [{} for _ in geometry.axis_ids]
+    scales = [round(float(v) * 1000, 6) for v in meta.voxel_size_um]
+    if all(h * s / s == h for h, s in zip(geometry.halo, scales)):
+        return [{"unit": "nanometer", "scale": s} for s in scales]
+    return [{} for _ in geometry.axis_ids]
 
 
 def _tensors(meta: ModelMetadata, geometry: Geometry, files: dict[str, str]):
@@ -233,8 +241,9 @@ def _tensors(meta: ModelMetadata, geometry: Geometry, files: dict[str, str]):
     from bioimageio.spec.model import v0_5 as bio
 
     space_in, space_out = [], []
+    units = _space_units(meta, geometry)
     for i, (axis, factor, halo) in enumerate(zip(geometry.axis_ids, geometry.size_factor, geometry.halo)):
-        physical = _space_unit_scale(meta, i)
+        physical = units[i]
         space_in.append(bio.SpaceInputAxis(id=bio.AxisId(axis), size=bio.ParameterizedSize(
             min=geometry.minimum[i], step=factor), **physical))
         size = bio.SizeReference(tensor_id=bio.TensorId(INPUT_ID), axis_id=bio.AxisId(axis))

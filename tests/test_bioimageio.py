@@ -1,9 +1,9 @@
 """bioimage.io export (issue #20): the package validates with bioimageio.spec, bioimageio.core's own test passes
 for a 2-D and a 3-D UNet, and bioimageio.core's probabilities equal ours (segkit.api, exact tiling)."""
+import dataclasses
 import os
 import subprocess
 import sys
-import types
 import zipfile
 
 import numpy as np
@@ -43,9 +43,8 @@ def export_real_model(root, model="unet", classes=2, channels=1, **extra):
 
     meta = make_meta(model, classes=classes, channels=channels, **extra)
     net = models.build_model(model, channels, classes, **meta["model_config"])
-    config = types.SimpleNamespace(channels=channels, model=model)
     final = os.path.join(root, "saved_model")
-    export._write_saved_model(net, config, meta, str(root), final)
+    export._save(net, channels, meta, final, models.spatial_rank(model))
     return final
 
 
@@ -97,6 +96,19 @@ def test_volume_geometry_is_per_axis():
     assert geometry.axis_ids == ("z", "y", "x")
     for h, f, r, m in zip(geometry.halo, geometry.size_factor, meta.receptive_field_radius, geometry.minimum):
         assert h % f == 0 and r <= h < r + f and m == 2 * h + f
+
+
+def test_voxel_sizes_whose_halo_ratio_is_inexact_in_micrometres_are_given_in_nanometres():
+    # 24 x 0.05 / 0.05 = 24.000000000000004: the spec refused the package of a 10 x 10 x 50 nm model in um
+    meta = model_metadata.ModelMetadata.from_dict(make_meta("unet3d"))
+    geometry = bx.Geometry(("z", "y", "x"), (4, 16, 16), (24, 48, 48))
+    meta = dataclasses.replace(meta, voxel_size_um=(0.05, 0.01, 0.01))
+    assert 24 * 0.05 / 0.05 != 24
+    assert bx._space_units(meta, geometry) == [{"unit": "nanometer", "scale": s} for s in (50.0, 10.0, 10.0)]
+    odd = dataclasses.replace(meta, voxel_size_um=(0.0033, 0.01, 0.01))  # 24 x 3.3 / 3.3 != 24: scales left out
+    assert bx._space_units(odd, geometry) == [{}] * 3
+    assert bx._space_units(model_metadata.ModelMetadata.from_dict(make_meta()), bx.Geometry(("y", "x"), (4, 4),
+                                                                                           (8, 8))) == [{}, {}]
 
 
 @pytest.mark.parametrize("shape", [(10, 70), (52, 52), (53, 61), (200, 57)])
@@ -255,8 +267,8 @@ def test_3d_package_carries_the_voxel_size_and_passes_bioimageio_cores_own_test(
     descr = load_description(zip_path, perform_io_checks=True)
     assert descr.validation_summary.status == "valid-format", descr.validation_summary.format()
     space = descr.inputs[0].axes[1:4]
-    assert [str(a.id) for a in space] == ["z", "y", "x"] and [a.unit for a in space] == ["micrometer"] * 3
-    assert [a.scale for a in space] == ANISOTROPIC
+    assert [str(a.id) for a in space] == ["z", "y", "x"] and [a.unit for a in space] == ["nanometer"] * 3
+    assert [a.scale for a in space] == [1000 * v for v in ANISOTROPIC]
     assert core_test(zip_path) == ("passed", [])
     meta = model_metadata.load(saved)
     geometry = bx.Geometry.of(meta)
