@@ -267,8 +267,9 @@ class ImageReader(_WorkerPool):
         crop_size: train crop (int, or one size per spatial axis: (h, w) or (z, y, x)), multiples of
             ``size_factor``. Default: the databases' tile
             size, else the smallest record, rounded down to the size factor.
-        size_factor: the model's size factor; eval records are padded up to a multiple of it (the
-            padding's labels are ``IGNORE_LABEL``).
+        size_factor: the model's size factor, one number or one per spatial axis (a volume model pools z
+            less than y and x on anisotropic voxels); eval records are padded up to a multiple of it on each
+            axis (the padding's labels are ``IGNORE_LABEL``).
         seed: the one seed of the stream; shard_index / shard_count: this process's share (multi-host).
         queue_size: samples buffered per worker (default 100, at most 512 MB of shared memory per worker,
             at least 2 batches).
@@ -278,7 +279,7 @@ class ImageReader(_WorkerPool):
 
     def __init__(self, databases: str | Sequence[str], *, batch_size: int, mode: str = "train", workers: int = 1,
                  sampling: str = "shuffle", database_weights: Sequence[float] | None = None, augment: bool = True,
-                 crop_size: int | tuple[int, int] | None = None, size_factor: int = 1, seed: int = 0,
+                 crop_size: int | tuple[int, int] | None = None, size_factor: int | Sequence[int] = 1, seed: int = 0,
                  shard_index: int = 0, shard_count: int = 1, queue_size: int | None = None, start_batch: int = 0):
         self._closed = True  # until fully constructed: close() is a no-op
         self._procs: list = []
@@ -288,7 +289,8 @@ class ImageReader(_WorkerPool):
         self._db = ReaderDatabases(os.fspath(p) for p in paths)
         self._paths, self._metadata = self._db.paths, self._db.metadata
         self._db.check(sampling if mode == "train" else None)
-        self.mode, self.batch_size, self.workers, self.size_factor = mode, int(batch_size), int(workers), int(size_factor)
+        self.mode, self.batch_size, self.workers = mode, int(batch_size), int(workers)
+        self.size_factor = int(size_factor) if np.isscalar(size_factor) else tuple(int(f) for f in size_factor)
         eval_shapes = eval_batches = None
         if mode == "eval":
             eval_shapes = np.array([_eval_shape(shape, size_factor) for shape in self._db.all_record_shapes()], np.int64)
@@ -445,8 +447,9 @@ def _check_arguments(paths, batch_size, mode, workers, sampling, weights, size_f
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
-    for name, value in (("batch_size", batch_size), ("workers", workers), ("size_factor", size_factor),
-                        ("shard_count", shard_count)):
+    factors = [size_factor] if np.isscalar(size_factor) else list(size_factor)
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("shard_count", shard_count),
+                        *(("size_factor", f) for f in factors)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     if not 0 <= shard_index < shard_count:

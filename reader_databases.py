@@ -73,20 +73,25 @@ class ReaderDatabases:
             raise ValueError(f"the databases mix 2-D images and volumes ({listing}); train on one kind")
         return np.concatenate(shapes)
 
-    def resolve_crop(self, crop_size, size_factor: int) -> tuple[int, ...]:
-        """The train crop, one size per spatial axis (the records' number of spatial axes)."""
+    def resolve_crop(self, crop_size, size_factor: int | Sequence[int]) -> tuple[int, ...]:
+        """The train crop, one size per spatial axis (the records' number of spatial axes), each a multiple of
+        its axis' size factor (one number, or one per axis)."""
+        from reader_worker import axis_factors
+
         tiles = {_tile_tuple(m.get("tile_size")) for m in self.metadata}
         ndim = _record_shapes(self.paths[0], 1).shape[1]  # the first record tells 2-D from volumes
+        factors = axis_factors(size_factor, ndim)
         if crop_size is None:
             if len(tiles) == 1 and None not in tiles:
                 tile = tiles.pop()
                 sizes = tile if len(tile) == ndim else tile * ndim
             else:
                 sizes = tuple(int(v) for v in self.all_record_shapes().min(axis=0))
-            return tuple(max(v // size_factor, 1) * size_factor for v in sizes)
+            return tuple(max(v // f, 1) * f for v, f in zip(sizes, factors))
         crop = (crop_size,) * ndim if np.isscalar(crop_size) else tuple(crop_size)
-        if len(crop) != ndim or any(int(v) != v or v < 1 or v % size_factor for v in crop):
-            raise ValueError(f"crop size must be one or {ndim} positive multiples of the size factor {size_factor} "
+        if len(crop) != ndim or any(int(v) != v or v < 1 or v % f for v, f in zip(crop, factors)):
+            shown = factors[0] if len(set(factors)) == 1 else "x".join(map(str, factors))
+            raise ValueError(f"crop size must be one or {ndim} positive multiples of the size factor {shown} "
                              f"(the records have {ndim} spatial axes), got {crop_size}")
         return tuple(int(v) for v in crop)
 

@@ -95,6 +95,23 @@ def test_eval_volumes_are_whole_and_padded_up_to_the_size_factor_in_order(volume
         assert np.count_nonzero(mask == IGNORE_LABEL) == mask.size - source_mask.size
 
 
+def test_per_axis_size_factors_pad_and_check_each_axis_by_its_own(volumes):
+    # an anisotropic unet3d pools z less than y and x: (1, 8, 8) pads z not at all, y and x to multiples of 8
+    with ImageReader(volumes["vol"], batch_size=1, mode="eval", size_factor=(1, 8, 8)) as reader:
+        shapes = [masks[0].shape for _, masks in reader]
+    assert shapes == [(6, 24, 24), (3, 16, 16), (8, 24, 32)]
+    reader = ImageReader(volumes["vol"], batch_size=1, size_factor=(1, 8, 8), augment=False)
+    assert reader.crop_shape == (3, 16, 16)  # the smallest record, each axis floored to its factor
+    reader.close()
+    ImageReader(volumes["vol"], batch_size=1, crop_size=(3, 16, 8), size_factor=(1, 8, 8), augment=False).close()
+    with pytest.raises(ValueError, match="multiples of the size factor 1x8x8"):
+        ImageReader(volumes["vol"], batch_size=1, crop_size=(3, 12, 16), size_factor=(1, 8, 8), augment=False)
+    with pytest.raises(ValueError, match="size_factor has 2 values"):
+        ImageReader(volumes["vol"], batch_size=1, mode="eval", size_factor=(8, 8))
+    with pytest.raises(ValueError, match="size_factor must be a positive integer"):
+        ImageReader(volumes["vol"], batch_size=1, size_factor=(0, 8, 8))
+
+
 def test_random_crop_reaches_every_placement_of_a_small_axis():
     image, mask = positional_volume((3, 5, 5), 0)
     rng = np.random.default_rng(0)

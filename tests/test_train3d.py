@@ -165,6 +165,29 @@ def test_autoconfig_chooses_3d_crops_within_a_voxel_budget(record, factors, gpus
     assert chosen["batch_size"].value == expected_batch and "voxels" in chosen["batch_size"].reason
 
 
+def test_autoconfig_shrinks_the_longest_axis_in_micrometres_first_and_keeps_per_axis_factors():
+    # FIB-SEM every 5th section (10 x 10 x 50 nm): z pools twice (factor 4), y and x four times (16)
+    user = {"crop_size": None, "batch_size": None}
+    aniso = autoconfig.DataSummary(record_shape=(40, 250, 250), records=1, voxel_size=(0.05, 0.01, 0.01))
+    crop = autoconfig.choose(user, aniso, (4, 16, 16), 0)["crop_size"]
+    assert crop.value == (16, 96, 80) and "micrometres" in crop.reason and "4x16x16" in crop.reason
+    extents = [c * v for c, v in zip(crop.value, aniso.voxel_size)]
+    assert max(extents) / min(extents) < 1.25  # about a cube in micrometres: 0.8 x 0.96 x 0.8
+    # in voxels the same record would keep every section and give up y and x instead
+    voxels = autoconfig.choose(user, autoconfig.DataSummary((40, 250, 250), 1), (4, 16, 16), 0)["crop_size"].value
+    assert voxels == (40, 64, 48)
+    iso = autoconfig.DataSummary(record_shape=(200, 250, 250), records=1, voxel_size=(0.01, 0.01, 0.01))
+    assert autoconfig.choose(user, iso, (16, 16, 16), 0)["crop_size"].value == (48, 48, 48)
+
+
+def test_data_summary_reads_the_voxel_size_when_the_databases_agree():
+    meta = {"num_records": 2, "tile_size": [8, 32, 32], "voxel_size_zyx_um": [0.04, 0.004, 0.004]}
+    assert autoconfig.DataSummary.from_metadata([meta]).voxel_size == (0.04, 0.004, 0.004)
+    other = {**meta, "voxel_size_zyx_um": [0.05, 0.004, 0.004]}
+    assert autoconfig.DataSummary.from_metadata([meta, other]).voxel_size is None
+    assert autoconfig.DataSummary.from_metadata([{"num_records": 1, "tile_size": 64}]).voxel_size is None
+
+
 def test_tensorboard_shows_the_middle_z_section_of_volumes():
     images = np.arange(2 * 5 * 4 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 4, 1)
     truth = np.arange(2 * 5 * 4 * 4).reshape(2, 5, 4, 4) % 3

@@ -44,6 +44,7 @@ class DataSummary:
 
     record_shape: tuple[int, ...]  # median spatial shape of a training record (a tile, or a whole image)
     records: int
+    voxel_size: tuple[float, ...] | None = None  # volumes: (z, y, x) micrometres, when every database says the same
 
     @classmethod
     def from_metadata(cls, metas: Sequence[Mapping[str, Any]]) -> DataSummary:
@@ -59,7 +60,11 @@ class DataSummary:
         if not shapes:
             raise ValueError("the training databases describe no records")
         median = tuple(int(v) for v in _median_rows(shapes))
-        return cls(record_shape=median, records=sum(int(m["num_records"]) for m in metas))
+        sizes = {tuple(float(v) for v in m["voxel_size_zyx_um"]) if m.get("voxel_size_zyx_um") else None
+                 for m in metas}
+        voxel = sizes.pop() if len(sizes) == 1 else None
+        return cls(record_shape=median, records=sum(int(m["num_records"]) for m in metas),
+                   voxel_size=voxel if voxel and len(voxel) == len(median) else None)
 
 
 def _source_shape(source: Mapping[str, Any]) -> tuple[int, ...]:
@@ -112,7 +117,8 @@ def choose(user: Mapping[str, Any], data: DataSummary, size_factor: int, gpus: i
     factors = tuple(size_factor) if isinstance(size_factor, (tuple, list)) else (int(size_factor),) * rank
     crop = user.get("crop_size")
     if crop is None:
-        crop, reason = _volume_crop(data.record_shape, factors, kind) if rank == 3 else _image_crop(data, factors, kind)
+        crop, reason = (_volume_crop(data.record_shape, factors, kind, data.voxel_size) if rank == 3
+                        else _image_crop(data, factors, kind))
         chosen["crop_size"] = Choice(crop, f"median training record {'x'.join(map(str, data.record_shape))}, "
                                            f"{reason} on {where}, a multiple of the size factor "
                                            f"{'x'.join(map(str, factors))}")
@@ -162,15 +168,20 @@ def _image_crop(data: DataSummary, factors: tuple[int, ...], kind: str) -> tuple
     return crop, f"at most {edge} px per axis"
 
 
-def _volume_crop(record_zyx: tuple[int, ...], factors: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], str]:
-    """Volumes: the median record floored to the per-axis size factor, then the largest axis shrunk by one
-    factor at a time until the crop holds at most CROP_VOXELS[kind] voxels (no axis below its factor)."""
+def _volume_crop(record_zyx: tuple[int, ...], factors: tuple[int, ...], kind: str,
+                 voxel_size: tuple[float, ...] | None = None) -> tuple[tuple[int, ...], str]:
+    """Volumes: the median record floored to the per-axis size factor, then the axis of the largest physical
+    extent (voxels x voxel size; without a voxel size, voxels) shrunk by one factor at a time until the crop
+    holds at most CROP_VOXELS[kind] voxels (no axis below its factor). As nnU-Net's plans, the crop tends to a
+    cube in micrometres: an anisotropic stack keeps fewer sections than pixels per row."""
     crop = [max(f, int(v) // f * f) for v, f in zip(record_zyx, factors)]
+    spacing = voxel_size or (1.0,) * len(crop)
     budget = CROP_VOXELS[kind]
     while math.prod(crop) > budget:
         shrinkable = [a for a in range(len(crop)) if crop[a] > factors[a]]
         if not shrinkable:
             break
-        axis = max(shrinkable, key=lambda a: (crop[a], a))
+        axis = max(shrinkable, key=lambda a: (round(crop[a] * spacing[a], 9), a))
         crop[axis] -= factors[axis]
-    return tuple(crop), f"at most {budget} voxels per crop"
+    extent = " of the longest extent in micrometres" if voxel_size else ""
+    return tuple(crop), f"at most {budget} voxels per crop (shrunk along the axis{extent} first)"

@@ -126,7 +126,7 @@ def _training_predictions(config: RunConfig, model, pixels: int = TUNING_PIXELS)
 
     seen = 0
     with ImageReader(list(config.train_database), batch_size=1, mode="eval", workers=1,
-                     size_factor=config.size_factor) as reader:
+                     size_factor=models.size_factors(config.model, **config.model_config)) as reader:
         for images, masks in reader:
             logits = forward(model, tf.constant(images))
             probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()

@@ -39,10 +39,11 @@ def resolve_config(args) -> RunConfig:
     test_meta = _read_database(args.test_database)
     args = _choose_model_for_rank(args, train_meta, test_meta)
     model_config, size_factor = _model_settings(args, _voxel_size(args, train_meta))
+    factors = models.size_factors(args.model, **model_config)  # per spatial axis (size_factor: their largest)
     args, classes_reason = _choose_number_classes(args, train_meta, test_meta)
     channels = _check_databases(train_meta, test_meta, args)
     _check_instance_target(args.train_database, train_meta, args.number_classes)
-    args, origins = _self_configure(args, train_meta, size_factor, models.spatial_rank(args.model))
+    args, origins = _self_configure(args, train_meta, factors)
     if classes_reason:
         origins = {"number_classes": classes_reason, **origins}
     counts: dict[int, int] = {}
@@ -63,15 +64,15 @@ def resolve_config(args) -> RunConfig:
         mixed_precision=bool(args.mixed_precision), loss=args.loss,
         class_weights=args.class_weights,
         class_weight_values=tuple(parse_class_weights(args.class_weights, args.number_classes, counts)),
-        crop_size=tuple(_resolve_crop(args, size_factor)),
+        crop_size=tuple(_resolve_crop(args, factors)),
         train_data=tuple(_fingerprint(m) for m in train_meta), test_data=_fingerprint(test_meta),
         mask_map=_training_mask_map(train_meta), augmentation=augmentation_constants())
     _check_output_dir(config.output_dir)
     return config
 
 
-def _self_configure(args, train_meta: list[dict], size_factor: int,
-                    rank: int = 2) -> tuple[argparse.Namespace, dict[str, str]]:
+def _self_configure(args, train_meta: list[dict],
+                    factors: tuple[int, ...] = (1, 1)) -> tuple[argparse.Namespace, dict[str, str]]:
     """Fill the SELF_CONFIGURED flags the user did not pass; log and return why each was chosen."""
     user = {name: getattr(args, name) for name in SELF_CONFIGURED + ("max_minutes",)}
     try:
@@ -79,10 +80,9 @@ def _self_configure(args, train_meta: list[dict], size_factor: int,
     except (KeyError, TypeError, ValueError) as exc:
         raise cliutil.InputError(f"{args.train_database[0]}: its metadata do not describe the records ({exc}); "
                                  "rebuild it with build_lmdb.py") from None
-    # The reader takes one size factor for every axis (the largest per-axis one; they are powers of 2).
     targets = {_instance_target_of(m) for m in train_meta}
     target = targets.pop() if len(targets) == 1 else None
-    chosen = autoconfig.choose(user, data, (size_factor,) * rank, autoconfig.visible_gpus(), target)
+    chosen = autoconfig.choose(user, data, tuple(factors), autoconfig.visible_gpus(), target)
     args = argparse.Namespace(**{**vars(args), **{name: c.value for name, c in chosen.items()}})
     for name, c in chosen.items():  # warmup_steps has no flag of its own: it follows the test interval
         log.info("chose %s%s %s: %s", "--" if name in SELF_CONFIGURED else "", name, _flag_text(c.value), c.reason)
@@ -197,7 +197,7 @@ def _check_databases(train_meta: list[dict], test_meta: dict, args) -> int:
     return channels.pop()
 
 
-def _resolve_crop(args, size_factor: int) -> list[int]:
+def _resolve_crop(args, size_factor: tuple[int, ...]) -> list[int]:
     """Let the reader (without starting it) resolve the crop and check both databases' records."""
     from imagereader import ImageReader
 

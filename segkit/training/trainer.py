@@ -273,17 +273,18 @@ def make_readers(config: RunConfig, replicas: int, worker_index: int, worker_cou
     from imagereader import ImageReader
 
     factory = reader_factory or ImageReader
+    factors = models.size_factors(config.model, **config.model_config)  # per axis: z may pool less than y, x
     # The stream is a function of (seed, shard, batch index): a resumed run starts at batch start_step and
     # draws what the uninterrupted run would have drawn there.
     train = factory(list(config.train_database), batch_size=config.batch_size, mode="train",
                     workers=config.reader_count * replicas,
                     sampling="balanced" if config.balance_classes else "shuffle",
                     augment=config.use_augmentation, crop_size=tuple(config.crop_size),
-                    size_factor=config.size_factor, seed=config.seed, shard_index=worker_index, shard_count=worker_count,
+                    size_factor=factors, seed=config.seed, shard_index=worker_index, shard_count=worker_count,
                     start_batch=start_step)
     try:
         test = factory(config.test_database, batch_size=config.batch_size, mode="eval",
-                       workers=config.reader_count, size_factor=config.size_factor,
+                       workers=config.reader_count, size_factor=factors,
                        shard_index=worker_index, shard_count=worker_count)
     except BaseException:
         train.close()
