@@ -80,7 +80,7 @@ def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_car
                                       workers=1, progress=False, mask_type="instances",
                                       instance_target="three_class") is not None
     config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32),
-                             size_factor=1)
+                             size_factor=1, model="unet", model_config={"depth": 2})
 
     def model(images, training=False):  # channel c is high where the target is c: near one-hot logits
         return 20.0 * images
@@ -93,6 +93,32 @@ def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_car
     meta = model_metadata.ModelMetadata.from_dict({**metadata(channels=3, number_classes=3, size_factor=1,
                                                               radius=0), "instances": block})
     assert meta.instances["tuning"] == tuning
+
+
+def test_the_fitting_sample_is_spread_over_the_training_records(tmp_path):
+    import build_lmdb
+    from segkit import lmdb_format
+    from segkit.training.export import _training_predictions
+
+    for sub in ("images", "masks"):
+        os.makedirs(tmp_path / sub)
+    for i in range(6):
+        labels = touching_objects((32, 32), seed=40 + i)
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels))
+        tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("5.tif\n")
+    build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                               output_folder=str(tmp_path / "db"), dataset_name="ds", workers=1, progress=False,
+                               mask_type="instances", instance_target="three_class", test_list=str(test_list))
+    train = str(tmp_path / "db" / "train-ds.lmdb")
+    config = SimpleNamespace(train_database=(train,), model="unet", model_config={"depth": 2})
+    files = [source["file"] for source in lmdb_format.read_metadata(train)["sources"]]
+    targets = {f: instance_targets.make_target(tifffile.imread(tmp_path / "masks" / f), "three_class") for f in files}
+    # 5 records of 32x32, 2 records' pixels wanted: every 2nd record (the 1st and the 3rd), not the first two
+    got = [target for _, target in _training_predictions(config, lambda images, training=False: images, 2 * 32 * 32)]
+    assert len(got) == 2
+    assert np.array_equal(got[0], targets[files[0]]) and np.array_equal(got[1], targets[files[2]])
 
 
 @pytest.mark.parametrize("tuning", ["yes", 3])

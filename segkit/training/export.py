@@ -117,15 +117,19 @@ def fitted_instances(config: RunConfig, model) -> dict[str, Any] | None:
 
 def _training_predictions(config: RunConfig, model, pixels: int = TUNING_PIXELS):
     """(softmax probabilities, stored target) of whole training records, about ``pixels`` of them (at least one
-    record), read as the test passes read records (in batches of one shape; normalized by their source image's
-    statistics; padded to the size factor, the padding cut off again)."""
+    record), read as the test passes read records (normalized by their source image's statistics; padded to the
+    size factor, the padding cut off again): every k-th record, k = all training pixels / ``pixels``, so the
+    sample spans the databases (the tiles of every image, not those of the first few)."""
     import tensorflow as tf
 
     from imagereader import ImageReader
+    from reader_databases import ReaderDatabases
     from segkit.training.trainer import forward
 
+    shapes = ReaderDatabases(list(config.train_database)).all_record_shapes()
+    every = int(min(len(shapes), max(1, np.prod(shapes, axis=1).sum() // pixels)))
     seen = 0
-    with ImageReader(list(config.train_database), batch_size=1, mode="eval", workers=1,
+    with ImageReader(list(config.train_database), batch_size=1, mode="eval", workers=1, shard_count=every,
                      size_factor=models.size_factors(config.model, **config.model_config)) as reader:
         for images, masks in reader:
             logits = forward(model, tf.constant(images))
