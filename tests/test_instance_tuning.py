@@ -65,20 +65,26 @@ def test_true_labels_of_the_stored_target_recover_the_objects():
     assert average_precision([(labels, recovered)]) >= 0.9
 
 
-def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_carries_them(tmp_path):
+def three_class_databases(tmp_path, count, shape, seed, **split):
+    """Databases of ``count`` 3-channel images of touching objects and their labels (3-class target)."""
     import build_lmdb
-    from segkit.training.export import fitted_instances
 
     for sub in ("images", "masks"):
         os.makedirs(tmp_path / sub)
-    for i in range(3):
-        labels = touching_objects((48, 48), seed=20 + i)
+    for i in range(count):
+        labels = touching_objects(shape, seed=seed + i)
         tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels))
         tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
     assert build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
-                                      output_folder=str(tmp_path / "db"), dataset_name="ds", train_fraction=0.67,
-                                      workers=1, progress=False, mask_type="instances",
-                                      instance_target="three_class") is not None
+                                      output_folder=str(tmp_path / "db"), dataset_name="ds", workers=1, progress=False,
+                                      mask_type="instances", instance_target="three_class", **split) is not None
+    return str(tmp_path / "db" / "train-ds.lmdb")
+
+
+def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_carries_them(tmp_path):
+    from segkit.training.export import fitted_instances
+
+    three_class_databases(tmp_path, 3, (48, 48), 20, train_fraction=0.67)
     config = SimpleNamespace(train_database=(str(tmp_path / "db" / "train-ds.lmdb"),), crop_size=(32, 32),
                              size_factor=1, model="unet", model_config={"depth": 2})
 
@@ -96,22 +102,11 @@ def test_export_fits_the_thresholds_on_the_training_records_and_the_metadata_car
 
 
 def test_the_fitting_sample_is_spread_over_the_training_records(tmp_path):
-    import build_lmdb
     from segkit import lmdb_format
     from segkit.training.export import _training_predictions
 
-    for sub in ("images", "masks"):
-        os.makedirs(tmp_path / sub)
-    for i in range(6):
-        labels = touching_objects((32, 32), seed=40 + i)
-        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", image_3channel(labels))
-        tifffile.imwrite(tmp_path / "masks" / f"{i}.tif", labels)
-    test_list = tmp_path / "test.txt"
-    test_list.write_text("5.tif\n")
-    build_lmdb.build_databases(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
-                               output_folder=str(tmp_path / "db"), dataset_name="ds", workers=1, progress=False,
-                               mask_type="instances", instance_target="three_class", test_list=str(test_list))
-    train = str(tmp_path / "db" / "train-ds.lmdb")
+    (tmp_path / "test.txt").write_text("5.tif\n")
+    train = three_class_databases(tmp_path, 6, (32, 32), 40, test_list=str(tmp_path / "test.txt"))
     config = SimpleNamespace(train_database=(train,), model="unet", model_config={"depth": 2})
     files = [source["file"] for source in lmdb_format.read_metadata(train)["sources"]]
     targets = {f: instance_targets.make_target(tifffile.imread(tmp_path / "masks" / f), "three_class") for f in files}
