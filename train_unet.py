@@ -76,7 +76,7 @@ def build_parser() -> cliutil.ArgumentParser:
                    help="mixed_float16 on GPUs (ignored with a notice on CPU)")
     p.add_argument("--loss", choices=LOSSES, default=None,
                    help="cross-entropy, soft Dice, both, or focal (gamma 2) (default: chosen: 'ce', the original's; "
-                        "'ce+dice' for databases of the 3-class or distance instance target)")
+                        "'ce+dice' for databases of an instance target: 3-class, distance or boundary)")
     p.add_argument("--class_weights", default="none",
                    help="'none', 'auto' (inverse class frequency of the training databases) or w0,w1,...")
     p.add_argument("--crop_size", type=int, default=None,

@@ -78,10 +78,11 @@ def test_every_flag_the_user_passes_wins():
 
 def test_the_loss_follows_the_training_target_unless_passed():
     """Databases of the 3-class instance target train with cross-entropy + Dice (the thin boundary class
-    separates touching objects); class masks and the dense boundary target keep cross-entropy; --loss wins."""
+    separates touching objects), and so do the distance and the dense boundary targets; class masks keep
+    cross-entropy; --loss wins."""
     data = autoconfig.DataSummary.from_metadata([_meta((256, 256), 80)])
     assert autoconfig.choose({"loss": None}, data, 16, 0, "three_class")["loss"].value == "ce+dice"
-    assert autoconfig.choose({"loss": None}, data, 16, 0, "boundary")["loss"].value == "ce"
+    assert autoconfig.choose({"loss": None}, data, 16, 0, "boundary")["loss"].value == "ce+dice"
     assert autoconfig.choose({"loss": None}, data, 16, 0)["loss"].value == "ce"
     assert "loss" not in autoconfig.choose({"loss": "focal"}, data, 16, 0, "three_class")
 
