@@ -248,7 +248,7 @@ def _check_instances_block(block: Mapping[str, Any], number_classes: int, rank: 
     if diameter is not None and (rank != 2 or isinstance(diameter, bool) or not isinstance(diameter, (int, float))
                                  or not math.isfinite(diameter) or not 1 <= diameter <= MAX_OBJECT_DIAMETER_PX):
         raise MetadataError(f"metadata field instances.object_diameter_px must be a number of pixels in 1-"
-                            f"{MAX_OBJECT_DIAMETER_PX} (2-D models only), got {diameter!r}")
+                            f"{MAX_OBJECT_DIAMETER_PX:g} (2-D models only), got {diameter!r}")
     halo = block["halo_px"]
     halos = list(halo) if isinstance(halo, (list, tuple)) else [halo]
     if len(halos) not in (1, rank) or not all(_is_int(h) and h >= 1 for h in halos):

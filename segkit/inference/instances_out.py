@@ -154,7 +154,7 @@ def objects_at_scale(image_hwc: np.ndarray, predict: Callable[[np.ndarray, float
     height, width = image_hwc.shape[:2]
     if inst.diameter is not None:
         factor, why = inst.trained_diameter / inst.diameter, f"--object_diameter {inst.diameter:g} px"
-        probs = None
+        probs = labels = None
     else:
         probs = predict(image_hwc, 1.0)
         labels = labels_from_probabilities(probs, inst.thresholds, inst.labelling_target)
@@ -167,10 +167,12 @@ def objects_at_scale(image_hwc: np.ndarray, predict: Callable[[np.ndarray, float
     # output, gathered), the labels and the watershed's work arrays
     per_pixel = 4 * (2 * image_hwc.shape[-1] + 2 * number_classes) + 32
     factor = min(factor, max(1.0, float(np.sqrt(working_set_limit / max(1, per_pixel * height * width)))))
-    if abs(factor - 1) < 0.05:
+    if abs(factor - 1) < 0.05:  # as good as the image's own scale (or all the memory allows)
         if probs is None:
             probs = predict(image_hwc, 1.0)
-        return probs, labels_from_probabilities(probs, inst.thresholds, inst.labelling_target), ""
+        if labels is None:
+            labels = labels_from_probabilities(probs, inst.thresholds, inst.labelling_target)
+        return probs, labels, ""
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
     big = predict(image_hwc, factor)
     thresholds = dataclasses.replace(inst.thresholds, min_size=int(round(inst.thresholds.min_size * factor ** 2)))
