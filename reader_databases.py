@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from segkit import lmdb_format
+from segkit import lmdb_format, tiling
 
 
 class ReaderDatabases:
@@ -76,11 +76,9 @@ class ReaderDatabases:
     def resolve_crop(self, crop_size, size_factor: int | Sequence[int]) -> tuple[int, ...]:
         """The train crop, one size per spatial axis (the records' number of spatial axes), each a multiple of
         its axis' size factor (one number, or one per axis)."""
-        from reader_worker import axis_factors
-
         tiles = {_tile_tuple(m.get("tile_size")) for m in self.metadata}
         ndim = _record_shapes(self.paths[0], 1).shape[1]  # the first record tells 2-D from volumes
-        factors = axis_factors(size_factor, ndim)
+        factors = tiling.per_axis(size_factor, ndim, "size_factor")
         if crop_size is None:
             if len(tiles) == 1 and None not in tiles:
                 tile = tiles.pop()

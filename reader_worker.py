@@ -18,7 +18,7 @@ import numpy as np
 
 import augment as augmentation
 from reader_sampling import RandomSampler, ShuffleOrder, batch_generators
-from segkit import cliutil, image_io, lmdb_format
+from segkit import cliutil, image_io, lmdb_format, tiling
 
 if TYPE_CHECKING:
     import augment3d
@@ -152,18 +152,7 @@ class _Producer:
 
 def _eval_shape(shape: Sequence[int], size_factor: int | Sequence[int]) -> tuple[int, ...]:
     """Eval shape of a record: every spatial axis padded UP to a multiple of its size factor (all pixels scored)."""
-    return tuple(-(-int(v) // f) * f for v, f in zip(shape, axis_factors(size_factor, len(shape))))
-
-
-def axis_factors(size_factor: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """One size factor per spatial axis: an int for every axis, or one per axis (a volume model's z, y, x)."""
-    if np.isscalar(size_factor):
-        return (int(size_factor),) * ndim
-    factors = tuple(int(f) for f in size_factor)
-    if len(factors) != ndim:
-        raise ValueError(f"size_factor has {len(factors)} values but the records have {ndim} spatial axes; give one "
-                         f"number or {ndim}")
-    return factors
+    return tuple(-(-int(v) // f) * f for v, f in zip(shape, tiling.per_axis(size_factor, len(shape), "size_factor")))
 
 
 def _eval_sample(image: np.ndarray, mask: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

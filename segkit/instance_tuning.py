@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segkit.instance_metrics import Counts, image_counts
-from segkit.instance_targets import three_class_of
+from segkit.instance_targets import object_sizes, three_class_of
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
 SEED_GRIDS = {"3class": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998),  # p_interior
@@ -84,8 +84,7 @@ def score(pairs: Sequence[tuple[np.ndarray, np.ndarray]], thresholds: InstanceTh
 
 def min_size_grid(pairs: Sequence[tuple[np.ndarray, np.ndarray]], default: int) -> tuple[int, ...]:
     """The default and fractions of the median true object size (pixels or voxels)."""
-    sizes = np.concatenate([np.bincount(truth.ravel())[1:] for _, truth in pairs]) if pairs else np.zeros(0)
-    sizes = sizes[sizes > 0]
+    sizes = np.concatenate([object_sizes(truth) for _, truth in pairs]) if pairs else np.zeros(0)
     if not sizes.size:
         return (default,)
     median = float(np.median(sizes))

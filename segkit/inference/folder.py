@@ -52,15 +52,19 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
         if slice_wise:
             predict_fn = _slice_wise(predict_fn, path, settings)
         plan = tiling.plan_tiles(spatial, tile, halo, factor, settings.border)
+
+        def tiled(array: Any, **outputs: Any) -> np.ndarray | None:
+            return tiling.predict_tiled(array, predict_fn, tile, halo, factor, batch_size=settings.batch_size,
+                                        preprocess=lambda t: image_io.normalize(t, mean, std), border=settings.border,
+                                        **outputs)
+
         scaled = None
         if _rescales_objects(settings, source, slice_wise, todo):
             def predict_at(image_hwc: np.ndarray, scale: float) -> np.ndarray:
                 if scale != 1.0:
                     size = (round(spatial[0] * scale), round(spatial[1] * scale))
                     image_hwc = instances_out.resize(image_hwc, (max(1, size[0]), max(1, size[1])))
-                return tiling.predict_tiled(image_hwc, predict_fn, tile, halo, factor, batch_size=settings.batch_size,
-                                            preprocess=lambda t: image_io.normalize(t, mean, std),
-                                            border=settings.border)
+                return tiled(image_hwc)
 
             scaled = instances_out.objects_at_scale(image, predict_at, settings.instances, settings.number_classes,
                                                     settings.working_set_limit)
@@ -79,9 +83,7 @@ def predict_image(path: str, todo: dict[str, str], predict_fn: Callable, setting
                     out.put(zone, probs)
 
             if scaled is None:
-                tiling.predict_tiled(image, predict_fn, tile, halo, factor, batch_size=settings.batch_size,
-                                     preprocess=lambda t: image_io.normalize(t, mean, std), sink=sink,
-                                     progress=bar.update, border=settings.border)
+                tiled(image, sink=sink, progress=bar.update)
             else:  # predicted already (objects_at_scale): the outputs take its probabilities and labels
                 probs, labels, _ = scaled
                 for out in outputs:
