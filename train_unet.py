@@ -75,8 +75,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--mixed_precision", type=cliutil.str2bool, default=False, metavar="0/1",
                    help="mixed_float16 on GPUs (ignored with a notice on CPU)")
     p.add_argument("--loss", choices=LOSSES, default=None,
-                   help="cross-entropy, soft Dice, both, or focal (gamma 2) (default: chosen: 'ce', the original's; "
-                        "'ce+dice' for databases of an instance target: 3-class, distance or boundary)")
+                   help="cross-entropy, soft Dice, both, or focal (gamma 2) (default: chosen: 'ce+dice', nnU-Net's; "
+                        "'ce' is the original's)")
     p.add_argument("--class_weights", default="none",
                    help="'none', 'auto' (inverse class frequency of the training databases) or w0,w1,...")
     p.add_argument("--crop_size", type=int, default=None,

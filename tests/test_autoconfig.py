@@ -78,12 +78,12 @@ def test_every_flag_the_user_passes_wins():
 
 def test_the_loss_follows_the_training_target_unless_passed():
     """Databases of the 3-class instance target train with cross-entropy + Dice (the thin boundary class
-    separates touching objects), and so do the distance and the dense boundary targets; class masks keep
-    cross-entropy; --loss wins."""
+    separates touching objects), and so do the distance and the dense boundary targets and class masks (nnU-Net's
+    default); --loss wins."""
     data = autoconfig.DataSummary.from_metadata([_meta((256, 256), 80)])
     assert autoconfig.choose({"loss": None}, data, 16, 0, "three_class")["loss"].value == "ce+dice"
     assert autoconfig.choose({"loss": None}, data, 16, 0, "boundary")["loss"].value == "ce+dice"
-    assert autoconfig.choose({"loss": None}, data, 16, 0)["loss"].value == "ce"
+    assert autoconfig.choose({"loss": None}, data, 16, 0)["loss"].value == "ce+dice"
     assert "loss" not in autoconfig.choose({"loss": "focal"}, data, 16, 0, "three_class")
 
 
@@ -126,7 +126,7 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
     assert small.batch_size > large.batch_size
     assert set(small.origins) == {"number_classes", "crop_size", "batch_size", "learning_rate", "test_every_n_steps",
                                   "warmup_steps", "max_steps", "loss"}
-    assert small.loss == "ce" and small.origins["loss"] == "cross-entropy, the original's"
+    assert small.loss == "ce+dice" and small.origins["loss"].startswith("the Dice term weighs each class alike")
     assert small.number_classes == 2 and "largest class id in the databases' masks is 1" in small.origins["number_classes"]
     assert small.warmup_steps == min(100, small.test_every_n_steps)  # the interval was chosen: at most 100
     saved = json.loads(small.to_json())

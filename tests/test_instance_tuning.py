@@ -141,7 +141,7 @@ def test_distance_target_is_fitted_on_its_expected_depth():
 def test_distance_target_builds_trains_to_six_classes_and_its_metadata_and_package_say_so(tmp_path):
     import build_lmdb
     from segkit import bioimageio_export, lmdb_format
-    from segkit.training.autoconfig import INSTANCE_LOSS
+    from segkit.training.autoconfig import DEFAULT_LOSS
     from segkit.training.resolve import training_instances
 
     for sub in ("images", "masks"):
@@ -156,7 +156,7 @@ def test_distance_target_builds_trains_to_six_classes_and_its_metadata_and_packa
     train = str(tmp_path / "db" / "train-ds.lmdb")
     meta = lmdb_format.read_metadata(train)
     assert summary.number_classes == 6 and meta["instance_target"]["target"] == "distance"
-    assert INSTANCE_LOSS["distance"] == "ce+dice"
+    assert DEFAULT_LOSS == "ce+dice"
     block = training_instances(SimpleNamespace(train_database=(train,), crop_size=(32, 32)))
     assert block["target"] == "distance" and len(block["classes"]) == 6
     model_meta = model_metadata.ModelMetadata.from_dict({**metadata(channels=1, number_classes=6, size_factor=1,
