@@ -17,7 +17,7 @@ from typing import Sequence
 
 import models
 from segkit import cliutil, tfquiet
-from segkit.training.checkpoints import RunState, check_resume  # noqa: F401  (re-exported)
+from segkit.training.checkpoints import RunState, check_resume, keep_chosen_settings  # noqa: F401  (re-exported)
 from segkit.training.config import EMA_DEFAULT_DECAY, LOSSES, LR_SCHEDULES, RunConfig  # noqa: F401
 from segkit.training.loop import Outcome, StopRequest, TrainingDiverged, stop_reason, train  # noqa: F401
 from segkit.training.losses import batch_statistics, loss_from_statistics  # noqa: F401
@@ -94,7 +94,7 @@ def build_parser() -> cliutil.ArgumentParser:
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cliutil.setup_logging(args.verbose)
-    config = resolve_config(args)
+    config = keep_chosen_settings(resolve_config(args))
     resume = check_resume(config, require=args.resume)
     tfquiet.configure(args.verbose)  # before TensorFlow is imported (by train())
     if tfquiet.default_onednn(ONEDNN_TRAINING):

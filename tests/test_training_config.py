@@ -128,6 +128,29 @@ def test_resume_check_names_the_bad_field_of_the_saved_config(tmp_path):
         checkpoints.check_resume(config, require=False)
 
 
+def test_a_continued_run_keeps_the_settings_chosen_at_its_start(tmp_path):
+    """After an update that chooses another default (or on another machine), the same command continues the run
+    with what was chosen at its start; a setting the user passed is still compared."""
+    out = tmp_path / "run"
+    os.makedirs(out / "checkpoints" / "ckpt-000000001")
+    (out / "checkpoints" / "ckpt-000000001" / "state.json").write_text(checkpoints.RunState(step=1).to_json())
+    (out / "checkpoints" / checkpoints.CHECKPOINT_POINTER).write_text(json.dumps({"latest": "ckpt-000000001",
+                                                                                  "step": 1}))
+    start = dict(WRITTEN_BEFORE, output_dir=str(out), loss="ce", batch_size=8,
+                 origins={"loss": "cross-entropy, the original's", "batch_size": "about 512k pixels per batch"})
+    write(out, start)
+    now = RunConfig.from_dict(dict(start, loss="ce+dice", batch_size=16, learning_rate=1e-3,
+                                   origins={"loss": "nnU-Net's", "batch_size": "on a GPU"}))
+    kept = checkpoints.keep_chosen_settings(now)
+    assert (kept.loss, kept.batch_size) == ("ce", 8)
+    assert kept.origins["loss"] == "kept from the run's start: cross-entropy, the original's"
+    with pytest.raises(cliutil.InputError, match="learning_rate: 0.0001 -> 0.001"):  # the user's flag: compared
+        checkpoints.check_resume(kept, require=False)
+    assert checkpoints.check_resume(dataclasses.replace(kept, learning_rate=1e-4), require=True)
+    fresh = RunConfig.from_dict(dict(now.to_dict(), output_dir=str(tmp_path / "new")))
+    assert checkpoints.keep_chosen_settings(fresh) is fresh  # nothing to continue: this version's choices
+
+
 def test_resume_compares_only_the_augmentation_of_the_runs_rank(tmp_path):
     """A 2-D run continues when only the 3-D augmentation constants changed (a toolkit update), and is
     refused when its own 2-D ones did; the message names the sub-setting."""

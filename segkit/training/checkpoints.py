@@ -6,8 +6,10 @@ checkpoint object is handed in by the trainer.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +22,8 @@ import numpy as np
 
 from segkit import cliutil
 from segkit.training.config import CONFIG_FILENAME, RunConfig
+
+log = logging.getLogger("segkit.training.checkpoints")
 
 IMPROVEMENT_TOLERANCE = 1e-4
 CHECKPOINT_POINTER = "checkpoint.json"
@@ -156,6 +160,29 @@ def _pointer_in(folder: str) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------- resume checks
+
+def keep_chosen_settings(config: RunConfig) -> RunConfig:
+    """A run being continued keeps what the toolkit chose for it at its start (config.json ``origins``), where this
+    version would choose otherwise (a changed default after an update, another machine's batch): the same command
+    resumes it. Settings the user passed are not touched (check_resume compares them)."""
+    path = os.path.join(config.output_dir, CONFIG_FILENAME)
+    try:
+        if read_pointer(config.output_dir) is None or not os.path.isfile(path):
+            return config
+        saved = RunConfig.load(path)
+    except cliutil.InputError:  # check_resume reports a broken pointer or config.json
+        return config
+    old, new = saved.to_dict(), config.to_dict()
+    kept = {name: getattr(saved, name) for name in config.origins
+            if name in saved.origins and old.get(name) is not None and old.get(name) != new.get(name)}
+    if not kept:
+        return config
+    for name in kept:
+        log.info("continuing the run in %s: keeping --%s %s chosen at its start (%s), not %s", config.output_dir, name,
+                 _short(old[name]), saved.origins[name], _short(new[name]))
+    origins = dict(config.origins, **{name: f"kept from the run's start: {saved.origins[name]}" for name in kept})
+    return dataclasses.replace(config, **kept, origins=origins)
+
 
 def check_resume(config: RunConfig, require: bool) -> bool:
     """True when output_dir holds a checkpoint of this configuration; InputError when it is another's."""
