@@ -147,6 +147,9 @@ def test_a_continued_run_keeps_the_settings_chosen_at_its_start(tmp_path):
     with pytest.raises(cliutil.InputError, match="learning_rate: 0.0001 -> 0.001"):  # the user's flag: compared
         checkpoints.check_resume(kept, require=False)
     assert checkpoints.check_resume(dataclasses.replace(kept, learning_rate=1e-4), require=True)
+    write(out, dict(start, origins={}))  # started by a version that chose nothing: its values are kept too
+    kept = checkpoints.keep_chosen_settings(now)
+    assert (kept.loss, kept.batch_size) == ("ce", 8) and kept.origins["loss"].startswith("kept from the run's start")
     fresh = RunConfig.from_dict(dict(now.to_dict(), output_dir=str(tmp_path / "new")))
     assert checkpoints.keep_chosen_settings(fresh) is fresh  # nothing to continue: this version's choices
 

@@ -162,9 +162,10 @@ def _pointer_in(folder: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- resume checks
 
 def keep_chosen_settings(config: RunConfig) -> RunConfig:
-    """A run being continued keeps what the toolkit chose for it at its start (config.json ``origins``), where this
-    version would choose otherwise (a changed default after an update, another machine's batch): the same command
-    resumes it. Settings the user passed are not touched (check_resume compares them)."""
+    """A run being continued keeps, for every setting this version would choose (the user did not pass it), the
+    value it started with (config.json), where this version or machine would choose otherwise (a changed default
+    after an update, another machine's batch): the same command resumes it. Settings the user passes are not
+    touched (check_resume compares them)."""
     path = os.path.join(config.output_dir, CONFIG_FILENAME)
     try:
         if read_pointer(config.output_dir) is None or not os.path.isfile(path):
@@ -174,13 +175,14 @@ def keep_chosen_settings(config: RunConfig) -> RunConfig:
         return config
     old, new = saved.to_dict(), config.to_dict()
     kept = {name: getattr(saved, name) for name in config.origins
-            if name in saved.origins and old.get(name) is not None and old.get(name) != new.get(name)}
+            if old.get(name) is not None and old.get(name) != new.get(name)}
     if not kept:
         return config
+    why = {name: saved.origins.get(name, "a flag or the default of the version that started it") for name in kept}
     for name in kept:
-        log.info("continuing the run in %s: keeping --%s %s chosen at its start (%s), not %s", config.output_dir, name,
-                 _short(old[name]), saved.origins[name], _short(new[name]))
-    origins = dict(config.origins, **{name: f"kept from the run's start: {saved.origins[name]}" for name in kept})
+        log.info("continuing the run in %s: keeping --%s %s from its start (%s), not %s", config.output_dir, name,
+                 _short(old[name]), why[name], _short(new[name]))
+    origins = dict(config.origins, **{name: f"kept from the run's start: {why[name]}" for name in kept})
     return dataclasses.replace(config, **kept, origins=origins)
 
 
