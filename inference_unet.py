@@ -129,6 +129,10 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--foreground_threshold", type=float, default=None,
                    help="--instances, three_class target: seeds grow over pixels where p(interior) + p(boundary) > "
                         "this; lower it for larger objects (default: the model's metadata)")
+    p.add_argument("--seed_dynamic", type=float, default=None,
+                   help="--instances, distance target: one seed per peak of the depth that rises at least this much "
+                        "(0-1) above the saddle to a higher peak, so touching objects get a seed each; 0 = one seed "
+                        "per component of depth > --seed_threshold (default: the model's metadata)")
     p.add_argument("--seam_halo", type=int, default=None,
                    help="--instances out of core: context in pixels around each zone when labelling zone by zone; "
                         "objects up to this size get one id across seams (default: the model's metadata)")

@@ -379,7 +379,8 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
                 "probability.", ""]
     block = meta.get("instances")  # ModelMetadata's instances block: thresholds under "thresholds"
     thresholds = block.get("thresholds", block) if isinstance(block, Mapping) else {}
-    seed, fg, min_size = (thresholds.get(k, d) for k, d in (("seed", 0.5), ("foreground", 0.5), ("min_size", 4)))
+    seed, fg, min_size, dynamic = (thresholds.get(k, d) for k, d in (("seed", 0.5), ("foreground", 0.5),
+                                                                     ("min_size", 4), ("dynamic", 0.0)))
     if target == "3class":
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_interior > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed on "
@@ -388,9 +389,11 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
     elif target == "distance":
         steps = (f"Objects (instance labels) from the probabilities: the expected depth d = sum over the depth "
                  f"channels k = 1..L of p_k (k - 0.5) / L (0 for background and boundary); seeds are connected "
-                 f"components of d > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed "
-                 f"on 1 - d within the foreground 1 - p_background > {fg}; a foreground component without a seed "
-                 "becomes one object.")
+                 f"components of d > {seed} (smaller than {min_size} pixels dropped)"
+                 + (f", each split into its peaks of d of dynamic >= {dynamic} (h-maxima, h = {dynamic}, of d within "
+                    "the components, 0 outside; a component without one keeps itself)" if dynamic else "")
+                 + f", grown by a seeded watershed on 1 - d within the foreground 1 - p_background > {fg}; a "
+                 "foreground component without a seed becomes one object.")
     else:
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_inside > {seed} (smaller than {min_size} pixels dropped), flooded by a watershed on "

@@ -3,9 +3,11 @@
 A softmax segmenter's probabilities are calibrated by its training, not by the data: one fixed seed threshold
 suits neither a model that is sure of every interior pixel nor one that is not. As StarDist fits its thresholds
 to each trained model, :func:`tune_thresholds` searches the labelling thresholds of
-:class:`segkit.instances.InstanceThresholds` (the seed threshold, the foreground threshold, the smallest seed)
+:class:`segkit.instances.InstanceThresholds` (the seed threshold, the foreground threshold, the smallest seed and,
+for the distance target, the dynamic that splits a seed region at its depth's saddles)
 for the best object score on (probabilities, true labels) pairs, one threshold at a time over a fixed grid
-(coordinate ascent, two rounds), keeping the current value unless another scores strictly higher. The
+(coordinate ascent, two rounds; the seed threshold and the dynamic as one pair), keeping the current value
+unless another scores strictly higher. The
 minimum sizes tried follow the data: fractions of the median true object size.
 
 The score is AP = TP / (TP + FP + FN) with one-to-one matching, counts summed over the images, at IoU 0.5 and
@@ -24,8 +26,9 @@ from segkit.instance_targets import object_sizes, three_class_of
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
 SEED_GRIDS = {"3class": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998),  # p_interior
-              "distance": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)}  # the expected depth
+              "distance": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)}  # the expected depth
 FOREGROUND_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DYNAMIC_GRIDS = {"3class": (0.0,), "distance": (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)}  # the depth peaks' dynamic
 MIN_SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2)  # of the median true object size, besides the default
 OBJECTIVE_IOUS = (0.5, 0.75)
 ROUNDS = 2
@@ -52,7 +55,7 @@ class Tuning:
         """One log line."""
         t = self.thresholds
         return (f"instance thresholds fitted on {self.images} training record(s) ({self.objects} objects): seed "
-                f"{t.seed:g}, foreground {t.foreground:g}, min_size {t.min_size}; AP@0.5 "
+                f"{t.seed:g}, foreground {t.foreground:g}, min_size {t.min_size}, dynamic {t.dynamic:g}; AP@0.5 "
                 f"{self.default_score['ap50']:.3f} -> {self.tuned_score['ap50']:.3f}, AP@0.75 "
                 f"{self.default_score['ap75']:.3f} -> {self.tuned_score['ap75']:.3f} (defaults -> fitted)")
 
@@ -99,7 +102,11 @@ def tune_thresholds(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     objects = sum(int(len(np.unique(t)) - (1 if (t == 0).any() else 0)) for _, t in pairs)
     if not objects:
         return None
-    grid = {"seed": SEED_GRIDS[target], "min_size": min_size_grid(pairs, start.min_size), "foreground": FOREGROUND_GRID}
+    # the seed threshold and the dynamic together (a lower seed threshold pays only with the dynamic that splits
+    # the larger seed regions it makes), then the smallest seed, then the foreground
+    blocks = [[{"seed": seed, "dynamic": dynamic} for seed in SEED_GRIDS[target] for dynamic in DYNAMIC_GRIDS[target]],
+              [{"min_size": value} for value in min_size_grid(pairs, start.min_size)],
+              [{"foreground": value} for value in FOREGROUND_GRID]]
     cache: dict[InstanceThresholds, dict[str, float]] = {}
 
     def scored(t: InstanceThresholds) -> dict[str, float]:
@@ -109,9 +116,9 @@ def tune_thresholds(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
 
     best = start
     for _ in range(ROUNDS):
-        for name, values in grid.items():
-            for value in values:
-                candidate = dataclasses.replace(best, **{name: value})
+        for block in blocks:
+            for values in block:
+                candidate = dataclasses.replace(best, **values)
                 if scored(candidate)["objective"] > scored(best)["objective"]:
                     best = candidate
     return Tuning(best, scored(start), scored(best), len(pairs), objects, len(cache))

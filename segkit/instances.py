@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
+from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import relabel_sequential, watershed
 
 from segkit import cliutil
@@ -42,6 +43,10 @@ class InstanceThresholds:
     """3-class and distance: seeds grow back over pixels where 1 - p_background > foreground."""
     min_size: int = 4
     """Seeds (and seedless foreground components) smaller than this many pixels are dropped."""
+    dynamic: float = 0.0
+    """Distance target: a component of d > seed holds one seed per peak of d that rises at least this much above
+    the saddle to any higher peak (the h-maxima of morphology, h = dynamic), so touching objects whose cores
+    run together through a neck of depth above ``seed`` still get a seed each; 0 = one seed per component."""
 
     def __post_init__(self) -> None:
         for name in ("seed", "foreground"):
@@ -49,6 +54,10 @@ class InstanceThresholds:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
                 raise ThresholdError(f"instance threshold {name} must be a probability strictly between 0 and 1, "
                                      f"got {value!r}; e.g. {name}=0.5")
+        dynamic = self.dynamic
+        if isinstance(dynamic, bool) or not isinstance(dynamic, (int, float)) or not 0.0 <= dynamic < 1.0:
+            raise ThresholdError(f"instance threshold dynamic must be a depth difference >= 0 and < 1 (0 = off), "
+                                 f"got {dynamic!r}; e.g. dynamic=0.2")
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
             raise ThresholdError(f"instance threshold min_size must be a whole number of pixels >= 0, "
                                  f"got {self.min_size!r}; e.g. min_size=4")
@@ -156,8 +165,33 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
         interior = probs[..., INTERIOR]
         foreground = interior + probs[..., BOUNDARY] > thresholds.foreground
     seeds = _seeds((interior > thresholds.seed) & foreground, thresholds.min_size)
+    if target == "distance" and thresholds.dynamic > 0:
+        seeds = _split_at_saddles(seeds, interior, thresholds.dynamic)
     labels = watershed(flooding_keys(1.0 - interior, origin), markers=seeds, mask=foreground)
     return compact_labels(_add_seedless(labels, foreground, thresholds.min_size))
+
+
+def _split_at_saddles(seeds: np.ndarray, depth: np.ndarray, dynamic: float) -> np.ndarray:
+    """``seeds`` (labelled components) with each component replaced by its peaks of ``depth`` whose dynamic is at
+    least ``dynamic``: the regional maxima of the morphological reconstruction of depth - dynamic under the depth
+    (the h-maxima, h = dynamic). Peaks of equal height in one dome (saturated cores) count as one unless a saddle
+    deeper than ``dynamic`` parts them. The depth is taken within the components and 0 outside, so a
+    component's peaks depend on its own pixels only and a crop that holds it finds the same ones; a component
+    whose peaks all rise less than ``dynamic`` above 0 keeps itself as its seed."""
+    inside = seeds > 0
+    if not inside.any():
+        return seeds
+    landscape = np.where(inside, depth, 0.0).astype(np.float64)
+    faces = ndi.generate_binary_structure(seeds.ndim, 1)  # the connectivity of _seeds' components
+    domes = reconstruction(landscape - dynamic, landscape, method="dilation", footprint=faces)
+    peaks, count = ndi.label(local_maxima(domes, footprint=faces) & inside, structure=faces)
+    found = np.zeros(int(seeds.max()) + 1, bool)
+    found[seeds[peaks > 0]] = True
+    peakless = inside & ~found[seeds]
+    if peakless.any():
+        rest, _ = ndi.label(peakless, structure=faces)
+        peaks[peakless] = rest[peakless] + count
+    return peaks
 
 
 def expected_depth(probs: np.ndarray) -> np.ndarray:

@@ -308,7 +308,7 @@ def test_instances_1_with_a_semantic_model_is_refused_in_one_line(tmp_path, caps
 
 
 @pytest.mark.parametrize("flag, value", [("--seed_threshold", "1.5"), ("--min_object_size", "-3"),
-                                         ("--seam_halo", "0")])
+                                         ("--seam_halo", "0"), ("--seed_dynamic", "-0.1"), ("--seed_dynamic", "nan")])
 def test_bad_instance_flags_are_refused_in_one_line(tmp_path, capsys, flag, value):
     assert cli(fake_model(tmp_path / "m"), tmp_path, flag, value) == 2
     assert flag in one_error_line(capsys)
@@ -317,10 +317,12 @@ def test_bad_instance_flags_are_refused_in_one_line(tmp_path, capsys, flag, valu
 def test_instances_default_follows_the_model_and_flags_override_thresholds(tmp_path, caplog):
     meta = model_metadata.load(fake_model(tmp_path / "m"))
     with caplog.at_level(logging.INFO):
-        on = instances_out.resolve_instances(None, meta, "m", min_object_size=9, seed_threshold=0.7)
-    assert on.thresholds == InstanceThresholds(seed=0.7, foreground=0.5, min_size=9) and on.halo_px == HALO
-    assert ("seed 0.7, foreground 0.5, min_size 9 (the model's; min_size from --min_object_size, seed from "
-            "--seed_threshold)") in caplog.text
+        on = instances_out.resolve_instances(None, meta, "m", min_object_size=9, seed_threshold=0.7,
+                                             seed_dynamic=0.2)
+    assert on.thresholds == InstanceThresholds(seed=0.7, foreground=0.5, min_size=9, dynamic=0.2)
+    assert on.halo_px == HALO
+    assert ("seed 0.7, foreground 0.5, min_size 9, dynamic 0.2 (the model's; min_size from --min_object_size, seed "
+            "from --seed_threshold, dynamic from --seed_dynamic)") in caplog.text
     assert instances_out.resolve_instances(False, meta, "m") is None
     semantic = model_metadata.load(fake_model(tmp_path / "s", instances=False))
     assert instances_out.resolve_instances(None, semantic, "s") is None

@@ -138,6 +138,24 @@ def test_distance_target_is_fitted_on_its_expected_depth():
     assert tuning.thresholds.seed in instance_tuning.SEED_GRIDS["distance"] + (0.5,)
 
 
+def test_fitting_finds_the_seed_dynamic_that_splits_necked_cores():
+    """Two pairs of cores joined by necks: peaks 0.85 over a neck of 0.54, and peaks 0.5 over a neck of 0.3. No
+    seed threshold parts both pairs (under 0.3 both merge, between the necks the first merges, over 0.5 the
+    second has no seed and is one seedless object); a dynamic below the first pair's rise above its neck (0.31)
+    with a seed threshold under 0.5 parts both, and the fit finds it (the 3-class target is not searched over
+    it)."""
+    from test_instances import cones, depth_probabilities
+
+    depth = np.maximum(cones((40, 80), [(20, 16), (20, 24)], 11), cones((40, 80), [(20, 56), (20, 65)], 11, height=0.5))
+    grid = np.indices(depth.shape)[1]
+    truth = np.where(depth > 0, np.where(grid < 40, 1 + (grid >= 20), 3 + (grid >= 61)), 0).astype(np.uint16)
+    tuning = instance_tuning.tune_thresholds([(depth_probabilities(depth), truth)], target="distance")
+    assert 0 < tuning.thresholds.dynamic < 0.31 and tuning.thresholds.seed < 0.5
+    assert tuning.tuned_score["ap50"] == 1.0 > tuning.default_score["ap50"]
+    assert f"dynamic {tuning.thresholds.dynamic:g}" in tuning.summary()
+    assert instance_tuning.DYNAMIC_GRIDS["3class"] == (0.0,)
+
+
 def test_distance_target_builds_trains_to_six_classes_and_its_metadata_and_package_say_so(tmp_path):
     import build_lmdb
     from segkit import bioimageio_export, lmdb_format

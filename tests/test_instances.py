@@ -126,7 +126,8 @@ def test_compact_labels_renumbers_sequentially():
 @pytest.mark.parametrize("kwargs,word", [
     ({"seed": 0.0}, "seed"), ({"seed": 1.0}, "seed"), ({"foreground": 1.5}, "foreground"),
     ({"seed": "0.5"}, "seed"), ({"foreground": True}, "foreground"), ({"min_size": -1}, "min_size"),
-    ({"min_size": 2.5}, "min_size")])
+    ({"min_size": 2.5}, "min_size"), ({"dynamic": -0.1}, "dynamic"), ({"dynamic": 1.0}, "dynamic"),
+    ({"dynamic": True}, "dynamic"), ({"dynamic": float("nan")}, "dynamic")])
 def test_bad_thresholds_are_refused_in_one_line(kwargs, word):
     with pytest.raises(cliutil.InputError) as info:
         InstanceThresholds(**kwargs)
@@ -135,8 +136,9 @@ def test_bad_thresholds_are_refused_in_one_line(kwargs, word):
 
 
 def test_thresholds_round_trip_and_unknown_keys():
-    thresholds = InstanceThresholds(seed=0.6, foreground=0.4, min_size=10)
+    thresholds = InstanceThresholds(seed=0.6, foreground=0.4, min_size=10, dynamic=0.2)
     assert InstanceThresholds.from_dict(thresholds.to_dict()) == thresholds
+    assert InstanceThresholds.from_dict({"seed": 0.6}).dynamic == 0.0  # metadata written before dynamic existed
     with pytest.raises(instances.ThresholdError, match=r"meta.json: unknown instance threshold.*'sede'"):
         InstanceThresholds.from_dict({"sede": 0.5}, where="meta.json")
 
@@ -320,11 +322,73 @@ def test_distance_seeds_split_objects_whose_boundary_the_model_misses():
     assert instances.labels_from_probabilities(three).max() == 1
 
 
-def test_distance_target_tiled_equals_whole():
+def depth_probabilities(depth):
+    """Distance-target probabilities whose expected depth is ``depth`` (values in [0, 0.875]): background where
+    it is 0, else the mass split between the two channels (boundary, then the depth levels) whose depths
+    (0, then the levels' bin centres) bracket it."""
+    levels = instance_targets.DISTANCE_LEVELS
+    centres = np.concatenate([[0.0], (np.arange(levels) + 0.5) / levels])  # channels 1 .. 1 + levels
+    probs = np.zeros(depth.shape + (2 + levels,), np.float32)
+    probs[..., 0] = depth <= 0
+    low = np.clip(np.searchsorted(centres, depth, side="right") - 1, 0, levels - 1)
+    upper = np.clip((depth - centres[low]) / (centres[low + 1] - centres[low]), 0, 1)
+    inside = depth > 0
+    np.put_along_axis(probs, (1 + low)[..., None], np.where(inside, 1 - upper, 0)[..., None], axis=-1)
+    np.put_along_axis(probs, (2 + low)[..., None], np.where(inside, upper, 0)[..., None], axis=-1)
+    return probs
+
+
+def cones(shape, centres, radius, height=0.85):
+    """max over the centres of height * (1 - distance / radius), 0 outside: overlapping cores with a neck."""
+    grid = np.indices(shape).astype(np.float64)
+    depth = np.zeros(shape)
+    for centre in centres:
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+        depth = np.maximum(depth, height * (1 - distance / radius))
+    return depth
+
+
+def test_dynamic_splits_cores_joined_by_a_neck_above_the_seed_threshold():
+    """Two cores whose depth runs together through a neck above the seed threshold (a model unsure where small
+    touching objects part): one seed region, so one object with dynamic 0; one seed per peak with a dynamic below
+    the peaks' rise above the neck. A single core is never split, and an expected depth close to
+    depth_probabilities' target checks the helper."""
+    depth = cones((40, 64), [(20, 22), (20, 40)], 12)  # neck at x = 31: 0.85 * (1 - 9 / 12) = 0.21, 0.64 below the peaks
+    probs = depth_probabilities(depth)
+    assert np.abs(instances.expected_depth(probs) - depth).max() < 1e-5
+    merged = instances.labels_from_probabilities(probs, InstanceThresholds(seed=0.1), "distance")
+    split = instances.labels_from_probabilities(probs, InstanceThresholds(seed=0.1, dynamic=0.15), "distance")
+    kept = instances.labels_from_probabilities(probs, InstanceThresholds(seed=0.1, dynamic=0.7), "distance")
+    assert (merged.max(), split.max(), kept.max()) == (1, 2, 1)
+    assert split[20, 22] != split[20, 40] and np.array_equal(split > 0, merged > 0)
+    single = depth_probabilities(cones((40, 40), [(20, 20)], 12))
+    assert instances.labels_from_probabilities(single, InstanceThresholds(seed=0.1, dynamic=0.05), "distance").max() == 1
+    low = depth_probabilities(cones((40, 40), [(20, 20)], 12, height=0.2))  # its peak rises less than the dynamic
+    assert instances.labels_from_probabilities(low, InstanceThresholds(seed=0.1, dynamic=0.3), "distance").max() == 1
+
+
+@pytest.mark.parametrize("dynamic", [0.0, 0.1])
+def test_distance_target_tiled_equals_whole(dynamic):
     probs = distance_probabilities(touching_objects((120, 130), 40, 7, seed=3), blur=1.0)
-    whole = instances.labels_from_probabilities(probs, target="distance")
-    tiled = instance_seams.labels_tiled(probs, (40, 23), halo=24, target="distance")
+    thresholds = InstanceThresholds(dynamic=dynamic)
+    whole = instances.labels_from_probabilities(probs, thresholds, target="distance")
+    tiled = instance_seams.labels_tiled(probs, (40, 23), halo=24, thresholds=thresholds, target="distance")
     assert same_partition(whole, tiled) and whole.max() > 30
+
+
+def test_dynamic_seeds_tiled_equal_whole_for_necked_cores_in_2d_and_3d():
+    """Chains of overlapping cones (cores joined by necks, what dynamic splits) cut by seams in every direction."""
+    rng = np.random.default_rng(5)
+    for shape, count, radius, tile, halo in (((96, 120), 14, 9, (31, 26), 40), ((28, 40, 44), 6, 7, (11, 17, 14), 30)):
+        centres = []
+        for _ in range(count):  # pairs of overlapping cores
+            first = rng.integers(radius, np.array(shape) - radius)
+            centres += [first, np.clip(first + rng.integers(-radius + 2, radius - 2, len(shape)), 0, np.array(shape) - 1)]
+        probs = depth_probabilities(cones(shape, centres, radius))
+        thresholds = InstanceThresholds(seed=0.2, dynamic=0.1, min_size=2)
+        whole = instances.labels_from_probabilities(probs, thresholds, "distance")
+        tiled = instance_seams.labels_tiled(probs, tile, halo=halo, thresholds=thresholds, target="distance")
+        assert same_partition(whole, tiled) and whole.max() > count // 2
 
 
 def test_seam_records_of_one_zone_mergers_merge_as_one_merger_does():

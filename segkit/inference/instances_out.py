@@ -63,7 +63,7 @@ class InstanceSettings:
 
 def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_filepath: str,
                       min_object_size: int | None = None, seed_threshold: float | None = None,
-                      foreground_threshold: float | None = None,
+                      foreground_threshold: float | None = None, seed_dynamic: float | None = None,
                       seam_halo: int | None = None, object_diameter: str | float | None = None) -> InstanceSettings | None:
     """``--instances`` and its thresholds resolved against the model's metadata ``instances`` block (None: off).
 
@@ -78,8 +78,10 @@ def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_f
         raise InputError(f"--instances 1: the model {saved_model_filepath} was not trained on instance targets (its "
                          "metadata has no 'instances' block); build the databases with build_lmdb.py --mask_type "
                          "instances and train on them, or drop --instances")
-    overrides = {"min_size": min_object_size, "seed": seed_threshold, "foreground": foreground_threshold}
-    flags = {"min_size": "--min_object_size", "seed": "--seed_threshold", "foreground": "--foreground_threshold"}
+    overrides = {"min_size": min_object_size, "seed": seed_threshold, "foreground": foreground_threshold,
+                 "dynamic": seed_dynamic}
+    flags = {"min_size": "--min_object_size", "seed": "--seed_threshold", "foreground": "--foreground_threshold",
+             "dynamic": "--seed_dynamic"}
     values = dict(block["thresholds"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -94,8 +96,9 @@ def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_f
     halo = tuple(int(h) for h in halo) if isinstance(halo, (list, tuple)) else int(halo)
     source = "fitted on the training records" if "tuning" in block else "the model's"
     given = ", ".join(f"{k} from {flags[k]}" for k, v in overrides.items() if v is not None)
-    log.info("instances (%s target): seed %g, foreground %g, min_size %d (%s%s)", block["target"], thresholds.seed,
-             thresholds.foreground, thresholds.min_size, source, f"; {given}" if given else "")
+    log.info("instances (%s target): seed %g, foreground %g, min_size %d, dynamic %g (%s%s)", block["target"],
+             thresholds.seed, thresholds.foreground, thresholds.min_size, thresholds.dynamic, source,
+             f"; {given}" if given else "")
     diameter, trained = _object_diameter(object_diameter, block.get("object_diameter_px"), saved_model_filepath)
     rescale = trained is not None and diameter != 0
     if rescale:

@@ -392,14 +392,15 @@ def resolve_settings(*, saved_model_filepath: str, image_folder: str, output_fol
                      image_dataset: str | None = None, mask_dataset: str | None = None,
                      slice_wise: bool | None = None, instances: bool | None = None,
                      min_object_size: int | None = None, seed_threshold: float | None = None,
-                     foreground_threshold: float | None = None, seam_halo: int | None = None,
-                     object_diameter: str | float | None = None, finalize: bool = False) -> Settings:
+                     foreground_threshold: float | None = None, seed_dynamic: float | None = None,
+                     seam_halo: int | None = None, object_diameter: str | float | None = None,
+                     finalize: bool = False) -> Settings:
     """Check every input and resolve the settings; raises InputError. Reads no image, no TensorFlow."""
     meta = load_model_metadata(saved_model_filepath, "--saved_model_filepath")
     from segkit.inference.instances_out import resolve_instances
 
     instance_settings = resolve_instances(instances, meta, saved_model_filepath, min_object_size, seed_threshold,
-                                          foreground_threshold, seam_halo, object_diameter)
+                                          foreground_threshold, seed_dynamic, seam_halo, object_diameter)
     batch_size = checked_number("--batch_size", batch_size, 1, MAX_BATCH_SIZE, "tiles", integer=True)
     working_set_limit = _working_set_limit(memory_limit_mb)
     if border not in BORDERS:
