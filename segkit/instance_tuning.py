@@ -26,7 +26,7 @@ from segkit.instance_targets import object_sizes, three_class_of
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
 SEED_GRIDS = {"3class": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998),  # p_interior
-              "distance": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)}  # the expected depth
+              "distance": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)}  # the expected depth
 FOREGROUND_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DYNAMIC_GRIDS = {"3class": (0.0,), "distance": (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)}  # the depth peaks' dynamic
 MIN_SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2)  # of the median true object size, besides the default
