@@ -17,6 +17,7 @@ from skimage.segmentation import find_boundaries
 
 import inference_unet as inf
 from segkit import image_io, instance_targets, lmdb_format, model_metadata
+from segkit.cliutil import InputError
 from segkit.inference import folder, instances_out
 from segkit.instances import InstanceThresholds, labels_from_probabilities, one_hot
 
@@ -24,13 +25,13 @@ HALO = 16  # >= the largest synthetic object (discs of radius <= 7, 8-pixel boxe
 INTERIOR, BOUNDARY = 3000.0, 1000.0  # 1-channel volumes: class by intensity
 
 
-def fake_model(path, *, instances=True, rank=2, channels=3, classes=3, halo=HALO, diameter=None):
+def fake_model(path, *, instances=True, rank=2, channels=3, classes=3, halo=HALO, diameter=None, target="three_class"):
     meta = metadata(channels=channels, number_classes=classes, size_factor=1, radius=0)
     if rank == 3:
         meta.update(spatial_rank=3, size_factor=[1, 1, 1], receptive_field_radius=[0, 0, 0],
                     effective_receptive_field_radius=None, training_tile_size=[8, 32, 32])
     if instances:
-        meta["instances"] = {"target": "three_class", "classes": ["background", "interior", "boundary"],
+        meta["instances"] = {"target": target, "classes": instance_targets.CLASS_NAMES[target],
                              "thresholds": InstanceThresholds().to_dict(), "halo_px": halo}
         if diameter is not None:
             meta["instances"]["object_diameter_px"] = diameter
@@ -315,7 +316,7 @@ def test_bad_instance_flags_are_refused_in_one_line(tmp_path, capsys, flag, valu
 
 
 def test_instances_default_follows_the_model_and_flags_override_thresholds(tmp_path, caplog):
-    meta = model_metadata.load(fake_model(tmp_path / "m"))
+    meta = model_metadata.load(fake_model(tmp_path / "m", classes=6, target="distance"))
     with caplog.at_level(logging.INFO):
         on = instances_out.resolve_instances(None, meta, "m", min_object_size=9, seed_threshold=0.7,
                                              seed_dynamic=0.2)
@@ -325,6 +326,10 @@ def test_instances_default_follows_the_model_and_flags_override_thresholds(tmp_p
             "from --seed_threshold, dynamic from --seed_dynamic)") in caplog.text
     assert instances_out.resolve_instances(False, meta, "m") is None
     semantic = model_metadata.load(fake_model(tmp_path / "s", instances=False))
+    three_class = model_metadata.load(fake_model(tmp_path / "t"))
+    with pytest.raises(InputError, match="--seed_dynamic splits the seed regions of the distance target"):
+        instances_out.resolve_instances(None, three_class, "t", seed_dynamic=0.2)
+    assert instances_out.resolve_instances(None, three_class, "t", seed_dynamic=0).thresholds.dynamic == 0
     assert instances_out.resolve_instances(None, semantic, "s") is None
 
 

@@ -82,6 +82,9 @@ def resolve_instances(instances: bool | None, meta: ModelMetadata, saved_model_f
                  "dynamic": seed_dynamic}
     flags = {"min_size": "--min_object_size", "seed": "--seed_threshold", "foreground": "--foreground_threshold",
              "dynamic": "--seed_dynamic"}
+    if seed_dynamic and block["target"] != "distance":
+        raise InputError(f"--seed_dynamic splits the seed regions of the distance target; the model "
+                         f"{saved_model_filepath} was trained on the {block['target']} target: drop the flag")
     values = dict(block["thresholds"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
