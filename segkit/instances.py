@@ -172,26 +172,36 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
 
 
 def _split_at_saddles(seeds: np.ndarray, depth: np.ndarray, dynamic: float) -> np.ndarray:
-    """``seeds`` (labelled components) with each component replaced by its peaks of ``depth`` whose dynamic is at
-    least ``dynamic``: the regional maxima of the morphological reconstruction of depth - dynamic under the depth
-    (the h-maxima, h = dynamic). Peaks of equal height in one dome (saturated cores) count as one unless a saddle
-    deeper than ``dynamic`` parts them. The depth is taken within the components and 0 outside, so a
-    component's peaks depend on its own pixels only and a crop that holds it finds the same ones; a component
-    whose peaks all rise less than ``dynamic`` above 0 keeps itself as its seed."""
+    """``seeds`` (labelled components) with each component that holds two or more peaks of ``depth`` of dynamic
+    at least ``dynamic`` replaced by those peaks: the regional maxima of the morphological reconstruction of
+    depth - dynamic under the depth (the h-maxima, h = dynamic). Peaks of equal height in one dome (saturated
+    cores) count as one unless a saddle deeper than ``dynamic`` parts them. Every other component stays its own
+    seed. Each component is taken alone (its depth, 0 around it, in its bounding box), so its seeds depend on its
+    own pixels only and a crop that holds it finds the same ones; only components with more than one local
+    maximum of depth are reconstructed."""
+    faces = ndi.generate_binary_structure(seeds.ndim, 1)  # the connectivity of _seeds' components
     inside = seeds > 0
     if not inside.any():
         return seeds
     landscape = np.where(inside, depth, 0.0).astype(np.float64)
-    faces = ndi.generate_binary_structure(seeds.ndim, 1)  # the connectivity of _seeds' components
-    domes = reconstruction(landscape - dynamic, landscape, method="dilation", footprint=faces)
-    peaks, count = ndi.label(local_maxima(domes, footprint=faces) & inside, structure=faces)
-    found = np.zeros(int(seeds.max()) + 1, bool)
-    found[seeds[peaks > 0]] = True
-    peakless = inside & ~found[seeds]
-    if peakless.any():
-        rest, _ = ndi.label(peakless, structure=faces)
-        peaks[peakless] = rest[peakless] + count
-    return peaks
+    tops, _ = ndi.label(local_maxima(landscape, footprint=faces) & inside, structure=faces)
+    pairs = np.unique(np.stack([seeds[tops > 0], tops[tops > 0]]), axis=1)
+    several = np.flatnonzero(np.bincount(pairs[0], minlength=int(seeds.max()) + 1) > 1)
+    out = seeds.astype(np.int64)
+    next_id = int(seeds.max()) + 1
+    boxes = ndi.find_objects(seeds)
+    for index in several:
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[index - 1])  # a ring of 0 around it
+        mine = seeds[box] == index
+        land = np.where(mine, landscape[box], 0.0)
+        domes = reconstruction(land - dynamic, land, method="dilation", footprint=faces)
+        peaks, count = ndi.label(local_maxima(domes, footprint=faces) & mine, structure=faces)
+        if count > 1:
+            region = out[box]
+            region[mine] = 0
+            region[peaks > 0] = peaks[peaks > 0] + (next_id - 1)
+            next_id += count
+    return out
 
 
 def expected_depth(probs: np.ndarray) -> np.ndarray:

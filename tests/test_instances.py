@@ -367,6 +367,35 @@ def test_dynamic_splits_cores_joined_by_a_neck_above_the_seed_threshold():
     assert instances.labels_from_probabilities(low, InstanceThresholds(seed=0.1, dynamic=0.3), "distance").max() == 1
 
 
+def test_saddle_split_equals_the_plain_per_component_reconstruction():
+    """_split_at_saddles' shortcuts (components with one local maximum skipped, each reconstruction in its
+    component's box) give the seeds of the plain rule: every component alone in the whole image, reconstructed,
+    split when it holds two or more h-maxima."""
+    from skimage.morphology import local_maxima, reconstruction
+
+    faces = ndi.generate_binary_structure(2, 1)
+    outcomes = set()
+    for seed in range(3):
+        probs = distance_probabilities(touching_objects((90, 100), 30, 7, seed=seed), blur=2.0)
+        probs += np.random.default_rng(seed).uniform(0, 0.05, probs.shape).astype(np.float32)
+        probs /= probs.sum(-1, keepdims=True)
+        depth = instances.expected_depth(probs)
+        seeds = instances._seeds(depth > 0.3, 4)
+        for dynamic in (0.02, 0.1, 0.3):
+            plain = seeds.astype(np.int64)
+            for index in range(1, int(seeds.max()) + 1):
+                land = np.where(seeds == index, depth, 0.0).astype(np.float64)
+                rec = reconstruction(land - dynamic, land, method="dilation", footprint=faces)
+                peaks, count = ndi.label(local_maxima(rec, footprint=faces) & (seeds == index), structure=faces)
+                if count > 1:
+                    plain[seeds == index] = 0
+                    plain[peaks > 0] = peaks[peaks > 0] + plain.max()
+            split = instances._split_at_saddles(seeds, depth, dynamic)
+            assert same_partition(split, plain)
+            outcomes.add(len(np.unique(split)) > len(np.unique(seeds)))
+    assert outcomes == {True, False}  # both paths taken: some components split, some cases none
+
+
 @pytest.mark.parametrize("dynamic", [0.0, 0.1])
 def test_distance_target_tiled_equals_whole(dynamic):
     probs = distance_probabilities(touching_objects((120, 130), 40, 7, seed=3), blur=1.0)
