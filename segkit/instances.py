@@ -148,7 +148,9 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
     (inside, membrane; dense labels): seeds are the components of p_inside > seed, flooded by a watershed on
     p_membrane over the whole image, so every pixel joins a seed; no agglomeration of the resulting fragments
     (over-segmentation is left as it is). ``distance`` (background, boundary, depth levels): as 3class, with the
-    expected depth (:func:`expected_depth`) for p_interior and 1 - p_background for the foreground. Returns
+    expected depth (:func:`expected_depth`) for p_interior and 1 - p_background for the foreground; with
+    ``thresholds.dynamic`` > 0 a seed region holding several depth peaks is split into them
+    (:func:`_split_at_saddles`). Returns
     uint16, or uint32 beyond 65535 objects. ``origin``: where ``probs`` starts in the whole image, for crops of
     it (:func:`flooding_keys`).
     """
