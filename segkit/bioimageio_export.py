@@ -390,8 +390,8 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
         steps = (f"Objects (instance labels) from the probabilities: the expected depth d = sum over the depth "
                  f"channels k = 1..L of p_k (k - 0.5) / L (0 for background and boundary); seeds are connected "
                  f"components of d > {seed} (smaller than {min_size} pixels dropped)"
-                 + (f", each split into its peaks of d of dynamic >= {dynamic} (h-maxima, h = {dynamic}, of d within "
-                    "the components, 0 outside; a component without one keeps itself)" if dynamic else "")
+                 + (f", each with two or more peaks of d of dynamic >= {dynamic} split into them (h-maxima, h = "
+                    f"{dynamic}, of d within the component, 0 around it; other components stay whole)" if dynamic else "")
                  + f", grown by a seeded watershed on 1 - d within the foreground 1 - p_background > {fg}; a "
                  "foreground component without a seed becomes one object.")
     else:
