@@ -379,8 +379,10 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
                 "probability.", ""]
     block = meta.get("instances")  # ModelMetadata's instances block: thresholds under "thresholds"
     thresholds = block.get("thresholds", block) if isinstance(block, Mapping) else {}
-    seed, fg, min_size, dynamic = (thresholds.get(k, d) for k, d in (("seed", 0.5), ("foreground", 0.5),
-                                                                     ("min_size", 4), ("dynamic", 0.0)))
+    from segkit.instances import InstanceThresholds
+
+    defaults = InstanceThresholds().to_dict()  # what labelling uses for a threshold the metadata leaves out
+    seed, fg, min_size, dynamic = (thresholds.get(k, defaults[k]) for k in ("seed", "foreground", "min_size", "dynamic"))
     if target == "3class":
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_interior > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed on "
