@@ -10,8 +10,9 @@ For each model (default: FC-DenseNet56 and the default UNet) at batch 4, 256x256
   the tf.data pipeline (median, 90th percentile, steps over 5 ms: hand-off cost and CPU scheduling).
 * --ema: the same step with the moving average of the weights (--ema_decay, the default) and without,
   alternating in one process: what the average costs per step.
-* --reference: FC-DenseNet56 built with Keras' stock BatchNormalization (what a plain Keras port does),
-  timed alternately with ours in the same process, so the ratio survives the shared machine's noise.
+* --reference: FC-DenseNet56 (256x256) and the unet3d (16x128x128) built with Keras' stock
+  BatchNormalization (what a plain Keras port does), timed alternately with ours (the fused kernel) in the
+  same process, so the ratio survives the shared machine's noise.
 
 The machine is shared: absolute seconds move with the load (printed before and after); compare the
 ratios measured within one run. Data: the shared NIST phase-contrast images (built into a temporary
@@ -166,8 +167,11 @@ def bench_ema(model: str, dbs, folder: str, steps: int, batch: int) -> None:
           f"ratio {on / off:.3f}   [load {load()}]")
 
 
-def bench_reference(steps: int, batch: int) -> None:
-    """FC-DenseNet56 with stock Keras BatchNormalization vs ours, alternating steps in one process."""
+REFERENCE_SHAPES = {"fcdensenet56": (256, 256), "unet3d": (16, 128, 128)}  # spatial shape of --reference's batch
+
+
+def bench_reference(model_name: str, steps: int, batch: int) -> None:
+    """A model with stock Keras BatchNormalization vs ours, alternating steps in one process."""
     import keras
     import tensorflow as tf
 
@@ -181,25 +185,26 @@ def bench_reference(steps: int, batch: int) -> None:
         def step(x, y):
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + tf.add_n(model.losses)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + sum(model.losses, 0.0)
             optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
             return loss
         return step
 
-    ours = step_fn(models.build_model("fcdensenet56", 1, 2))
+    ours = step_fn(models.build_model(model_name, 1, 2))
     fused = models.layers.FusedBatchNormalization
     models.layers.FusedBatchNormalization = keras.layers.BatchNormalization
     try:
-        stock = step_fn(models.build_model("fcdensenet56", 1, 2))
+        stock = step_fn(models.build_model(model_name, 1, 2))
     finally:
         models.layers.FusedBatchNormalization = fused
+    shape = REFERENCE_SHAPES[model_name]
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(batch, 256, 256, 1)), tf.float32)
-    y = tf.constant(rng.random((batch, 256, 256)) > 0.7, tf.int32)
+    x = tf.constant(rng.normal(size=(batch, *shape, 1)), tf.float32)
+    y = tf.constant(rng.random((batch, *shape)) > 0.7, tf.int32)
     medians = alternate(steps, stock=lambda: float(stock(x, y)), ours=lambda: float(ours(x, y)))
     s, o = medians["stock"], medians["ours"]
-    print(f"fcdensenet56 plain step, stock Keras BatchNormalization {s:.3f} s vs fused {o:.3f} s: ratio "
-          f"{o / s:.2f}   [load {load()}]")
+    print(f"{model_name} plain step, batch {batch} of {'x'.join(map(str, shape))}, stock Keras BatchNormalization "
+          f"{s:.3f} s vs fused {o:.3f} s: ratio {o / s:.2f}   [load {load()}]")
 
 
 def main(argv=None) -> int:
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed FC-DenseNet steps per measurement (UNet: 4x; "
                                                              "after 3 warm-up steps)")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--reference", type=int, default=1, help="1 = also time FC-DenseNet56 with stock Keras BN")
+    parser.add_argument("--reference", type=int, default=1, help="1 = also time FC-DenseNet56 and the unet3d with stock Keras BN")
     parser.add_argument("--ema", type=int, default=1, help="1 = also time each model's step with and without --ema_decay")
     args = parser.parse_args(argv)
     import tensorflow as tf
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
             if args.ema:
                 bench_ema(model, dbs, folder, steps, args.batch_size)
     if args.reference:
-        bench_reference(max(4, args.steps // 2), args.batch_size)
+        for model in REFERENCE_SHAPES:
+            bench_reference(model, max(4, args.steps // 2), args.batch_size)
     print(f"load average after: {load()}")
     return 0
 

@@ -2,24 +2,28 @@
 
 ``FusedBatchNormalization``: Keras 3's BatchNormalization computes moments and
 the normalization with separate TensorFlow ops (several passes over memory).
-On NHWC 4-D inputs this subclass calls TensorFlow's fused kernel instead
-(oneDNN on CPU, cuDNN on GPU), which the graph optimizer also fuses with the
-following ReLU. Same variables, same config, same semantics (momentum applies
+On channels-last 4-D (NHWC) and 5-D (NDHWC, the volume models) inputs this
+subclass calls TensorFlow's fused kernel instead (oneDNN on CPU, cuDNN on GPU),
+which the graph optimizer also fuses with the following ReLU. Same variables, same config, same semantics (momentum applies
 to the moving statistics as in Keras: ``moving = momentum * moving + (1 -
 momentum) * batch``; the fused kernel's moving variance uses the unbiased batch
-variance). FC-DenseNet56 trains about 20% faster per step on CPU with it.
+variance). FC-DenseNet56 trains about 20% faster per step on CPU with it
+(``benchmarks/bench_train.py --reference 1`` times both, and the unet3d).
 """
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
 
+_DATA_FORMATS = {4: "NHWC", 5: "NDHWC"}  # channels-last layouts the fused kernel takes, by tensor rank
+
 
 @keras.saving.register_keras_serializable(package="segmentation")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     def _fusable(self, inputs) -> bool:
-        return (keras.backend.backend() == "tensorflow" and len(inputs.shape) == 4
-                and self.axis in (-1, 3) and not self.synchronized)
+        rank = len(inputs.shape)
+        return (keras.backend.backend() == "tensorflow" and rank in _DATA_FORMATS
+                and self.axis in (-1, rank - 1) and not self.synchronized)
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs):
@@ -31,7 +35,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=scale, offset=offset, mean=self.moving_mean, variance=self.moving_variance,
             epsilon=self.epsilon, exponential_avg_factor=1.0 - self.momentum if training else 1.0,
-            data_format="NHWC", is_training=training)
+            data_format=_DATA_FORMATS[len(inputs.shape)], is_training=training)
         if training:
             self.moving_mean.assign(mean)
             self.moving_variance.assign(variance)

@@ -68,12 +68,14 @@ def build(channels: int, number_classes: int, *, depth: int, base_filters: int, 
     import keras
     from keras import layers
 
+    from .layers import FusedBatchNormalization
+
     def conv_block(x, filters: int, kernel: Sequence[int], prefix: str):
         for i in (1, 2):
             x = layers.Conv3D(filters, tuple(kernel), padding="same", use_bias=not batch_norm,
                               kernel_initializer="he_normal", name=f"{prefix}_conv{i}")(x)
             if batch_norm:
-                x = layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+                x = FusedBatchNormalization(name=f"{prefix}_bn{i}")(x)
             x = layers.Activation("relu", name=f"{prefix}_relu{i}")(x)
         return x
 

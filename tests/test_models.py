@@ -131,12 +131,13 @@ def test_mixed_precision_keeps_float32_logits():
     assert model(np.zeros((1, 8, 8, 1), np.float32)).dtype.name == "float32"
 
 
-def test_fused_batch_norm_matches_keras_batch_norm():
+@pytest.mark.parametrize("shape", [(4, 8, 8, 5), (2, 3, 8, 8, 5)], ids=["nhwc", "ndhwc"])
+def test_fused_batch_norm_matches_keras_batch_norm(shape):
     import keras
 
     from models.layers import FusedBatchNormalization
 
-    x = np.random.default_rng(2).normal(3, 2, size=(4, 8, 8, 5)).astype(np.float32)
+    x = np.random.default_rng(2).normal(3, 2, size=shape).astype(np.float32)
     ref, fused = keras.layers.BatchNormalization(momentum=0.9), FusedBatchNormalization(momentum=0.9)
     np.testing.assert_allclose(fused(x, training=True), ref(x, training=True), atol=1e-4)
     np.testing.assert_allclose(fused.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-5)

@@ -157,3 +157,26 @@ def test_metadata_carries_rank_voxel_size_and_per_axis_values():
         model_metadata.make_metadata(**{**fields, "size_factor": [4, 4]})
     with pytest.raises(MetadataError, match="spatial_rank must be 2 or 3"):
         model_metadata.make_metadata(**{**fields, "spatial_rank": 4})
+
+
+def test_checkpoint_of_stock_batch_norm_restores_into_fused(tmp_path, monkeypatch):
+    """unet3d's BatchNorm layers became the fused kernel: a checkpoint written by a run started before that
+    (stock Keras BatchNormalization, same layer names and variables) restores every variable, so --resume
+    goes on, and the restored model computes the same output."""
+    import keras
+    import tensorflow as tf
+
+    import models.layers
+
+    cfg = tiny(ISOTROPIC)
+    with monkeypatch.context() as patch:
+        patch.setattr(models.layers, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        old = models.build_model("unet3d", 1, 2, **cfg)
+    assert not any(isinstance(layer, models.layers.FusedBatchNormalization) for layer in old.layers)
+    x = np.random.default_rng(0).normal(size=(1, 4, 8, 8, 1)).astype(np.float32)
+    old(x, training=True)  # moves the moving statistics off their initial values
+    prefix = tf.train.Checkpoint(model=old).write(str(tmp_path / "ckpt"))
+    new = models.build_model("unet3d", 1, 2, **cfg)
+    assert any(isinstance(layer, models.layers.FusedBatchNormalization) for layer in new.layers)
+    tf.train.Checkpoint(model=new).read(prefix).assert_consumed()
+    np.testing.assert_allclose(new(x, training=False), old(x, training=False), atol=1e-4)
