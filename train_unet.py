@@ -65,7 +65,8 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--depth", type=int, default=None,
         help=f"unet/unet3d only: poolings (default {models.unet.DEFAULTS['depth']})")
     p.add_argument("--base_filters", type=int, default=None,
-                   help=f"unet/unet3d only: filters of the first level (default {models.unet.DEFAULTS['base_filters']})")
+                   help="unet/unet3d only: filters of the first level (default: chosen from the device, 8 on a CPU, "
+                        "32 on GPUs, 16 for unet3d on GPUs)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's, unet 0, fcdensenet 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights initialization and of the sample stream")
     p.add_argument("--max_steps", type=int, default=None,

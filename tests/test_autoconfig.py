@@ -87,6 +87,18 @@ def test_the_loss_follows_the_training_target_unless_passed():
     assert "loss" not in autoconfig.choose({"loss": "focal"}, data, 16, 0, "three_class")
 
 
+def test_the_unet_width_follows_the_device_unless_passed():
+    """8 filters on a CPU (more steps in a time budget), nnU-Net's 32 on GPUs (16 for volumes, float32); a passed
+    --base_filters wins, and FC-DenseNet has no width to choose."""
+    assert autoconfig.choose_width("unet", None, gpus=0).value == 8
+    assert autoconfig.choose_width("unet", None, gpus=2).value == 32
+    assert autoconfig.choose_width("unet3d", None, gpus=0).value == 8
+    assert autoconfig.choose_width("unet3d", None, gpus=1).value == 16
+    assert "2 GPU(s)" in autoconfig.choose_width("unet", None, gpus=2).reason
+    assert autoconfig.choose_width("unet", 12, gpus=2) is None
+    assert autoconfig.choose_width("fcdensenet56", None, gpus=2) is None
+
+
 def test_visible_gpus_without_a_driver_is_zero():
     if os.path.exists("/proc/driver/nvidia/gpus"):
         pytest.skip("an NVIDIA driver is present")
@@ -124,8 +136,9 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
     large = _resolve(two_databases["large"], tmp_path / "l")
     assert small.crop_size[0] < large.crop_size[0] and small.crop_size == (64, 64)
     assert small.batch_size > large.batch_size
-    assert set(small.origins) == {"number_classes", "crop_size", "batch_size", "learning_rate", "test_every_n_steps",
-                                  "warmup_steps", "max_steps", "loss"}
+    assert set(small.origins) == {"base_filters", "number_classes", "crop_size", "batch_size", "learning_rate",
+                                  "test_every_n_steps", "warmup_steps", "max_steps", "loss"}
+    assert small.model_config["base_filters"] == 8 and small.origins["base_filters"].startswith("8 filters")
     assert small.loss == "ce+dice" and small.origins["loss"].startswith("the Dice term weighs each class alike")
     assert small.number_classes == 2 and "largest class id in the databases' masks is 1" in small.origins["number_classes"]
     assert small.warmup_steps == min(100, small.test_every_n_steps)  # the interval was chosen: at most 100
@@ -136,8 +149,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
 def test_resolved_configuration_keeps_explicit_flags_with_the_original_meaning(two_databases, tmp_path):
     config = _resolve(two_databases["large"], tmp_path / "o", "--crop_size", 64, "--batch_size", 4,
                       "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50, "--number_classes", 3,
-                      "--loss", "ce")
-    assert config.number_classes == 3
+                      "--loss", "ce", "--base_filters", 12)
+    assert config.number_classes == 3 and config.model_config["base_filters"] == 12
     assert (config.crop_size, config.batch_size, config.learning_rate) == ((64, 64), 4, 1e-4)
     assert (config.test_every_n_steps, config.warmup_steps, config.max_steps) == (1000, 1000, 50)
     assert config.origins == {} and "origins" not in config.to_dict()

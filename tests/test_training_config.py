@@ -150,6 +150,14 @@ def test_a_continued_run_keeps_the_settings_chosen_at_its_start(tmp_path):
     write(out, dict(start, origins={}))  # started by a version that chose nothing: its values are kept too
     kept = checkpoints.keep_chosen_settings(now)
     assert (kept.loss, kept.batch_size) == ("ce", 8) and kept.origins["loss"].startswith("kept from the run's start")
+    # --base_filters (chosen from the device) lives in model_config: a run started on a CPU (8) goes on on a GPU
+    write(out, dict(start, model_config=dict(start["model_config"], base_filters=8)))
+    on_gpu = RunConfig.from_dict(dict(now.to_dict(), model_config=dict(start["model_config"], base_filters=32),
+                                      origins=dict(now.origins, base_filters="32 filters on 1 GPU(s)")))
+    kept = checkpoints.keep_chosen_settings(on_gpu)
+    assert kept.model_config == dict(start["model_config"], base_filters=8)
+    assert kept.origins["base_filters"].startswith("kept from the run's start")
+    assert checkpoints.check_resume(dataclasses.replace(kept, learning_rate=1e-4), require=True)
     fresh = RunConfig.from_dict(dict(now.to_dict(), output_dir=str(tmp_path / "new")))
     assert checkpoints.keep_chosen_settings(fresh) is fresh  # nothing to continue: this version's choices
 

@@ -173,8 +173,10 @@ def keep_chosen_settings(config: RunConfig) -> RunConfig:
         saved = RunConfig.load(path)
     except cliutil.InputError:  # check_resume reports a broken pointer or config.json
         return config
-    old, new = saved.to_dict(), config.to_dict()
-    kept = {name: getattr(saved, name) for name in config.origins
+    # A chosen model setting (--base_filters) lives in model_config, the others are fields of their own.
+    old = {**saved.model_config, **saved.to_dict()}
+    new = {**config.model_config, **config.to_dict()}
+    kept = {name: old[name] for name in config.origins
             if old.get(name) is not None and old.get(name) != new.get(name)}
     if not kept:
         return config
@@ -183,7 +185,12 @@ def keep_chosen_settings(config: RunConfig) -> RunConfig:
         log.info("continuing the run in %s: keeping --%s %s from its start (%s), not %s", config.output_dir, name,
                  _short(old[name]), why[name], _short(new[name]))
     origins = dict(config.origins, **{name: f"kept from the run's start: {why[name]}" for name in kept})
-    return dataclasses.replace(config, **kept, origins=origins)
+    field_names = {f.name for f in dataclasses.fields(config)}
+    model_kept = {name: kept.pop(name) for name in list(kept) if name not in field_names}
+    fields = {name: getattr(saved, name) for name in kept}
+    if model_kept:
+        fields["model_config"] = dict(config.model_config, **model_kept)
+    return dataclasses.replace(config, **fields, origins=origins)
 
 
 def check_resume(config: RunConfig, require: bool) -> bool:

@@ -38,6 +38,7 @@ def resolve_config(args) -> RunConfig:
     train_meta = [_read_database(p) for p in args.train_database]
     test_meta = _read_database(args.test_database)
     args = _choose_model_for_rank(args, train_meta, test_meta)
+    args, width_reason = _choose_width(args)
     model_config, size_factor = _model_settings(args, _voxel_size(args, train_meta))
     factors = models.size_factors(args.model, **model_config)  # per spatial axis (size_factor: their largest)
     args, classes_reason = _choose_number_classes(args, train_meta, test_meta)
@@ -46,6 +47,8 @@ def resolve_config(args) -> RunConfig:
     args, origins = _self_configure(args, train_meta, factors)
     if classes_reason:
         origins = {"number_classes": classes_reason, **origins}
+    if width_reason:
+        origins = {"base_filters": width_reason, **origins}
     counts: dict[int, int] = {}
     for meta in train_meta:
         for c, n in meta["class_pixel_counts"].items():
@@ -87,6 +90,15 @@ def _self_configure(args, train_meta: list[dict],
     for name, c in chosen.items():  # warmup_steps has no flag of its own: it follows the test interval
         log.info("chose %s%s %s: %s", "--" if name in SELF_CONFIGURED else "", name, _flag_text(c.value), c.reason)
     return args, {name: c.reason for name, c in chosen.items()}
+
+
+def _choose_width(args) -> tuple[argparse.Namespace, str | None]:
+    """``--base_filters`` of a UNet when not passed, from the device (autoconfig.choose_width), with its reason."""
+    chosen = autoconfig.choose_width(args.model, args.base_filters, autoconfig.visible_gpus())
+    if chosen is None:
+        return args, None
+    log.info("chose --base_filters %d: %s", chosen.value, chosen.reason)
+    return argparse.Namespace(**{**vars(args), "base_filters": chosen.value}), chosen.reason
 
 
 def _flag_text(value: Any) -> str:
