@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import lmdb
 import numpy as np
@@ -14,7 +15,7 @@ from lmdb_helpers import write_database
 
 import train_unet
 from segkit import cliutil, lmdb_format
-from segkit.training import autoconfig
+from segkit.training import autoconfig, resolve
 from segkit.training.resolve import resolve_config
 from segkit.training.summaries import middle_sections
 
@@ -180,12 +181,22 @@ def test_autoconfig_shrinks_the_longest_axis_in_micrometres_first_and_keeps_per_
     assert autoconfig.choose(user, iso, (16, 16, 16), 0)["crop_size"].value == (48, 48, 48)
 
 
-def test_data_summary_reads_the_voxel_size_when_the_databases_agree():
+def test_data_summary_takes_the_voxel_size_resolve_read_from_the_databases():
+    """resolve reads and checks the volumes' voxel size once (present, every database the same) and the crop rule
+    gets that one; images have none."""
     meta = {"num_records": 2, "tile_size": [8, 32, 32], "voxel_size_zyx_um": [0.04, 0.004, 0.004]}
-    assert autoconfig.DataSummary.from_metadata([meta]).voxel_size == (0.04, 0.004, 0.004)
-    other = {**meta, "voxel_size_zyx_um": [0.05, 0.004, 0.004]}
-    assert autoconfig.DataSummary.from_metadata([meta, other]).voxel_size is None
+    assert autoconfig.DataSummary.from_metadata([meta], [0.04, 0.004, 0.004]).voxel_size == (0.04, 0.004, 0.004)
     assert autoconfig.DataSummary.from_metadata([{"num_records": 1, "tile_size": 64}]).voxel_size is None
+    args = SimpleNamespace(model="unet3d", train_database=["a.lmdb", "b.lmdb"])
+    assert resolve._voxel_size(args, [meta, meta]) == [0.04, 0.004, 0.004]
+    with pytest.raises(cliutil.InputError, match="different voxel sizes"):
+        resolve._voxel_size(args, [meta, {**meta, "voxel_size_zyx_um": [0.05, 0.004, 0.004]}])
+    # and the crop rule sees it: 40x250x250 sections of 10x10x50 nm shrink y and x less than in voxels
+    big = {"num_records": 1, "tile_size": [40, 250, 250], "voxel_size_zyx_um": [0.05, 0.01, 0.01]}
+    flags = train_unet.build_parser().parse_args(["--train_database", "t.lmdb", "--test_database", "s.lmdb",
+                                                  "--output_dir", "o", "--model", "unet3d"])
+    chosen, _ = resolve._self_configure(flags, [big], (4, 16, 16), resolve._voxel_size(flags, [big]))
+    assert chosen.crop_size == (16, 96, 80)
 
 
 def test_tensorboard_shows_the_middle_z_section_of_volumes():

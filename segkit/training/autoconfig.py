@@ -58,7 +58,10 @@ class DataSummary:
     voxel_size: tuple[float, ...] | None = None  # volumes: (z, y, x) micrometres, when every database says the same
 
     @classmethod
-    def from_metadata(cls, metas: Sequence[Mapping[str, Any]]) -> DataSummary:
+    def from_metadata(cls, metas: Sequence[Mapping[str, Any]],
+                      voxel_size: Sequence[float] | None = None) -> DataSummary:
+        """``voxel_size``: the training volumes' (z, y, x) micrometres, as resolve read and checked them from the
+        same metadata (every database the same); None for images."""
         shapes = []
         for meta in metas:
             tile = meta.get("tile_size")
@@ -71,9 +74,7 @@ class DataSummary:
         if not shapes:
             raise ValueError("the training databases describe no records")
         median = tuple(int(v) for v in _median_rows(shapes))
-        sizes = {tuple(float(v) for v in m["voxel_size_zyx_um"]) if m.get("voxel_size_zyx_um") else None
-                 for m in metas}
-        voxel = sizes.pop() if len(sizes) == 1 else None
+        voxel = tuple(float(v) for v in voxel_size) if voxel_size else None
         return cls(record_shape=median, records=sum(int(m["num_records"]) for m in metas),
                    voxel_size=voxel if voxel and len(voxel) == len(median) else None)
 

@@ -39,12 +39,13 @@ def resolve_config(args) -> RunConfig:
     test_meta = _read_database(args.test_database)
     args = _choose_model_for_rank(args, train_meta, test_meta)
     args, width_reason = _choose_width(args)
-    model_config, size_factor = _model_settings(args, _voxel_size(args, train_meta))
+    voxel_size = _voxel_size(args, train_meta)
+    model_config, size_factor = _model_settings(args, voxel_size)
     factors = models.size_factors(args.model, **model_config)  # per spatial axis (size_factor: their largest)
     args, classes_reason = _choose_number_classes(args, train_meta, test_meta)
     channels = _check_databases(train_meta, test_meta, args)
     _check_instance_target(args.train_database, train_meta, args.number_classes)
-    args, origins = _self_configure(args, train_meta, factors)
+    args, origins = _self_configure(args, train_meta, factors, voxel_size)
     if classes_reason:
         origins = {"number_classes": classes_reason, **origins}
     if width_reason:
@@ -74,12 +75,12 @@ def resolve_config(args) -> RunConfig:
     return config
 
 
-def _self_configure(args, train_meta: list[dict],
-                    factors: tuple[int, ...] = (1, 1)) -> tuple[argparse.Namespace, dict[str, str]]:
+def _self_configure(args, train_meta: list[dict], factors: tuple[int, ...] = (1, 1),
+                    voxel_size: list[float] | None = None) -> tuple[argparse.Namespace, dict[str, str]]:
     """Fill the SELF_CONFIGURED flags the user did not pass; log and return why each was chosen."""
     user = {name: getattr(args, name) for name in SELF_CONFIGURED + ("max_minutes",)}
     try:
-        data = autoconfig.DataSummary.from_metadata(train_meta)
+        data = autoconfig.DataSummary.from_metadata(train_meta, voxel_size)
     except (KeyError, TypeError, ValueError) as exc:
         raise cliutil.InputError(f"{args.train_database[0]}: its metadata do not describe the records ({exc}); "
                                  "rebuild it with build_lmdb.py") from None
