@@ -51,6 +51,9 @@ def build_parser() -> cliutil.ArgumentParser:
     p.add_argument("--ema_decay", type=float, default=EMA_DEFAULT_DECAY,
                    help="test, keep and export an exponential moving average of the weights with this decay "
                         "(ramped up as min(decay, (1+step)/(10+step))); 0 = the raw weights, as the original")
+    p.add_argument("--clip_norm", type=float, default=None,
+                   help="clip each replica's gradient to this global norm (default: chosen, 1; 0 = no clipping, "
+                        "as the original)")
     p.add_argument("--test_every_n_steps", type=int, default=None,
                    help="steps between test passes (an 'epoch'; default: chosen from the record count, 50-1000; "
                         "the original's was 1000)")

@@ -87,6 +87,12 @@ def test_the_loss_follows_the_training_target_unless_passed():
     assert "loss" not in autoconfig.choose({"loss": "focal"}, data, 16, 0, "three_class")
 
 
+def test_gradients_are_clipped_unless_the_flag_says_otherwise():
+    data = autoconfig.DataSummary.from_metadata([_meta((256, 256), 80)])
+    assert autoconfig.choose({"clip_norm": None}, data, 16, 0)["clip_norm"].value == 1.0
+    assert "clip_norm" not in autoconfig.choose({"clip_norm": 0.0}, data, 16, 0)
+
+
 def test_the_unet_width_follows_the_device_unless_passed():
     """8 filters on a CPU (more steps in a time budget), nnU-Net's 32 on GPUs (16 for volumes, float32); a passed
     --base_filters wins, and FC-DenseNet has no width to choose."""
@@ -137,7 +143,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
     assert small.crop_size[0] < large.crop_size[0] and small.crop_size == (64, 64)
     assert small.batch_size > large.batch_size
     assert set(small.origins) == {"base_filters", "number_classes", "crop_size", "batch_size", "learning_rate",
-                                  "test_every_n_steps", "warmup_steps", "max_steps", "loss"}
+                                  "test_every_n_steps", "warmup_steps", "max_steps", "loss", "clip_norm"}
+    assert small.clip_norm == autoconfig.CLIP_NORM == 1.0
     assert small.model_config["base_filters"] == 8 and small.origins["base_filters"].startswith("8 filters")
     assert small.loss == "ce+dice" and small.origins["loss"].startswith("the Dice term weighs each class alike")
     assert small.number_classes == 2 and "largest class id in the databases' masks is 1" in small.origins["number_classes"]
@@ -149,8 +156,8 @@ def test_resolved_configuration_follows_the_databases_and_records_why(two_databa
 def test_resolved_configuration_keeps_explicit_flags_with_the_original_meaning(two_databases, tmp_path):
     config = _resolve(two_databases["large"], tmp_path / "o", "--crop_size", 64, "--batch_size", 4,
                       "--learning_rate", 1e-4, "--test_every_n_steps", 1000, "--max_steps", 50, "--number_classes", 3,
-                      "--loss", "ce", "--base_filters", 12)
-    assert config.number_classes == 3 and config.model_config["base_filters"] == 12
+                      "--loss", "ce", "--base_filters", 12, "--clip_norm", 0)
+    assert config.number_classes == 3 and config.model_config["base_filters"] == 12 and config.clip_norm == 0
     assert (config.crop_size, config.batch_size, config.learning_rate) == ((64, 64), 4, 1e-4)
     assert (config.test_every_n_steps, config.warmup_steps, config.max_steps) == (1000, 1000, 50)
     assert config.origins == {} and "origins" not in config.to_dict()

@@ -377,6 +377,28 @@ def test_mixed_precision_step_uses_loss_scaling(dbs, tmp_path):
     assert all(np.isfinite(losses)) and not np.allclose(before, trainer.model.get_layer("logits").kernel.numpy())
 
 
+def test_clip_norm_scales_each_step_s_gradient_down_to_it(dbs, tmp_path):
+    """--clip_norm c: the gradient is scaled to global norm c when larger. Adam's first step is lr x g / (|g| +
+    1e-7) per weight: about lr whatever the gradient's scale, unless the clipped gradient is far below Adam's
+    epsilon, as with c = 1e-9; without clipping (0) the weights move by about the rate."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy()
+    rng = np.random.default_rng(0)
+    batch = (rng.normal(size=(2, 32, 32, 1)).astype(np.float32), rng.integers(0, 3, (2, 32, 32)).astype(np.int32))
+    moved = {}
+    for clip in (0, 1e-9):
+        config = train_unet.resolve_config(train_unet.build_parser().parse_args(
+            argv(dbs, tmp_path / f"clip{clip}", "--clip_norm", clip, "--ema_decay", 0)))
+        assert config.clip_norm == clip and "clip_norm" not in config.origins
+        trainer = train_unet.Trainer(config, strategy, mixed=False)
+        data = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+        before = trainer.model.get_layer("logits").kernel.numpy().copy()
+        trainer.train_step(next(data))
+        moved[clip] = float(np.abs(trainer.model.get_layer("logits").kernel.numpy() - before).max())
+    assert moved[0] > 1e-5 and moved[1e-9] < 1e-3 * moved[0]
+
+
 @pytest.mark.slow
 def test_moving_average_follows_the_ramped_decay_and_is_what_is_tested(dbs, tmp_path):
     import tensorflow as tf

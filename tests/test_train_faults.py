@@ -187,7 +187,7 @@ def test_damaged_saved_state_is_named_with_its_field_in_one_line(dbs, finished, 
     ("--crop_size", "0"), ("--crop_size", str(10 ** 9)), ("--ema_decay", "nan"), ("--learning_rate", "inf"),
     ("--learning_rate", "nan"), ("--batch_size", str(10 ** 9)), ("--reader_count", "100000"), ("--max_minutes", "nan"),
     ("--max_minutes", "inf"), ("--depth", "100"), ("--base_filters", "0"), ("--number_classes", str(10 ** 7)),
-    ("--class_weights", "1,nan,1"), ("--class_weights", "1,inf,1"),
+    ("--class_weights", "1,nan,1"), ("--class_weights", "1,inf,1"), ("--clip_norm", "-1"), ("--clip_norm", "nan"),
 ])
 def test_every_numeric_flag_is_checked_against_nan_infinity_and_absurd_sizes(dbs, tmp_path, capsys, flag, value):
     out = tmp_path / "run"

@@ -102,10 +102,12 @@ def test_frozen_documented_and_run_defining_as_before():
         config.batch_size = 8
     docs = describe()
     assert set(docs) == {f.name for f in dataclasses.fields(RunConfig)} and all(len(d) > 10 for d in docs.values())
-    # augmentation: the augmentation constants (issue #17), not compared when an old config.json lacks them
-    assert set(config.run_defining()) == PREVIOUS_RUN_DEFINING | {"max_steps", "augmentation"}  # cosine: max_steps
+    # augmentation: the augmentation constants (issue #17), and clip_norm, not compared when an old config.json
+    # lacks them (None)
+    assert set(config.run_defining()) == PREVIOUS_RUN_DEFINING | {"max_steps", "augmentation", "clip_norm"}  # cosine
     constant = dataclasses.replace(config, lr_schedule="constant")
-    assert set(constant.run_defining()) == PREVIOUS_RUN_DEFINING | {"augmentation"}
+    assert set(constant.run_defining()) == PREVIOUS_RUN_DEFINING | {"augmentation", "clip_norm"}
+    assert config.clip_norm is None  # not recorded: that run did not clip
     assert constant.origins == {} and "origins" not in constant.to_dict()  # written only when something was chosen
     with pytest.raises(cliutil.InputError, match="RunConfig: the field 'seed' must be an integer"):
         dataclasses.replace(config, seed="3")  # checked on construction too

@@ -141,6 +141,12 @@ class RunConfig:
     global_batch_size: int | None = setting("batch_size x replicas", default=None, legacy=None, rule=AT_LEAST_1)
     mixed_precision_active: bool | None = setting("whether mixed_float16 was active (a GPU was visible)",
                                                      default=None, legacy=None)
+    clip_norm: float | None = setting("each replica's gradient (of its batch's mean loss) is scaled down to this global "
+                                      "norm when larger; 0 = no clipping; None = not recorded (a config.json written "
+                                      "before the field existed: that run did not clip; continued by this version, "
+                                      "it clips from then on unless --clip_norm 0 is passed)", run_defining=True,
+                                      legacy=None, default=None, omit_empty=True,
+                                      rule=Rule(lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = no clipping)"))
     origins: dict = setting("field name -> why the toolkit chose its value (segkit.training.autoconfig); fields "
                             "not listed were set by a flag or are the flag's default", legacy={}, omit_empty=True,
                             default_factory=dict, compare=False, repr=False,

@@ -19,7 +19,7 @@ from segkit.training.config import MAX_SIZE, WARMUP_MAX_STEPS, RunConfig, augmen
 log = logging.getLogger(__name__)
 
 # Flags range-checked by their RunConfig field's rule, in this order (messages "--flag must be ...").
-CHECKED_FLAGS = ("batch_size", "number_classes", "learning_rate", "ema_decay", "test_every_n_steps",
+CHECKED_FLAGS = ("batch_size", "number_classes", "learning_rate", "ema_decay", "clip_norm", "test_every_n_steps",
                  "early_stopping", "reader_count", "max_steps", "max_minutes", "seed")
 # Flags that are no RunConfig field of their own: (rule, text completing "--flag ...").
 OTHER_FLAG_RULES = {
@@ -29,7 +29,7 @@ OTHER_FLAG_RULES = {
     "base_filters": (lambda v: 1 <= v <= 4096, "must be in [1, 4096]"),
 }
 # Flags the toolkit chooses from the data when they are not passed (segkit.training.autoconfig).
-SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps", "loss")
+SELF_CONFIGURED = ("crop_size", "batch_size", "learning_rate", "test_every_n_steps", "max_steps", "loss", "clip_norm")
 
 
 def resolve_config(args) -> RunConfig:
@@ -60,7 +60,7 @@ def resolve_config(args) -> RunConfig:
         train_database=tuple(os.path.abspath(p) for p in args.train_database),
         test_database=os.path.abspath(args.test_database), output_dir=os.path.abspath(args.output_dir),
         batch_size=args.batch_size, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
-        ema_decay=args.ema_decay, test_every_n_steps=args.test_every_n_steps,
+        ema_decay=args.ema_decay, clip_norm=args.clip_norm, test_every_n_steps=args.test_every_n_steps,
         warmup_steps=getattr(args, "warmup_steps", None) or min(WARMUP_MAX_STEPS, args.test_every_n_steps),
         balance_classes=bool(args.balance_classes), use_augmentation=bool(args.use_augmentation),
         early_stopping=args.early_stopping, reader_count=args.reader_count, seed=args.seed,

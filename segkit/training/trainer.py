@@ -193,6 +193,11 @@ class Trainer:
                 scaled = self.optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, self.model.trainable_variables)
         grad_norm = tf.linalg.global_norm(grads)
+        if self.config.clip_norm:  # this replica's share of the mean loss: its gradient's norm is 1/replicas of it
+            limit = self.config.clip_norm / self.replicas
+            if self.mixed:  # the gradients are of the scaled loss: clip in those units
+                limit = limit * tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            grads, _ = tf.clip_by_global_norm(grads, limit, use_norm=grad_norm)
         self.optimizer.apply(grads, self.model.trainable_variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         finite_grads = tf.constant(1.0) if self.mixed else tf.cast(tf.math.is_finite(grad_norm), tf.float32)
