@@ -4,11 +4,12 @@
 the normalization with separate TensorFlow ops (several passes over memory).
 On channels-last 4-D (NHWC) and 5-D (NDHWC, the volume models) inputs this
 subclass calls TensorFlow's fused kernel instead (oneDNN on CPU, cuDNN on GPU),
-which the graph optimizer also fuses with the following ReLU. Same variables, same config, same semantics (momentum applies
-to the moving statistics as in Keras: ``moving = momentum * moving + (1 -
-momentum) * batch``; the fused kernel's moving variance uses the unbiased batch
-variance). FC-DenseNet56 trains about 20% faster per step on CPU with it
-(``benchmarks/bench_train.py --reference 1`` times both, and the unet3d).
+which the graph optimizer also fuses with the following ReLU. Same variables,
+same config, same semantics (momentum applies to the moving statistics as in
+Keras: ``moving = momentum * moving + (1 - momentum) * batch``; the fused
+kernel's moving variance uses the unbiased batch variance). On CPU a
+FC-DenseNet56 step takes about 0.76x and a unet3d step 0.95x the stock layer's
+(``benchmarks/bench_train.py --reference 1`` times both).
 """
 from __future__ import annotations
 
