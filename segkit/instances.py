@@ -170,7 +170,7 @@ def labels_from_probabilities(probs: np.ndarray, thresholds: InstanceThresholds 
     if target == "distance" and thresholds.dynamic > 0:
         seeds = _split_at_saddles(seeds, interior, thresholds.dynamic)
     labels = watershed(flooding_keys(1.0 - interior, origin), markers=seeds, mask=foreground)
-    return compact_labels(_add_seedless(labels, foreground, thresholds.min_size))
+    return compact_labels(_fill_holes(_add_seedless(labels, foreground, thresholds.min_size)))
 
 
 def _split_at_saddles(seeds: np.ndarray, depth: np.ndarray, dynamic: float) -> np.ndarray:
@@ -220,6 +220,47 @@ def _add_seedless(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> 
     if orphans.any():
         labels = labels.astype(np.int64)
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
+    return labels
+
+
+def _fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Background enclosed by one object joins it (a dim nucleolus under the foreground threshold leaves a hole,
+    which would be missing from the object's area and mean intensity). A pocket of background (components with
+    full connectivity) is filled when it does not reach the array's edge and every labelled pixel that shares a
+    face with it belongs to one object; a pocket between two objects stays background. In a crop the same pocket
+    gets the same answer whenever its object lies wholly inside the crop (the condition of exact tiling)."""
+    ndim = labels.ndim
+    pockets, count = ndi.label(labels == 0, structure=np.ones((3,) * ndim, bool))
+    if count < 1:
+        return labels
+    outside = np.zeros(count + 1, bool)
+    outside[0] = True
+    for axis in range(ndim):
+        for end in (0, -1):
+            outside[np.take(pockets, end, axis=axis)] = True
+    if outside.all():  # the usual case: no enclosed background at all
+        return labels
+    enclosed = np.where(outside, 0, np.arange(count + 1))[pockets]  # the enclosed pockets' ids, 0 elsewhere
+    step = int(labels.max()) + 1
+    keys = []  # pocket * step + the label of a face neighbour
+    for axis in range(ndim):
+        lo = [slice(None)] * ndim
+        hi = [slice(None)] * ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        for a, b in ((tuple(lo), tuple(hi)), (tuple(hi), tuple(lo))):
+            meet = (enclosed[a] > 0) & (labels[b] > 0)
+            keys.append(enclosed[a][meet].astype(np.int64) * step + labels[b][meet])
+    keys = np.unique(np.concatenate(keys))
+    pocket, owner_of = keys // step, keys % step
+    neighbours = np.bincount(pocket, minlength=count + 1)
+    owner = np.zeros(count + 1, np.int64)
+    owner[pocket] = owner_of
+    fill = neighbours == 1  # an enclosed pocket always has a labelled neighbour
+    if not fill.any():
+        return labels
+    labels = labels.astype(np.int64)
+    hole = fill[pockets]
+    labels[hole] = owner[pockets[hole]]
     return labels
 
 

@@ -94,6 +94,26 @@ def test_seedless_foreground_component_is_an_object_and_min_size_drops_specks():
     assert instances.labels_from_probabilities(probs, InstanceThresholds(min_size=1)).max() == 2
 
 
+def test_background_enclosed_by_one_object_is_filled_but_not_between_two_or_open_to_the_edge():
+    probs = np.zeros((40, 60, 3), np.float32)
+    probs[..., 0] = 1
+    yy, xx = np.mgrid[:40, :60]
+    ring = lambda cy, cx, r: (np.hypot(yy - cy, xx - cx) <= r)  # noqa: E731
+    probs[ring(12, 12, 9)] = [0, 1, 0]
+    probs[ring(12, 12, 3)] = [1, 0, 0]           # a dim core under the threshold: a hole in one object
+    probs[20:40, 30:40] = [0, 1, 0]              # two blocks with a pocket between them
+    probs[20:40, 41:52] = [0, 1, 0]
+    probs[24:28, 40] = [0, 0, 1]                 # joined at two points around the pocket (rows 28-31 of column 40)
+    probs[32:35, 40] = [0, 0, 1]
+    probs[5:15, 50:60] = [0, 1, 0]               # a C open to the right edge of the image
+    probs[8:12, 54:60] = [1, 0, 0]
+    labels = instances.labels_from_probabilities(probs, InstanceThresholds(min_size=4))
+    assert labels[12, 12] > 0 and (labels[ring(12, 12, 9)] == labels[12, 12]).all()   # filled
+    assert labels[30, 40] == 0                   # between two objects: stays background
+    assert (labels[8:12, 54:60] == 0).all()      # open to the edge: stays background
+    assert len(np.unique(labels)) == 1 + 4
+
+
 def test_membrane_target_labels_dense_cells():
     truth = touching_objects((80, 90), 25, 60, separation=10)  # grown until they fill the image
     assert (truth > 0).all()
@@ -160,6 +180,20 @@ def test_tiled_labels_equal_whole_image_labels(tile, blur):
     tiled = instance_seams.labels_tiled(probs, tile, halo=24)
     assert same_partition(whole, tiled)
     assert tiled.max() == whole.max() > 30
+
+
+@pytest.mark.parametrize("shape, tile, halo", [((120, 130), (40, 23), 24), ((30, 44, 40), (13, 16, 15), 12)])
+def test_objects_with_holes_tiled_equal_whole(shape, tile, halo):
+    """Holes filled (background enclosed by one object) and pockets between objects, cut by seams in 2-D and 3-D."""
+    truth = touching_objects(shape, 40 if len(shape) == 2 else 16, 7 if len(shape) == 2 else 5, seed=3)
+    core = (truth > 0) & (ndi.distance_transform_edt(~find_boundaries(truth, mode="thick")) >= 3)  # one object's
+    rng = np.random.default_rng(0)
+    holes = core & (rng.random(shape) < 0.05)    # the model calls specks inside the objects' cores background
+    probs = probabilities(truth)
+    probs[holes] = [1, 0, 0]
+    whole = instances.labels_from_probabilities(probs)
+    assert np.array_equal(whole[holes] > 0, truth[holes] > 0) and holes.sum() > 10   # every one filled
+    assert same_partition(whole, instance_seams.labels_tiled(probs, tile, halo=halo))
 
 
 def test_tiled_labels_equal_whole_volume_labels():
