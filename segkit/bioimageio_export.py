@@ -372,6 +372,11 @@ def _doc_io(meta: ModelMetadata, geometry: Geometry) -> list[str]:
             "tiled prediction equals whole-image prediction.", ""]
 
 
+# the last step of the 3class and distance targets' labelling (segkit.instances._fill_holes)
+HOLES = (" Last, background enclosed by one object (not touching another object or the image edge) is filled into "
+         "that object.")
+
+
 def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
     target = instance_target(meta)
     if target is None:
@@ -387,7 +392,7 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_interior > {seed} (smaller than {min_size} pixels dropped), grown by a seeded watershed on "
                  f"1 - p_interior within the foreground p_interior + p_boundary > {fg}; a foreground component "
-                 "without a seed becomes one object.")
+                 "without a seed becomes one object." + HOLES)
     elif target == "distance":
         steps = (f"Objects (instance labels) from the probabilities: the expected depth d = sum over the depth "
                  f"channels k = 1..L of p_k (k - 0.5) / L (0 for background and boundary); seeds are connected "
@@ -395,7 +400,7 @@ def _doc_postprocessing(meta: ModelMetadata) -> list[str]:
                  + (f", each with two or more peaks of d of dynamic >= {dynamic} split into them (h-maxima, h = "
                     f"{dynamic}, of d within the component, 0 around it; other components stay whole)" if dynamic else "")
                  + f", grown by a seeded watershed on 1 - d within the foreground 1 - p_background > {fg}; a "
-                 "foreground component without a seed becomes one object.")
+                 "foreground component without a seed becomes one object." + HOLES)
     else:
         steps = (f"Objects (instance labels) from the probabilities: seeds are connected components of "
                  f"p_inside > {seed} (smaller than {min_size} pixels dropped), flooded by a watershed on "
