@@ -231,14 +231,12 @@ def _fill_holes(labels: np.ndarray) -> np.ndarray:
     gets the same answer whenever its object lies wholly inside the crop (the condition of exact tiling)."""
     ndim = labels.ndim
     pockets, count = ndi.label(labels == 0, structure=np.ones((3,) * ndim, bool))
-    if count < 1:
-        return labels
     outside = np.zeros(count + 1, bool)
     outside[0] = True
     for axis in range(ndim):
         for end in (0, -1):
             outside[np.take(pockets, end, axis=axis)] = True
-    if outside.all():  # the usual case: no enclosed background at all
+    if outside.all():  # the usual case: no enclosed background (or no background) at all
         return labels
     enclosed = np.where(outside, 0, np.arange(count + 1))[pockets]  # the enclosed pockets' ids, 0 elsewhere
     step = int(labels.max()) + 1
