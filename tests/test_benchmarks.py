@@ -241,3 +241,51 @@ def test_mask_map_only_where_the_masks_need_it(bench, tmp_path, values, expected
 def test_a_missing_dataset_is_one_line_naming_the_flag(bench, tmp_path):
     with pytest.raises(cliutil.InputError, match="--data_root"):
         bench.prepare("nist", str(tmp_path), str(tmp_path / "out"))
+
+
+def load_stardist_reference():
+    path = os.path.join(ROOT, "benchmarks", "bench_stardist_reference.py")
+    spec = importlib.util.spec_from_file_location("bench_stardist_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stardist_reference_splits_by_the_test_list_and_writes_a_row_per_seed(tmp_path, monkeypatch, capsys):
+    """The StarDist measuring stick (run in its own environment) without StarDist: its split of the data set
+    (every image not in test_files.txt trains) and its bookkeeping, with the training replaced."""
+    ref = load_stardist_reference()
+    data = tmp_path / "dsb"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for i in range(5):
+        tifffile.imwrite(data / "images" / f"im{i}.tif", np.full((8, 8), i, np.uint8))
+        tifffile.imwrite(data / "masks" / f"im{i}.tif", np.eye(8, dtype=np.uint16) * i)
+    (data / "test_files.txt").write_text("im1.tif\nim3.tif\n")
+    train, test, images, masks = ref.load(str(data))
+    assert train == ["im0.tif", "im2.tif", "im4.tif"] and test == ["im1.tif", "im3.tif"]
+    assert images["im2.tif"][0, 0] == 2 and masks["im3.tif"][1, 1] == 3
+
+    seen = []
+
+    def fake_run_seed(seed, args, train, test, images, masks):
+        seen.append((seed, tuple(train), tuple(test)))
+        return {"seed": seed, "steps": 10, "train_s": 60, "prob": 0.5, "nms": 0.4, "ap50": 0.7 + seed / 100,
+                "ap75": 0.5, "pq50": 0.6, "stardist_accuracy50": 0.7 + seed / 100}
+
+    monkeypatch.setattr(ref, "run_seed", fake_run_seed)
+    out = tmp_path / "out"
+    assert ref.main(["--data", str(data), "--seeds", "0", "2", "--output_dir", str(out)]) == 0
+    assert seen == [(0, tuple(train), tuple(test)), (2, tuple(train), tuple(test))]
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["seed"] for r in rows] == ["0", "2"] and float(rows[1]["ap50"]) == pytest.approx(0.72)
+    assert "ap50: 0.7100 +- 0.0141" in capsys.readouterr().out
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_stardist_reference_refuses_a_budget_of_zero(capsys):
+    ref = load_stardist_reference()
+    with pytest.raises(SystemExit) as exit_info:
+        ref.parse_args(["--max_minutes", "0", "--data", "."])
+    assert exit_info.value.code == 2 and "--max_minutes must be > 0" in capsys.readouterr().err
