@@ -289,3 +289,14 @@ def test_stardist_reference_refuses_a_budget_of_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ref.parse_args(["--max_minutes", "0", "--data", "."])
     assert exit_info.value.code == 2 and "--max_minutes must be > 0" in capsys.readouterr().err
+
+
+def test_stardist_reference_names_a_missing_mask_in_one_line(tmp_path, capsys):
+    ref = load_stardist_reference()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((8, 8), np.uint8))
+    (tmp_path / "test_files.txt").write_text("a.tif\n")
+    assert cliutil.run_cli(ref.main, ["--data", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "first: a.tif" in err[0] and "masks/NAME" in err[0]
