@@ -68,13 +68,13 @@ def load(folder: str) -> tuple[list[str], list[str], dict[str, np.ndarray], dict
     with open(os.path.join(folder, "test_files.txt")) as fh:
         test = [line.strip() for line in fh if line.strip()]
     names = sorted(os.listdir(os.path.join(folder, "images")))
-    missing = [n for n in test if n not in names] + [n for n in names
-                                                     if not os.path.exists(os.path.join(folder, "masks", n))]
+    held_out = set(test)
+    missing = sorted(held_out - set(names)) + [n for n in names if not os.path.exists(os.path.join(folder, "masks", n))]
     if missing:
         raise cliutil.InputError(f"{folder}: {len(missing)} listed or found image(s) lack an image or a mask "
                                  f"(first: {missing[0]}); every test_files.txt name needs images/NAME and "
                                  "masks/NAME")
-    train = [n for n in names if n not in set(test)]
+    train = [n for n in names if n not in held_out]
     images = {n: tifffile.imread(os.path.join(folder, "images", n)) for n in names}
     masks = {n: tifffile.imread(os.path.join(folder, "masks", n)) for n in names}
     return train, test, images, masks
@@ -115,7 +115,8 @@ def run_seed(seed: int, args: argparse.Namespace, train: list[str], test: list[s
     rng = np.random.RandomState(42)  # the example's split of the training images
     ind = rng.permutation(len(x))
     n_val = max(1, int(round(0.15 * len(ind))))
-    val, trn = ind[:n_val], ind[n_val:]
+    x_val, y_val = [x[i] for i in ind[:n_val]], [y[i] for i in ind[:n_val]]
+    x_trn, y_trn = [x[i] for i in ind[n_val:]], [y[i] for i in ind[n_val:]]
     conf = Config2D(n_rays=32, grid=(2, 2), n_channel_in=1, use_gpu=False)
     model = StarDist2D(conf, name=f"seed{seed}", basedir=os.path.join(args.output_dir, "models"))
     model.prepare_for_training()
@@ -133,10 +134,9 @@ def run_seed(seed: int, args: argparse.Namespace, train: list[str], test: list[s
 
     budget = Budget()
     model.callbacks.append(budget)
-    model.train([x[i] for i in trn], [y[i] for i in trn], validation_data=([x[i] for i in val], [y[i] for i in val]),
-                augmenter=augmenter, epochs=10_000, steps_per_epoch=100)
+    model.train(x_trn, y_trn, validation_data=(x_val, y_val), augmenter=augmenter, epochs=10_000, steps_per_epoch=100)
     train_s = time.monotonic() - budget.start
-    thresholds = model.optimize_thresholds([x[i] for i in val], [y[i] for i in val])
+    thresholds = model.optimize_thresholds(x_val, y_val)
     out = os.path.join(args.output_dir, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
     scores = instance_metrics.InstanceScores(thresholds=(0.5, 0.75))
